@@ -1,0 +1,1 @@
+"""Thin HTTP routers: resolve dependencies, call one service method, choose JSON or SSE."""

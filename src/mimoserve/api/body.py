@@ -1,0 +1,84 @@
+"""Reads and validates a JSON request body: size limit, content type, schema."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from mimoserve.errors import InvalidRequestError, PayloadTooLargeError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    too_large = PayloadTooLargeError(f"Request body is larger than the limit of {limit} bytes.")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    # Chunked bodies carry no length: count while reading and stop at the limit.
+    received = bytearray()
+    async for chunk in request.stream():
+        received += chunk
+        if len(received) > limit:
+            raise too_large
+    return bytes(received)
+
+
+def _child(node: Any, step: int | str) -> tuple[bool, Any]:
+    if isinstance(node, dict) and isinstance(step, str) and step in node:
+        return True, node[step]
+    if isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+        return True, node[step]
+    return False, None
+
+
+def _param_path(loc: tuple[int | str, ...], data: Any) -> str | None:
+    """The dotted path of the offending input, e.g. `messages.0.content`.
+
+    Pydantic also puts union-member labels (`user`, `str`, ...) into `loc`; only the steps
+    that exist in the input are kept, plus a missing field's own name at the end.
+    """
+    path: list[str] = []
+    node = data
+    for position, step in enumerate(loc):
+        found, child = _child(node, step)
+        if found:
+            node = child
+        elif not (isinstance(node, dict) and position == len(loc) - 1):
+            continue  # a union label; a missing field at the end is named
+        path.append(str(step))
+    return ".".join(path) or None
+
+
+def validation_message(error: ValidationError, data: Any) -> InvalidRequestError:
+    first = error.errors(include_url=False)[0]
+    if first["type"] == "json_invalid":
+        return InvalidRequestError(
+            f"Request body is not valid JSON: {first['ctx'].get('error', first['msg'])}",
+            code="invalid_json",
+        )
+    param = _param_path(tuple(first["loc"]), data)
+    message = f"{param}: {first['msg']}" if param else first["msg"]
+    code = "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
+    return InvalidRequestError(message, param=param, code=code)
+
+
+async def read_json_model(request: Request, model: type[ModelT], limit: int) -> ModelT:
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise InvalidRequestError(
+            f"Content-Type must be application/json, got {content_type or 'none'!r}.",
+            code="unsupported_content_type",
+        )
+    body = await read_body(request, limit)
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        raise validation_message(exc, data) from None

@@ -1,0 +1,59 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Annotated, TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from mimoserve.api.auth import require_principal
+from mimoserve.api.body import read_json_model
+from mimoserve.api.sse import sse_frames
+from mimoserve.auth.keys import Principal
+from mimoserve.chat.service import ChatService
+from mimoserve.errors import ClientDisconnected
+from mimoserve.protocol.chat import ChatCompletionRequest
+
+router = APIRouter()
+
+T = TypeVar("T")
+_DISCONNECT_POLL_S = 0.1
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Runs `work`, cancelling it as soon as the client goes away (non-streaming requests)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(
+    request: Request, _principal: Annotated[Principal, Depends(require_principal)]
+) -> JSONResponse | StreamingResponse:
+    service: ChatService = request.app.state.chat
+    body = await read_json_model(
+        request, ChatCompletionRequest, request.app.state.settings.max_body_bytes
+    )
+    chat = service.prepare(body)
+    if body.stream:
+        chunks = await service.open_stream(chat)
+        return StreamingResponse(
+            sse_frames(chunks),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    completion = await _until_disconnect(request, service.complete(chat))
+    return JSONResponse(completion.model_dump(mode="json"))

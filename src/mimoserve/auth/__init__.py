@@ -1,0 +1,1 @@
+"""Credentials -> Principal: API key issue, hashing, lookup and revocation."""

@@ -1,0 +1,1 @@
+"""Engines behind the API: one interface (`base.Backend`), several implementations."""

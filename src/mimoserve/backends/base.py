@@ -1,0 +1,104 @@
+"""The backend interface: generate a stream of typed events, declare capabilities.
+
+The API and chat layers know only this module. The embedded llama.cpp engine and,
+later, a batching scheduler or an OpenAI-compatible upstream implement it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 0.95
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    # None: as many as the context leaves room for.
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptMessage:
+    """One history message, already normalised: text content, developer folded into system."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None
+    reasoning_content: str | None = None
+    # OpenAI-shaped tool calls ({"id", "type", "function": {"name", "arguments"}}).
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """Constrains decoding to JSON: any object (`schema` None) or one matching `schema`."""
+
+    schema: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    messages: tuple[PromptMessage, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # OpenAI-shaped tool definitions, rendered through the model's own template.
+    tools: tuple[dict[str, Any], ...] = ()
+    constraint: OutputConstraint | None = None
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    usage: TokenUsage
+
+
+GenerationEvent = TextDelta | Finished
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    context_length: int
+    input_modalities: frozenset[str] = frozenset({"text"})
+    tools: bool = False
+    constrained_output: bool = False
+
+
+class Backend(Protocol):
+    """Serves one set of weights; several public model ids may share one backend."""
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    @property
+    def weights_name(self) -> str: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        """Yields text deltas then exactly one `Finished`.
+
+        Errors that concern the request itself (prompt too long, queue full) are raised
+        before the first event, so callers can still answer with a plain HTTP error.
+        Closing the iterator early cancels the generation within one token.
+        """
+        ...
+
+    async def close(self) -> None: ...

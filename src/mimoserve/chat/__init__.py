@@ -1,0 +1,1 @@
+"""The chat service: validated request -> prompt -> backend -> events -> response or chunks."""

@@ -1,0 +1,52 @@
+"""Server settings: every field can be set by a `MIMOSERVE_*` environment variable or CLI flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path.home() / ".mimoserve"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MIMOSERVE_", extra="ignore")
+
+    home: Path = Field(
+        default_factory=_default_home,
+        description="Folder for the key database and downloaded weights",
+    )
+    models_dir: Path | None = Field(
+        default=None, description="Folder for downloaded weights; <home>/models when unset"
+    )
+    host: str = Field(default="127.0.0.1", description="Address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on")
+    registry_file: Path | None = Field(
+        default=None, description="Model registry TOML; the bundled default when unset"
+    )
+    weights: str | None = Field(
+        default=None,
+        description="Serve every registry model from these weights (catalog name or GGUF path)",
+    )
+    n_ctx: int = Field(default=4096, ge=256, description="Context window per model, in tokens")
+    n_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for llama.cpp; all cores when unset"
+    )
+    n_batch: int = Field(default=512, ge=16, description="Prompt tokens decoded per llama.cpp call")
+    max_queue: int = Field(
+        default=16, ge=0, description="Requests that may wait for a busy engine before 503"
+    )
+    max_body_bytes: int = Field(
+        default=1 << 20, ge=1024, description="Largest accepted request body (413 above it)"
+    )
+
+    @property
+    def database_path(self) -> Path:
+        return self.home / "mimoserve.db"
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.models_dir or self.home / "models"

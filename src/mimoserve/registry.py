@@ -1,0 +1,61 @@
+"""The model registry: public model ids -> weights, backend and capabilities (a TOML file)."""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class RegistryError(Exception):
+    pass
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    weights: str = Field(description="A catalog name (see `mimoserve models list`) or a GGUF path")
+    backend: Literal["llamacpp"] = "llamacpp"
+    context_length: int | None = Field(
+        default=None, ge=256, description="Context window; defaults to the server's n_ctx"
+    )
+
+
+class ModelRegistry:
+    def __init__(self, entries: list[ModelEntry]) -> None:
+        if not entries:
+            raise RegistryError("the registry declares no models")
+        self._entries = {entry.id: entry for entry in entries}
+
+    def get(self, model_id: str) -> ModelEntry | None:
+        return self._entries.get(model_id)
+
+    def entries(self) -> list[ModelEntry]:
+        return list(self._entries.values())
+
+    def with_weights(self, weights: str) -> ModelRegistry:
+        """The same ids, all served by other weights (for `serve --weights`)."""
+        return ModelRegistry(
+            [e.model_copy(update={"weights": weights}) for e in self._entries.values()]
+        )
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "registry") -> ModelRegistry:
+        try:
+            data = tomllib.loads(text)
+            models = data.get("models", {})
+            entries = [ModelEntry(id=model_id, **fields) for model_id, fields in models.items()]
+        except (tomllib.TOMLDecodeError, ValidationError, TypeError) as exc:
+            raise RegistryError(f"{source}: {exc}") from exc
+        return cls(entries)
+
+    @classmethod
+    def load(cls, path: Path | None) -> ModelRegistry:
+        if path is None:
+            text = resources.files("mimoserve").joinpath("default_registry.toml").read_text()
+            return cls.from_toml(text, "default registry")
+        return cls.from_toml(path.read_text(), str(path))

@@ -1,0 +1,59 @@
+"""Builds the real server: weights pulled and loaded, key store opened, first key issued."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from fastapi import FastAPI
+
+from mimoserve.app import create_app
+from mimoserve.auth.keys import IssuedKey, KeyStore
+from mimoserve.backends.base import Backend
+from mimoserve.backends.llamacpp.backend import LlamaCppBackend
+from mimoserve.backends.llamacpp.model import EngineConfig
+from mimoserve.config import Settings
+from mimoserve.registry import ModelRegistry
+from mimoserve.store.sqlite import Database
+from mimoserve.weights.store import WeightsStore
+
+log = logging.getLogger(__name__)
+
+
+def load_registry(settings: Settings) -> ModelRegistry:
+    registry = ModelRegistry.load(settings.registry_file)
+    return registry.with_weights(settings.weights) if settings.weights else registry
+
+
+def build_backends(settings: Settings, registry: ModelRegistry) -> dict[str, Backend]:
+    """One engine per distinct weights, shared by every model id that names them."""
+    store = WeightsStore(settings.weights_dir)
+    engines: dict[str, Backend] = {}
+    by_model: dict[str, Backend] = {}
+    for entry in registry.entries():
+        if entry.weights not in engines:
+            path = store.resolve(entry.weights)
+            log.info("loading %s from %s", entry.weights, path)
+            config = EngineConfig(
+                model_path=path,
+                n_ctx=entry.context_length or settings.n_ctx,
+                n_threads=settings.n_threads,
+                n_batch=settings.n_batch,
+                max_queue=settings.max_queue,
+            )
+            engines[entry.weights] = LlamaCppBackend(config, weights_name=entry.weights)
+        by_model[entry.id] = engines[entry.weights]
+    return by_model
+
+
+def ensure_first_key(keys: KeyStore, announce: Callable[[IssuedKey], None]) -> None:
+    if keys.count_active() == 0:
+        announce(keys.create("default"))
+
+
+def build_server_app(settings: Settings, announce_key: Callable[[IssuedKey], None]) -> FastAPI:
+    registry = load_registry(settings)
+    keys = KeyStore(Database(settings.database_path))
+    ensure_first_key(keys, announce_key)
+    backends = build_backends(settings, registry)
+    return create_app(settings, registry=registry, backends=backends, keys=keys)

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mimoserve.app import create_app
+from mimoserve.auth.keys import KeyStore
+from mimoserve.config import Settings
+from mimoserve.registry import ModelRegistry
+from mimoserve.store.sqlite import Database
+from tests.fake_backend import ScriptedBackend
+
+REGISTRY = """
+[models.mimo-v2-flash]
+weights = "fake-weights"
+[models.mimo-v2-pro]
+weights = "fake-weights"
+"""
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> KeyStore:
+    return KeyStore(Database(tmp_path / "keys.db"))
+
+
+@pytest.fixture
+def api_key(keys: KeyStore) -> str:
+    return keys.create("test").secret
+
+
+@pytest.fixture
+def backend() -> ScriptedBackend:
+    return ScriptedBackend()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(home=tmp_path, max_body_bytes=64 * 1024)
+
+
+@pytest.fixture
+async def client(
+    settings: Settings, keys: KeyStore, backend: ScriptedBackend, api_key: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    registry = ModelRegistry.from_toml(REGISTRY)
+    app = create_app(
+        settings,
+        registry=registry,
+        backends={entry.id: backend for entry in registry.entries()},
+        keys=keys,
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport,
+        base_url="http://testserver",
+        headers={"api-key": api_key},
+    ) as http:
+        yield http

@@ -1,0 +1,67 @@
+"""A scripted backend for fast service and API tests (in the spirit of simonw/llm's MockModel)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+from mimoserve.backends.base import (
+    Capabilities,
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    TextDelta,
+    TokenUsage,
+)
+from mimoserve.errors import MimoError
+
+
+@dataclass
+class Script:
+    pieces: list[str]
+    reason: FinishReason = "stop"
+    prompt_tokens: int = 7
+    cached_tokens: int = 0
+    # Raised after the pieces instead of finishing (a failure mid-stream).
+    fail_with: Exception | None = None
+    # Raised before the first event (a refusal, e.g. queue full).
+    refuse_with: MimoError | None = None
+    delay_s: float = 0.0
+
+
+@dataclass
+class ScriptedBackend:
+    capabilities: Capabilities = field(default_factory=lambda: Capabilities(context_length=2048))
+    weights_name: str = "fake-weights"
+    scripts: deque[Script] = field(default_factory=deque)
+    requests: list[GenerationRequest] = field(default_factory=list)
+    closed_streams: int = 0
+    closed: bool = False
+
+    def enqueue(self, pieces: list[str], **options: object) -> Script:
+        script = Script(pieces, **options)  # type: ignore[arg-type]
+        self.scripts.append(script)
+        return script
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        self.requests.append(request)
+        script = self.scripts.popleft() if self.scripts else Script(["ok"])
+        if script.refuse_with is not None:
+            raise script.refuse_with
+        try:
+            for piece in script.pieces:
+                if script.delay_s:
+                    await asyncio.sleep(script.delay_s)
+                yield TextDelta(piece)
+            if script.fail_with is not None:
+                raise script.fail_with
+            usage = TokenUsage(script.prompt_tokens, len(script.pieces), script.cached_tokens)
+            yield Finished(script.reason, usage)
+        finally:
+            self.closed_streams += 1
+
+    async def close(self) -> None:
+        self.closed = True
