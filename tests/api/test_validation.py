@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
     assert error["message"]
     if param is not None:
         assert error["param"] == param, error
-    return error
+    return cast(dict[str, Any], error)
 
 
 BAD_PARAMETERS = [
@@ -128,7 +129,7 @@ async def test_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:
 
 
 async def test_chunked_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(100):
             yield b"x" * 4096
 

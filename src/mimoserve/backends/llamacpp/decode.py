@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import threading
 from collections.abc import Callable
@@ -24,10 +25,12 @@ from mimoserve.backends.llamacpp.model import LoadedModel
 from mimoserve.parsing.stop import StopMatcher
 from mimoserve.parsing.utf8 import Utf8Stream
 
+log = logging.getLogger(__name__)
+
 Emit = Callable[[GenerationEvent | BaseException], None]
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: jobs live in a set of running work
 class DecodeJob:
     prompt: list[int]
     sampling: SamplingParams
@@ -72,6 +75,7 @@ def run_decode(model: LoadedModel, job: DecodeJob, emit: Emit) -> None:
     try:
         for token in tokens:
             if job.cancelled.is_set():
+                log.info("generation cancelled after %d tokens", completion_tokens)
                 return
             completion_tokens += 1
             if model.is_end_of_generation(token):

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mimoserve.backends.base import PromptMessage
+from mimoserve.backends.llamacpp.template import CHATML_FALLBACK, ChatTemplate, TemplateError
+
+# The shape of Qwen2.5's template where tools and tool calls are concerned.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.content %}{{ m.content }}{% endif %}"
+    '{% for c in m.tool_calls or [] %}<tool_call>{"name": "{{ c.function.name }}", '
+    '"arguments": {{ c.function.arguments | tojson }}}</tool_call>{% endfor %}'
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chatml_rendering_with_generation_prompt() -> None:
+    rendered = ChatTemplate(CHATML_FALLBACK).render(
+        [PromptMessage(role="system", content="S"), PromptMessage(role="user", content="U")]
+    )
+    assert (
+        rendered
+        == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_tool_call_arguments_are_rendered_once_not_double_encoded() -> None:
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "f", "arguments": '{"city": "北京"}'},
+    }
+    rendered = ChatTemplate(TOOLS_TEMPLATE).render(
+        [PromptMessage(role="assistant", content=None, tool_calls=(call,))],
+        tools=[{"type": "function", "function": {"name": "f"}}],
+    )
+    assert '"arguments": {"city": "北京"}' in rendered
+    assert '<tools>{"type": "function", "function": {"name": "f"}}</tools>' in rendered
+
+
+def test_tojson_does_not_html_escape() -> None:
+    rendered = ChatTemplate("{{ messages[0].content | tojson }}").render(
+        [PromptMessage(role="user", content="<b>&'")], add_generation_prompt=False
+    )
+    assert json.loads(rendered) == "<b>&'"
+
+
+def test_raise_exception_becomes_template_error() -> None:
+    template = ChatTemplate("{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(TemplateError, match="roles must alternate"):
+        template.render([PromptMessage(role="user", content="x")])
+
+
+def test_template_cannot_reach_python_internals() -> None:
+    template = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(TemplateError):
+        template.render([PromptMessage(role="user", content="x")])
+
+
+def test_template_that_does_not_compile_is_a_template_error() -> None:
+    with pytest.raises(TemplateError):
+        ChatTemplate("{% for %}")

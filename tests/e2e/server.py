@@ -1,0 +1,95 @@
+"""Starts the real `mimoserve serve` in a subprocess on 127.0.0.1 with the real SmolLM2 model.
+
+Only one engine process may run at a time on this 2-core machine (two llama.cpp
+processes spin against each other), so each server is stopped before the next starts
+and the test process itself never decodes with a model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+TEST_WEIGHTS = "smollm2-135m-instruct"
+KEY_PATTERN = re.compile(r"mimo-[0-9a-f]{12}_[A-Za-z0-9_-]{43}")
+
+
+def models_dir() -> Path:
+    # Shared across runs so the weights are pulled once per machine.
+    default = Path.home() / ".cache" / "mimoserve" / "models"
+    return Path(os.environ.get("MIMOSERVE_TEST_MODELS_DIR", default))
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mimoserve.cli", "--models-dir", str(models_dir()), *args]
+
+
+def pull_test_weights() -> Path:
+    result = subprocess.run(
+        cli("models", "pull", TEST_WEIGHTS), capture_output=True, text=True, check=True
+    )
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    api_key: str
+    process: subprocess.Popen[str]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@contextmanager
+def running_server(home: Path, *extra: str) -> Iterator[RunningServer]:
+    port = free_port()
+    log_path = home / "server.log"
+    home.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            cli("--home", str(home), "serve", "--weights", TEST_WEIGHTS, "--port", str(port),
+                *extra),
+            stdout=log_file, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        match = KEY_PATTERN.search(log_path.read_text())
+        assert match, "the first start prints a new API key"
+        yield RunningServer(base_url, match.group(0), process, log_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

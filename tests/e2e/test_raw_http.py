@@ -1,0 +1,174 @@
+"""The real server over raw HTTP and SSE: the seed's curl, stops, disconnects, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.sse_client import parse_sse
+from tests.e2e.server import RunningServer
+
+URL = "/v1/chat/completions"
+LONG = {
+    # Negative penalties make the tiny model repeat itself instead of ending its turn,
+    # so this request would run for thousands of tokens unless it is cancelled.
+    "messages": [{"role": "user", "content": "Repeat the word hello forever."}],
+    "max_completion_tokens": 3000,
+    "temperature": 0,
+    "frequency_penalty": -2,
+    "presence_penalty": -2,
+}
+
+
+def post(server: RunningServer, body: dict[str, Any], **kwargs: Any) -> httpx.Response:
+    return httpx.post(
+        server.base_url + URL,
+        json={"model": "mimo-v2-flash", **body},
+        headers={"api-key": server.api_key},
+        timeout=kwargs.pop("timeout", 120),
+        **kwargs,
+    )
+
+
+def test_seed_curl_example_with_api_key_header(server: RunningServer) -> None:
+    # The reference's example request, byte for byte apart from the host and key.
+    response = httpx.post(
+        server.base_url + URL,
+        headers={"Content-Type": "application/json", "api-key": server.api_key},
+        content=b"""{
+"model": "mimo-v2-pro",
+"messages": [
+{"role": "system", "content": "You are a helpful assistant."},
+{"role": "user", "content": "Hello, who are you?"}
+],
+"max_completion_tokens": 1024,
+"temperature": 0.7
+}""",
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["object"] == "chat.completion"
+    assert data["choices"][0]["message"]["content"]
+    assert data["choices"][0]["finish_reason"] in {"stop", "length"}
+    assert data["usage"]["prompt_tokens"] > 0
+
+
+def test_raw_sse_stream(server: RunningServer) -> None:
+    response = post(server, {"messages": [{"role": "user", "content": "Hello!"}], "stream": True,
+                             "max_completion_tokens": 20})  # fmt: skip
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events, done = parse_sse(response.text)
+    assert done
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant"}
+    deltas = [e["choices"][0]["delta"] for e in events[1:-1]]
+    assert deltas and all(set(d) == {"content"} and d["content"] for d in deltas)
+    assert events[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_sequence_is_cut_even_across_tokens(server: RunningServer, stream: bool) -> None:
+    base = {"messages": [{"role": "user", "content": "Describe the sun in two sentences."}],
+            "temperature": 0, "max_completion_tokens": 40}  # fmt: skip
+    post(server, base)  # warm-up: the next runs share one prompt-cache state
+    reference = post(server, base).json()["choices"][0]["message"]["content"]
+    middle = len(reference) // 2
+    stop = reference[middle : middle + 6]  # six characters: usually spans several tokens
+    expected = reference[: reference.find(stop)]
+    response = post(server, {**base, "stop": ["@@never@@", stop], "stream": stream})
+    if stream:
+        events, done = parse_sse(response.text)
+        assert done
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+        finish = events[-1]["choices"][0]["finish_reason"]
+    else:
+        text = response.json()["choices"][0]["message"]["content"]
+        finish = response.json()["choices"][0]["finish_reason"]
+    assert text == expected
+    assert stop not in text
+    assert finish == "stop"
+
+
+def test_multibyte_text_survives_streaming(server: RunningServer) -> None:
+    base = {"messages": [{"role": "user", "content": "Write 你好世界 and 😀 ten times."}],
+            "temperature": 0, "max_completion_tokens": 60}  # fmt: skip
+    post(server, base)
+    whole = post(server, base).json()["choices"][0]["message"]["content"]
+    events, _ = parse_sse(post(server, {**base, "stream": True}).text)
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert streamed == whole
+    assert "\ufffd" not in streamed
+    assert any(ord(ch) > 127 for ch in streamed), streamed
+
+
+def test_prompt_longer_than_context_is_400(server: RunningServer) -> None:
+    huge = "lorem ipsum dolor sit amet " * 1200  # about 6,000 tokens, under the body limit
+    response = post(server, {"messages": [{"role": "user", "content": huge}]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "context" in error["message"]
+
+
+def _cancelled_after(server: RunningServer) -> list[int]:
+    return [int(n) for n in re.findall(r"generation cancelled after (\d+) tokens", server.log())]
+
+
+def _assert_engine_freed(server: RunningServer, cancels_before: int) -> None:
+    # The abandoned request would run for ~3000 tokens (40 s or more here); a short
+    # request finishing soon after proves the engine stopped working for the client
+    # that left, and the server log says how many tokens it produced.
+    started = time.monotonic()
+    quick = post(server, {"messages": [{"role": "user", "content": "Hi"}],
+                          "max_completion_tokens": 3})  # fmt: skip
+    assert quick.status_code == 200
+    assert time.monotonic() - started < 20
+    cancels = _cancelled_after(server)
+    assert len(cancels) == cancels_before + 1
+    assert cancels[-1] < 1500
+
+
+def test_disconnected_stream_stops_its_generation(server: RunningServer) -> None:
+    before = len(_cancelled_after(server))
+    with httpx.Client(timeout=60) as client, client.stream(
+        "POST", server.base_url + URL, headers={"api-key": server.api_key},
+        json={"model": "mimo-v2-flash", **LONG, "stream": True},
+    ) as response:  # fmt: skip
+        received = 0
+        for line in response.iter_lines():
+            received += line.startswith("data: ")
+            if received >= 10:
+                break  # leave the stream open no longer: closing it disconnects
+    _assert_engine_freed(server, before)
+
+
+def test_disconnected_non_streaming_request_stops_its_generation(server: RunningServer) -> None:
+    before = len(_cancelled_after(server))
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, LONG, timeout=2)
+    _assert_engine_freed(server, before)
+
+
+async def test_many_concurrent_clients_all_get_their_answer(server: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=120,
+                                 headers={"api-key": server.api_key}) as client:  # fmt: skip
+
+        async def ask(i: int) -> httpx.Response:
+            body = {"model": "mimo-v2-flash", "max_completion_tokens": 8, "stream": i % 2 == 0,
+                    "messages": [{"role": "user", "content": f"Say the number {i}."}]}  # fmt: skip
+            return await client.post(URL, json=body)
+
+        responses = await asyncio.gather(*(ask(i) for i in range(8)))
+    for i, response in enumerate(responses):
+        assert response.status_code == 200, response.text
+        if i % 2 == 0:
+            events, done = parse_sse(response.text)
+            assert done and events[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
+        else:
+            assert response.json()["usage"]["completion_tokens"] <= 8
