@@ -18,6 +18,12 @@ REGISTRY = """
 weights = "fake-weights"
 [models.mimo-v2-pro]
 weights = "fake-weights"
+bare_json_tool_calls = true
+thinking_default = true
+[models.mimo-xml]
+weights = "fake-weights"
+tool_parser = "mimo_xml"
+thinking = "native"
 """
 
 

@@ -23,6 +23,30 @@ class ModelEntry(BaseModel):
     context_length: int | None = Field(
         default=None, ge=256, description="Context window; defaults to the server's n_ctx"
     )
+    tool_parser: Literal["hermes", "mimo_xml"] | None = Field(
+        default="hermes", description="Format of <tool_call> blocks the model writes"
+    )
+    bare_json_tool_calls: bool = Field(
+        default=False,
+        description="Also take an answer that is only a JSON call to a declared tool as a call",
+    )
+    reasoning_parser: Literal["think"] | None = Field(
+        default="think", description="Parse <think> blocks into reasoning_content"
+    )
+    thinking: Literal["none", "native", "prompted"] = Field(
+        default="prompted",
+        description="native: the template has a thinking switch; prompted: the server opens "
+        "the <think> block for the model; none: the model cannot reason",
+    )
+    thinking_default: bool = Field(
+        default=False, description="Whether requests without `thinking` reason"
+    )
+    thinking_budget: int | None = Field(
+        default=None,
+        ge=1,
+        description="Reasoning tokens after which the server closes the think block, unless "
+        "the request sets thinking.budget_tokens",
+    )
 
 
 class ModelRegistry:

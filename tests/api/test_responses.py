@@ -14,7 +14,7 @@ URL = "/v1/chat/completions"
 
 
 def payload(**fields: Any) -> dict[str, Any]:
-    return {"model": "mimo-v2-pro", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return {"model": "mimo-v2-flash", "messages": [{"role": "user", "content": "hi"}], **fields}
 
 
 async def test_non_streaming_shape(client: httpx.AsyncClient, backend: ScriptedBackend) -> None:
@@ -23,7 +23,7 @@ async def test_non_streaming_shape(client: httpx.AsyncClient, backend: ScriptedB
     assert data["id"].startswith("chatcmpl-")
     assert data["object"] == "chat.completion"
     assert isinstance(data["created"], int)
-    assert data["model"] == "mimo-v2-pro"
+    assert data["model"] == "mimo-v2-flash"
     assert data["choices"] == [
         {"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}
     ]
@@ -164,7 +164,7 @@ async def test_refusal_before_stream_start_is_a_plain_http_error(
 async def test_models_list_and_get(client: httpx.AsyncClient) -> None:
     listing = (await client.get("/v1/models")).json()
     assert listing["object"] == "list"
-    assert {m["id"] for m in listing["data"]} == {"mimo-v2-flash", "mimo-v2-pro"}
+    assert {m["id"] for m in listing["data"]} == {"mimo-v2-flash", "mimo-v2-pro", "mimo-xml"}
     card = (await client.get("/v1/models/mimo-v2-pro")).json()
     assert card["object"] == "model" and card["root"] == "fake-weights"
     missing = await client.get("/v1/models/nope")

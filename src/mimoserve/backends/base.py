@@ -43,6 +43,25 @@ class OutputConstraint:
     """Constrains decoding to JSON: any object (`schema` None) or one matching `schema`."""
 
     schema: dict[str, Any] | None = None
+    # The request field the schema came from, named in errors ("tools", "response_format").
+    source: str = "response_format"
+
+
+ThinkingMode = Literal["off", "native", "prompted"]
+
+
+@dataclass(frozen=True)
+class Thinking:
+    """How this request reasons.
+
+    `native`: the template switches thinking on (`enable_thinking`). `prompted`: the model
+    has no such switch, so the engine opens the `<think>` block itself after the
+    generation prompt. In both, the engine closes the block once `budget` reasoning
+    tokens are spent.
+    """
+
+    mode: ThinkingMode = "off"
+    budget: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,7 @@ class GenerationRequest:
     # OpenAI-shaped tool definitions, rendered through the model's own template.
     tools: tuple[dict[str, Any], ...] = ()
     constraint: OutputConstraint | None = None
+    thinking: Thinking = field(default_factory=Thinking)
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,7 @@ class TokenUsage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 @dataclass(frozen=True)

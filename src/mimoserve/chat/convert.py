@@ -10,8 +10,11 @@ from mimoserve.backends.base import (
     OutputConstraint,
     PromptMessage,
     SamplingParams,
+    Thinking,
 )
+from mimoserve.chat.output import OutputPlan
 from mimoserve.errors import InvalidRequestError
+from mimoserve.parsing.output import OutputFormat
 from mimoserve.protocol.chat import (
     ChatCompletionRequest,
     JsonObjectFormat,
@@ -30,6 +33,7 @@ from mimoserve.protocol.messages import (
     UserMessage,
     VideoPart,
 )
+from mimoserve.registry import ModelEntry
 
 # Hosted MiMo defaults (the seed reference): temperature 1.0, top_p 0.95.
 DEFAULT_TEMPERATURE = 1.0
@@ -106,6 +110,38 @@ def _check_tools(request: ChatCompletionRequest) -> None:
         )
 
 
+def _tool_schemas(request: ChatCompletionRequest) -> dict[str, dict[str, Any]]:
+    schemas: dict[str, dict[str, Any]] = {}
+    for tool in request.tools or ():
+        parameters = tool.function.parameters or {}
+        if parameters.get("type", "object") != "object":
+            raise InvalidRequestError(
+                f"tools: parameters of {tool.function.name!r} must be a JSON schema of type object",
+                param="tools",
+                code="invalid_schema",
+            )
+        schemas[tool.function.name] = {"type": "object", **parameters}
+    return schemas
+
+
+def _forced_call_schema(
+    request: ChatCompletionRequest, schemas: dict[str, dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The JSON schema that constrained decoding enforces for `required` or a named choice."""
+    tool_choice = request.tool_choice
+    if isinstance(tool_choice, NamedToolChoice):
+        return schemas[tool_choice.function.name]
+    if tool_choice != "required":
+        return None
+    envelopes = [
+        {"type": "object",
+         "properties": {"name": {"const": name}, "arguments": schema},
+         "required": ["name", "arguments"]}
+        for name, schema in schemas.items()
+    ]  # fmt: skip
+    return envelopes[0] if len(envelopes) == 1 else {"anyOf": envelopes}
+
+
 def _constraint(
     request: ChatCompletionRequest, model: str, capabilities: Capabilities
 ) -> OutputConstraint | None:
@@ -122,9 +158,18 @@ def _constraint(
     return OutputConstraint()
 
 
+def _thinking(request: ChatCompletionRequest, entry: ModelEntry, constrained: bool) -> Thinking:
+    wanted = request.thinking.type == "enabled" if request.thinking else entry.thinking_default
+    # Constrained decoding shapes the output from its first token: no room for a think block.
+    if not wanted or entry.thinking == "none" or constrained:
+        return Thinking("off")
+    budget = request.thinking.budget_tokens if request.thinking else None
+    return Thinking(entry.thinking, budget or entry.thinking_budget)
+
+
 def to_generation_request(
-    request: ChatCompletionRequest, capabilities: Capabilities
-) -> GenerationRequest:
+    request: ChatCompletionRequest, capabilities: Capabilities, entry: ModelEntry
+) -> tuple[GenerationRequest, OutputPlan]:
     if request.logprobs:
         raise InvalidRequestError("logprobs are not supported", param="logprobs")
     _check_tools(request)
@@ -132,12 +177,33 @@ def to_generation_request(
         to_prompt_message(message, index, request.model)
         for index, message in enumerate(request.messages)
     )
-    tools: tuple[dict[str, Any], ...] = ()
-    if request.tools and request.tool_choice != "none":
-        tools = tuple(tool.model_dump(exclude_none=True) for tool in request.tools)
-    return GenerationRequest(
+    use_tools = bool(request.tools) and request.tool_choice != "none"
+    schemas = _tool_schemas(request) if use_tools else {}
+    forced = _forced_call_schema(request, schemas) if use_tools else None
+    constraint = (
+        OutputConstraint(schema=forced, source="tools")
+        if forced is not None
+        else _constraint(request, request.model, capabilities)
+    )
+    thinking = _thinking(request, entry, constrained=constraint is not None)
+    tools = tuple(t.model_dump(exclude_none=True) for t in request.tools or ()) if use_tools else ()
+    generation = GenerationRequest(
         messages=messages,
         sampling=_sampling(request),
         tools=tools,
-        constraint=_constraint(request, request.model, capabilities),
+        constraint=constraint,
+        thinking=thinking,
     )
+    choice = request.tool_choice
+    plan = OutputPlan(
+        fmt=OutputFormat(
+            think=entry.reasoning_parser == "think",
+            start_in_think=thinking.mode == "prompted",
+            tool_format=entry.tool_parser if use_tools else None,
+        ),
+        tools=schemas,
+        bare_json=entry.bare_json_tool_calls and use_tools,
+        forced_name=choice.function.name if isinstance(choice, NamedToolChoice) else None,
+        forced_any=use_tools and choice == "required",
+    )
+    return generation, plan

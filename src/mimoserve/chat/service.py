@@ -8,17 +8,11 @@ import uuid
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
-from mimoserve.backends.base import (
-    Backend,
-    Finished,
-    FinishReason,
-    GenerationEvent,
-    GenerationRequest,
-    TextDelta,
-    TokenUsage,
-)
+from mimoserve.backends.base import Backend, Finished, GenerationRequest, TextDelta, TokenUsage
 from mimoserve.chat.convert import to_generation_request
+from mimoserve.chat.output import OutputAssembler, OutputPlan
 from mimoserve.errors import EngineError, ModelNotFoundError
+from mimoserve.parsing.events import ContentText, ParsedEvent, ReasoningText, ToolCallParsed
 from mimoserve.protocol.chat import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -27,12 +21,16 @@ from mimoserve.protocol.chat import (
     ChunkChoice,
     CompletionTokensDetails,
     Delta,
+    DeltaFunctionCall,
+    DeltaToolCall,
+    FinishReason,
     ModelCard,
     ModelList,
     PromptTokensDetails,
     ResponseMessage,
     Usage,
 )
+from mimoserve.protocol.messages import FunctionCall, ToolCall
 from mimoserve.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -47,6 +45,7 @@ class PreparedChat:
     model: str
     backend: Backend
     generation: GenerationRequest
+    plan: OutputPlan
     include_usage: bool
 
 
@@ -55,9 +54,16 @@ def to_usage(usage: TokenUsage) -> Usage:
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.prompt_tokens + usage.completion_tokens,
-        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=0),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=usage.reasoning_tokens),
         prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
     )
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+ParsedStream = AsyncGenerator[ParsedEvent | Finished, None]
 
 
 class ChatService:
@@ -89,92 +95,137 @@ class ChatService:
 
     def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         backend = self._backend_for(request.model)
+        entry = self._registry.get(request.model)
+        assert entry is not None  # every backend comes from a registry entry
         if request.model_extra:
             log.info("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
+        generation, plan = to_generation_request(request, backend.capabilities, entry)
         return PreparedChat(
             completion_id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=request.model,
             backend=backend,
-            generation=to_generation_request(request, backend.capabilities),
+            generation=generation,
+            plan=plan,
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
         )
 
-    async def complete(self, chat: PreparedChat) -> ChatCompletion:
-        parts: list[str] = []
-        finished: Finished | None = None
+    async def _parsed(self, chat: PreparedChat) -> ParsedStream:
+        """Backend events -> parsed events, ending with the backend's `Finished`.
+
+        The first backend event is awaited before anything is yielded, so refusals
+        (queue full, prompt too long) raise before a stream starts.
+        """
+        assembler = OutputAssembler(chat.plan)
         events = chat.backend.generate(chat.generation)
         try:
             async for event in events:
                 if isinstance(event, TextDelta):
-                    parts.append(event.text)
-                else:
-                    finished = event
+                    for parsed in assembler.feed(event.text):
+                        yield parsed
+                    continue
+                for parsed in assembler.finish():
+                    yield parsed
+                yield event
+                return
+            raise EngineError("the engine ended without finishing the answer")
         finally:
             await events.aclose()
-        if finished is None:
-            raise EngineError("the engine ended without finishing the answer")
+
+    async def complete(self, chat: PreparedChat) -> ChatCompletion:
+        reasoning: list[str] = []
+        content: list[str] = []
+        calls: list[ToolCall] = []
+        finished: Finished | None = None
+        stream = self._parsed(chat)
+        try:
+            async for item in stream:
+                if isinstance(item, ReasoningText):
+                    reasoning.append(item.text)
+                elif isinstance(item, ContentText):
+                    content.append(item.text)
+                elif isinstance(item, ToolCallParsed):
+                    function = FunctionCall(name=item.name, arguments=item.arguments)
+                    calls.append(ToolCall(id=_call_id(), function=function))
+                else:
+                    finished = item
+        finally:
+            await stream.aclose()
+        assert finished is not None
+        text = "".join(content)
+        message = ResponseMessage(
+            content=None if calls and not text.strip() else text,
+            reasoning_content="".join(reasoning) or None,
+            tool_calls=calls or None,
+        )
         return ChatCompletion(
             id=chat.completion_id,
             created=chat.created,
             model=chat.model,
             choices=[
-                Choice(
-                    index=0,
-                    message=ResponseMessage(content="".join(parts)),
-                    finish_reason=finished.reason,
-                )
+                Choice(index=0, message=message, finish_reason=_finish(finished, bool(calls)))
             ],
             usage=to_usage(finished.usage),
         )
 
     async def open_stream(self, chat: PreparedChat) -> AsyncGenerator[ChatCompletionChunk, None]:
-        """Starts generating and waits for the first event before returning the chunk stream.
-
-        Refusals (queue full, prompt too long) therefore surface here as plain HTTP errors,
-        before any byte of the SSE response is sent.
-        """
-        events = chat.backend.generate(chat.generation)
+        """Starts generating and waits for the first event before returning the chunk stream."""
+        stream = self._parsed(chat)
         try:
-            first = await anext(events)
+            first = await anext(stream)
         except BaseException:
-            await events.aclose()
+            await stream.aclose()
             raise
-        return self._chunks(chat, first, events)
+        return self._chunks(chat, first, stream)
 
     async def _chunks(
-        self,
-        chat: PreparedChat,
-        first: GenerationEvent,
-        events: AsyncGenerator[GenerationEvent, None],
+        self, chat: PreparedChat, first: ParsedEvent | Finished, stream: ParsedStream
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
         def chunk(delta: Delta, finish_reason: FinishReason | None = None) -> ChatCompletionChunk:
+            choice = ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)
             return ChatCompletionChunk(
-                id=chat.completion_id,
-                created=chat.created,
-                model=chat.model,
-                choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)],
+                id=chat.completion_id, created=chat.created, model=chat.model, choices=[choice]
             )
 
+        calls = 0
         try:
             yield chunk(Delta(role="assistant"))
-            event: GenerationEvent | None = first
-            while event is not None:
-                if isinstance(event, TextDelta):
-                    if event.text:
-                        yield chunk(Delta(content=event.text))
+            item: ParsedEvent | Finished | None = first
+            while item is not None:
+                if isinstance(item, ReasoningText):
+                    yield chunk(Delta(reasoning_content=item.text))
+                elif isinstance(item, ContentText):
+                    yield chunk(Delta(content=item.text))
+                elif isinstance(item, ToolCallParsed):
+                    for delta in _tool_call_deltas(calls, item):
+                        yield chunk(Delta(tool_calls=[delta]))
+                    calls += 1
                 else:
-                    yield chunk(Delta(), event.reason)
+                    yield chunk(Delta(), _finish(item, has_calls=calls > 0))
                     if chat.include_usage:
                         yield ChatCompletionChunk(
                             id=chat.completion_id,
                             created=chat.created,
                             model=chat.model,
                             choices=[],
-                            usage=to_usage(event.usage),
+                            usage=to_usage(item.usage),
                         )
                     return
-                event = await anext(events, None)
-            raise EngineError("the engine ended without finishing the answer")
+                item = await anext(stream, None)
         finally:
-            await events.aclose()
+            await stream.aclose()
+
+
+def _finish(finished: Finished, has_calls: bool) -> FinishReason:
+    return "tool_calls" if has_calls and finished.reason == "stop" else finished.reason
+
+
+def _tool_call_deltas(index: int, call: ToolCallParsed) -> tuple[DeltaToolCall, DeltaToolCall]:
+    """The id, type and name first, then the arguments (clients concatenate them per index)."""
+    header = DeltaToolCall(
+        index=index,
+        id=_call_id(),
+        type="function",
+        function=DeltaFunctionCall(name=call.name, arguments=""),
+    )
+    return header, DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=call.arguments))

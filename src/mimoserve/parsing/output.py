@@ -54,6 +54,8 @@ class OutputParser:
         return tuple(tags)
 
     def _text(self, text: str) -> list[ParsedEvent]:
+        if not text:
+            return []
         if self._skip_space:
             text = text.lstrip()
             if not text:

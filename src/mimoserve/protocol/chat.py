@@ -106,6 +106,9 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+
+
 def _without_none(data: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None or k in keep}
 
@@ -125,7 +128,7 @@ class ResponseMessage(BaseModel):
 class Choice(BaseModel):
     index: int
     message: ResponseMessage
-    finish_reason: Literal["stop", "length", "tool_calls", "content_filter"]
+    finish_reason: FinishReason
 
 
 class ChatCompletion(BaseModel):
@@ -172,7 +175,7 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
-    finish_reason: Literal["stop", "length", "tool_calls", "content_filter"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -19,7 +19,8 @@ from mimoserve.backends.base import (
     GenerationEvent,
     GenerationRequest,
 )
-from mimoserve.backends.llamacpp.decode import DecodeJob, run_decode
+from mimoserve.backends.llamacpp.decode import THINK_OPEN, DecodeJob, run_decode
+from mimoserve.backends.llamacpp.grammar import build_grammar, inline_reasoning
 from mimoserve.backends.llamacpp.model import EngineConfig, LoadedModel
 from mimoserve.backends.llamacpp.template import TemplateError
 from mimoserve.errors import (
@@ -54,10 +55,18 @@ class LlamaCppBackend:
         return self._weights_name
 
     def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        thinking = request.thinking.mode
+        messages = request.messages
+        if thinking == "prompted":
+            messages = tuple(inline_reasoning(m) for m in messages)
         try:
-            prompt = self._model.template.render(request.messages, tools=request.tools)
+            prompt = self._model.template.render(
+                messages, tools=request.tools, enable_thinking=thinking == "native"
+            )
         except TemplateError as exc:
             raise InvalidRequestError(f"messages: {exc}", param="messages") from exc
+        if thinking == "prompted":
+            prompt += THINK_OPEN + "\n"
         tokens = self._model.tokenize_prompt(prompt)
         if len(tokens) >= self._model.n_ctx:
             raise ContextLengthExceededError(
@@ -72,7 +81,9 @@ class LlamaCppBackend:
         job = DecodeJob(
             prompt=self._prompt_tokens(request),
             sampling=request.sampling,
-            constraint=request.constraint,
+            grammar=build_grammar(request.constraint),
+            in_think=request.thinking.mode == "prompted",
+            think_budget=request.thinking.budget,
         )
         if self._admitted >= self._max_admitted:
             raise OverloadedError(

@@ -47,6 +47,7 @@ class LoadedModel:
         # (which holds <|im_end|> as well as the EOS token); use the C API on its vocab.
         self._vocab = self.llm._model.vocab
         self._add_bos = bool(self.llm._model.add_bos_token())
+        self.end_tokens = [t for t in range(self.llm.n_vocab()) if self.is_end_of_generation(t)]
 
     def _special_text(self, token: int) -> str:
         if token < 0:
@@ -61,6 +62,11 @@ class LoadedModel:
         # A template that writes the BOS token itself must not get a second one.
         add_bos = self._add_bos and not (self.bos_text and prompt.startswith(self.bos_text))
         tokens: list[int] = self.llm.tokenize(prompt.encode(), add_bos=add_bos, special=True)
+        return tokens
+
+    def tokenize_text(self, text: str) -> list[int]:
+        """Tokens for text the engine writes itself (no BOS, special tags recognised)."""
+        tokens: list[int] = self.llm.tokenize(text.encode(), add_bos=False, special=True)
         return tokens
 
     def is_end_of_generation(self, token: int) -> bool:

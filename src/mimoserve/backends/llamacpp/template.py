@@ -87,6 +87,7 @@ class ChatTemplate:
         *,
         tools: Sequence[dict[str, Any]] = (),
         add_generation_prompt: bool = True,
+        enable_thinking: bool = False,
     ) -> str:
         try:
             return self._template.render(
@@ -95,6 +96,7 @@ class ChatTemplate:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._bos_token,
                 eos_token=self._eos_token,
+                enable_thinking=enable_thinking,
             )
         except TemplateError:
             raise
