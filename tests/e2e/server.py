@@ -34,10 +34,8 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "mimoserve.cli", "--models-dir", str(models_dir()), *args]
 
 
-def pull_test_weights() -> Path:
-    result = subprocess.run(
-        cli("models", "pull", TEST_WEIGHTS), capture_output=True, text=True, check=True
-    )
+def pull_test_weights(name: str = TEST_WEIGHTS) -> Path:
+    result = subprocess.run(cli("models", "pull", name), capture_output=True, text=True, check=True)
     return Path(result.stdout.strip().splitlines()[-1])
 
 
@@ -59,14 +57,13 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(home: Path, *extra: str) -> Iterator[RunningServer]:
+def running_server(home: Path, *extra: str, weights: str = TEST_WEIGHTS) -> Iterator[RunningServer]:
     port = free_port()
     log_path = home / "server.log"
     home.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
-            cli("--home", str(home), "serve", "--weights", TEST_WEIGHTS, "--port", str(port),
-                *extra),
+            cli("--home", str(home), "serve", "--weights", weights, "--port", str(port), *extra),
             stdout=log_file, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
     base_url = f"http://127.0.0.1:{port}"

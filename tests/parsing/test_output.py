@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -159,5 +160,5 @@ def test_random_texts_and_splits_match_the_whole(
 ) -> None:
     text = "".join(parts)
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    pieces = [text[a:b] for a, b in pairwise(bounds)]
     assert parse(pieces, fmt) == parse([text], fmt)
