@@ -115,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--weights", help="serve every model id from these weights (name or path)")
     serve.add_argument("--n-ctx", type=int, help="context window in tokens (default 4096)")
     serve.add_argument("--n-threads", type=int, help="llama.cpp threads (default: all cores)")
+    serve.add_argument("--n-parallel", type=int, help="requests decoded together (default 4)")
     serve.add_argument("--max-queue", type=int, help="waiting requests before 503 (default 16)")
     serve.add_argument("--max-body-bytes", type=int, help="request body limit (default 1 MiB)")
     serve.set_defaults(handler=cmd_serve)

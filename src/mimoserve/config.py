@@ -32,6 +32,9 @@ class Settings(BaseSettings):
         description="Serve every registry model from these weights (catalog name or GGUF path)",
     )
     n_ctx: int = Field(default=4096, ge=256, description="Context window per model, in tokens")
+    n_parallel: int = Field(
+        default=4, ge=1, le=64, description="Requests decoded together (continuous batching)"
+    )
     n_threads: int | None = Field(
         default=None, ge=1, description="CPU threads for llama.cpp; all cores when unset"
     )

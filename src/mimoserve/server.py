@@ -37,6 +37,7 @@ def build_backends(settings: Settings, registry: ModelRegistry) -> dict[str, Bac
             config = EngineConfig(
                 model_path=path,
                 n_ctx=entry.context_length or settings.n_ctx,
+                n_parallel=settings.n_parallel,
                 n_threads=settings.n_threads,
                 n_batch=settings.n_batch,
                 max_queue=settings.max_queue,

@@ -1,9 +1,7 @@
-"""The embedded llama.cpp backend: one model, one worker thread, a bounded wait queue.
+"""The embedded llama.cpp backend: one model, a continuous-batching scheduler, a wait queue.
 
-Requests run one at a time on a dedicated thread (llama.cpp contexts are not
-thread-safe, and decoding must not block the event loop). Tokens travel back to the
-event loop through an asyncio queue. Batching several requests per step replaces the
-single worker in a later scheduler without changing this interface.
+The event loop renders and tokenizes the prompt, admits or refuses the request, and
+hands it to the scheduler thread; tokens come back through an asyncio queue.
 """
 
 from __future__ import annotations
@@ -11,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
-from concurrent.futures import ThreadPoolExecutor
 
 from mimoserve.backends.base import (
     Capabilities,
@@ -19,27 +16,41 @@ from mimoserve.backends.base import (
     GenerationEvent,
     GenerationRequest,
 )
-from mimoserve.backends.llamacpp.decode import THINK_OPEN, DecodeJob, run_decode
 from mimoserve.backends.llamacpp.grammar import build_grammar, inline_reasoning
 from mimoserve.backends.llamacpp.model import EngineConfig, LoadedModel
+from mimoserve.backends.llamacpp.native import NativeContext
+from mimoserve.backends.llamacpp.scheduler import Scheduler
+from mimoserve.backends.llamacpp.sequence import FORCED_CLOSE, THINK_OPEN, DecodeJob
 from mimoserve.backends.llamacpp.template import TemplateError
-from mimoserve.errors import (
-    ContextLengthExceededError,
-    EngineError,
-    InvalidRequestError,
-    OverloadedError,
-)
+from mimoserve.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
 
 
 class LlamaCppBackend:
     def __init__(self, config: EngineConfig, weights_name: str) -> None:
         self._model = LoadedModel(config)
         self._weights_name = weights_name
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
-        # Admitted requests (running or waiting): one runs, `max_queue` may wait.
+        # Every slot can hold a full context, so a running sequence never runs out of KV.
+        self._context = NativeContext(
+            self._model.weights,
+            n_ctx=config.n_ctx * config.n_parallel,
+            n_seq=config.n_parallel,
+            n_batch=config.n_batch,
+            n_threads=config.threads,
+        )
+        self._scheduler = Scheduler(
+            self._model.weights,
+            self._context,
+            slots=config.n_parallel,
+            seq_ctx=config.n_ctx,
+            n_batch=config.n_batch,
+            token_bytes=self._model.token_bytes,
+            is_end=self._model.is_end_of_generation,
+            end_tokens=self._model.end_tokens,
+            forced_close=self._model.tokenize_text(FORCED_CLOSE),
+        )
+        # Admitted requests (running or waiting): `n_parallel` run, `max_queue` may wait.
         self._admitted = 0
-        self._max_admitted = 1 + config.max_queue
-        self._jobs: set[DecodeJob] = set()
+        self._max_admitted = config.n_parallel + config.max_queue
         self._capabilities = Capabilities(
             context_length=config.n_ctx,
             tools=self._model.supports_tools,
@@ -78,13 +89,8 @@ class LlamaCppBackend:
         return tokens
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
-        job = DecodeJob(
-            prompt=self._prompt_tokens(request),
-            sampling=request.sampling,
-            grammar=build_grammar(request.constraint),
-            in_think=request.thinking.mode == "prompted",
-            think_budget=request.thinking.budget,
-        )
+        prompt = self._prompt_tokens(request)
+        grammar = build_grammar(request.constraint, self._model.weights)
         if self._admitted >= self._max_admitted:
             raise OverloadedError(
                 "The engine is busy and its queue is full; retry shortly.", retry_after_s=2
@@ -97,16 +103,17 @@ class LlamaCppBackend:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        def work() -> None:
-            try:
-                run_decode(self._model, job, emit)
-            except Exception as exc:
-                emit(EngineError(f"engine failed while generating: {exc}"))
-
+        job = DecodeJob(
+            prompt=prompt,
+            sampling=request.sampling,
+            emit=emit,
+            grammar=grammar,
+            in_think=request.thinking.mode == "prompted",
+            think_budget=request.thinking.budget,
+        )
         self._admitted += 1
-        self._jobs.add(job)
         try:
-            loop.run_in_executor(self._executor, work)
+            self._scheduler.submit(job)
             while True:
                 event = await events.get()
                 if isinstance(event, BaseException):
@@ -116,11 +123,10 @@ class LlamaCppBackend:
                     return
         finally:
             job.cancelled.set()
-            self._jobs.discard(job)
+            self._scheduler.wake()
             self._admitted -= 1
 
     async def close(self) -> None:
-        for job in list(self._jobs):
-            job.cancelled.set()
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        await asyncio.to_thread(self._scheduler.stop)
+        self._context.close()
         self._model.close()

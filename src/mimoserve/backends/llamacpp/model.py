@@ -1,7 +1,8 @@
-"""The loaded GGUF: llama.cpp model and context, its tokenizer and its chat template."""
+"""The loaded GGUF: tokenizer and chat template (vocabulary only) plus the compute model."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,50 +10,53 @@ from typing import Any
 
 import llama_cpp
 
+from mimoserve.backends.llamacpp.native import NativeModel, silence_llama_logs
 from mimoserve.backends.llamacpp.template import CHATML_FALLBACK, ChatTemplate
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: Path
-    n_ctx: int = 4096
+    n_ctx: int = 4096  # per sequence
+    n_parallel: int = 4  # sequences decoded together
     n_threads: int | None = None
     n_batch: int = 512
     max_queue: int = 16
 
+    @property
+    def threads(self) -> int:
+        return self.n_threads or os.cpu_count() or 1
+
 
 class LoadedModel:
-    """Owns the llama.cpp objects; only the engine's single worker thread decodes with them."""
+    """Tokenizer, template and weights of one GGUF.
+
+    Tokenizing happens on the event loop while the scheduler decodes, so it uses a
+    separate vocabulary-only handle that holds no compute state.
+    """
 
     def __init__(self, config: EngineConfig) -> None:
-        threads = config.n_threads or os.cpu_count() or 1
-        self.llm: Any = llama_cpp.Llama(
-            model_path=str(config.model_path),
-            n_ctx=config.n_ctx,
-            n_batch=config.n_batch,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-        )
+        silence_llama_logs()
         self.n_ctx = config.n_ctx
-        metadata: dict[str, str] = self.llm.metadata
+        self.vocab_handle: Any = llama_cpp.Llama(
+            model_path=str(config.model_path), vocab_only=True, verbose=False
+        )
+        metadata: dict[str, str] = self.vocab_handle.metadata
         self.template_source = metadata.get("tokenizer.chat_template") or CHATML_FALLBACK
-        self.bos_text = self._special_text(self.llm.token_bos())
+        self.bos_text = self._special_text(self.vocab_handle.token_bos())
         self.template = ChatTemplate(
             self.template_source,
             bos_token=self.bos_text,
-            eos_token=self._special_text(self.llm.token_eos()),
+            eos_token=self._special_text(self.vocab_handle.token_eos()),
         )
-        # llama-cpp-python has no public wrapper for the vocabulary's end-of-generation set
-        # (which holds <|im_end|> as well as the EOS token); use the C API on its vocab.
-        self._vocab = self.llm._model.vocab
-        self._add_bos = bool(self.llm._model.add_bos_token())
-        self.end_tokens = [t for t in range(self.llm.n_vocab()) if self.is_end_of_generation(t)]
+        self.weights = NativeModel(config.model_path)
+        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.weights.vocab))
+        self.end_tokens = [t for t in range(self.weights.n_vocab) if self.is_end_of_generation(t)]
 
     def _special_text(self, token: int) -> str:
         if token < 0:
             return ""
-        return bytes(self.llm.detokenize([token], special=True)).decode("utf-8", "replace")
+        return bytes(self.vocab_handle.detokenize([token], special=True)).decode("utf-8", "replace")
 
     @property
     def supports_tools(self) -> bool:
@@ -61,32 +65,27 @@ class LoadedModel:
     def tokenize_prompt(self, prompt: str) -> list[int]:
         # A template that writes the BOS token itself must not get a second one.
         add_bos = self._add_bos and not (self.bos_text and prompt.startswith(self.bos_text))
-        tokens: list[int] = self.llm.tokenize(prompt.encode(), add_bos=add_bos, special=True)
+        tokens: list[int] = self.vocab_handle.tokenize(
+            prompt.encode(), add_bos=add_bos, special=True
+        )
         return tokens
 
     def tokenize_text(self, text: str) -> list[int]:
         """Tokens for text the engine writes itself (no BOS, special tags recognised)."""
-        tokens: list[int] = self.llm.tokenize(text.encode(), add_bos=False, special=True)
+        tokens: list[int] = self.vocab_handle.tokenize(text.encode(), add_bos=False, special=True)
         return tokens
 
     def is_end_of_generation(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return bool(llama_cpp.llama_vocab_is_eog(self.weights.vocab, token))
 
     def token_bytes(self, token: int) -> bytes:
-        return bytes(self.llm.detokenize([token]))
-
-    def cached_prefix(self, prompt: list[int]) -> int:
-        """How many prompt tokens the KV cache already holds (llama-cpp-python reuses them).
-
-        At least one prompt token is always decoded again to produce fresh logits.
-        """
-        held = self.llm.input_ids[: self.llm.n_tokens]
-        common = 0
-        for held_token, prompt_token in zip(held, prompt, strict=False):
-            if held_token != prompt_token:
-                break
-            common += 1
-        return min(common, len(prompt) - 1)
+        buffer = (ctypes.c_char * 64)()
+        n = llama_cpp.llama_token_to_piece(self.weights.vocab, token, buffer, 64, 0, False)
+        if n < 0:  # a longer piece than the buffer: ask again with the right size
+            buffer = (ctypes.c_char * -n)()
+            n = llama_cpp.llama_token_to_piece(self.weights.vocab, token, buffer, -n, 0, False)
+        return buffer.raw[:n]
 
     def close(self) -> None:
-        self.llm.close()
+        self.vocab_handle.close()
+        self.weights.close()

@@ -1,0 +1,236 @@
+"""Continuous batching: every running sequence advances in one `llama_decode` per step.
+
+Each step puts into one batch the next token of every decoding sequence and, with the
+room left, chunks of prompts still being prefilled, so a long prompt never stalls the
+running streams. New requests join between steps; a cancelled one leaves within one
+step. Idle slots keep their KV cells: a new request takes the slot whose cached tokens
+share the longest prefix with its prompt and decodes only the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mimoserve.backends.base import Finished, TextDelta, TokenUsage
+from mimoserve.backends.llamacpp.native import Batch, NativeContext, NativeModel, Sampler
+from mimoserve.backends.llamacpp.sequence import DecodeJob, SequenceOutput
+from mimoserve.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
+    running: Running | None = None
+
+
+@dataclass(eq=False)
+class Running:
+    job: DecodeJob
+    slot: Slot
+    sampler: Sampler
+    output: SequenceOutput
+    pending: list[int]  # tokens to decode next (prompt rest, last sample, injected text)
+    reused: int
+    batch_index: int = -1  # where this sequence's logits are in the current batch
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model: NativeModel,
+        context: NativeContext,
+        *,
+        slots: int,
+        seq_ctx: int,
+        n_batch: int,
+        token_bytes: Callable[[int], bytes],
+        is_end: Callable[[int], bool],
+        end_tokens: list[int],
+        forced_close: list[int],
+    ) -> None:
+        self._model = model
+        self._ctx = context
+        self._slots = [Slot(seq_id=i) for i in range(slots)]
+        self._seq_ctx = seq_ctx
+        self._batch = Batch(n_batch)
+        self._n_batch = n_batch
+        self._token_bytes = token_bytes
+        self._is_end = is_end
+        self._end_tokens = end_tokens
+        self._forced_close = forced_close
+        self._waiting: deque[DecodeJob] = deque()
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="llamacpp-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- called from the event loop --------------------------------------------------
+
+    def submit(self, job: DecodeJob) -> None:
+        with self._lock:
+            self._waiting.append(job)
+            self._lock.notify()
+
+    def wake(self) -> None:
+        with self._lock:
+            self._lock.notify()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        self._thread.join()
+        self._batch.close()
+
+    # ---- the scheduler thread --------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._waiting and not self._active():
+                    self._lock.wait()
+                if self._stopping:
+                    break
+                self._admit()
+            self._drop_cancelled()
+            if self._active():
+                self._step()
+        for running in self._active():
+            self._release(running)
+
+    def _active(self) -> list[Running]:
+        return [slot.running for slot in self._slots if slot.running is not None]
+
+    def _admit(self) -> None:
+        """Moves waiting jobs into free slots, each into the slot that shares most of its prompt."""
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancelled.is_set():
+                self._waiting.popleft()
+                continue
+            free = [slot for slot in self._slots if slot.running is None]
+            if not free:
+                return
+            self._waiting.popleft()
+            slot = max(free, key=lambda s: _common_prefix(s.cached, job.prompt))
+            self._start(job, slot)
+
+    def _start(self, job: DecodeJob, slot: Slot) -> None:
+        # At least one prompt token is decoded again so the sequence has fresh logits.
+        reused = min(_common_prefix(slot.cached, job.prompt), len(job.prompt) - 1)
+        self._ctx.forget(slot.seq_id, reused)
+        slot.cached = job.prompt[:reused]
+        sampling = job.sampling
+        try:
+            sampler = Sampler(
+                self._model,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                frequency_penalty=sampling.frequency_penalty,
+                presence_penalty=sampling.presence_penalty,
+                seed=sampling.seed if sampling.seed is not None else _random_seed(),
+                grammar=job.grammar,
+            )
+        except ValueError as exc:
+            job.emit(EngineError(f"could not set up sampling: {exc}"))
+            return
+        room = self._seq_ctx - len(job.prompt)
+        limit = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
+        output = SequenceOutput(job, limit, self._token_bytes, self._is_end, self._forced_close)
+        slot.running = Running(job, slot, sampler, output, job.prompt[reused:], reused)
+
+    def _drop_cancelled(self) -> None:
+        for running in self._active():
+            if running.job.cancelled.is_set():
+                log.info("generation cancelled after %d tokens", running.output.completion_tokens)
+                self._release(running)
+
+    def _release(self, running: Running) -> None:
+        running.sampler.close()
+        running.slot.running = None
+
+    def _fill_batch(self) -> list[Running]:
+        """Decoding sequences first (one token each), then prompt chunks in arrival order."""
+        batch = self._batch
+        batch.clear()
+        with_logits: list[Running] = []
+        active = self._active()
+        decoding = [r for r in active if r.output.completion_tokens > 0 and len(r.pending) == 1]
+        prefilling = [r for r in active if r not in decoding]
+        for running in decoding + prefilling:
+            room = self._n_batch - batch.size
+            if room <= 0:
+                break
+            chunk = running.pending[:room]
+            slot = running.slot
+            for offset, token in enumerate(chunk):
+                last = offset == len(chunk) - 1 and len(chunk) == len(running.pending)
+                index = batch.add(token, len(slot.cached), slot.seq_id, last)
+                slot.cached.append(token)
+                if last:
+                    running.batch_index = index
+                    with_logits.append(running)
+            running.pending = running.pending[len(chunk) :]
+        return with_logits
+
+    def _step(self) -> None:
+        with_logits = self._fill_batch()
+        code = self._ctx.decode(self._batch)
+        if code != 0:
+            self._fail_all(f"llama_decode returned {code}")
+            return
+        for running in with_logits:
+            self._advance(running)
+
+    def _advance(self, running: Running) -> None:
+        output = running.output
+        if output.must_not_end:
+            self._ctx.ban_tokens(running.batch_index, self._end_tokens)
+        token = running.sampler.sample(self._ctx, running.batch_index)
+        step = output.on_token(token)
+        job = running.job
+        if step.text:
+            job.emit(TextDelta(step.text))
+        if step.finished is not None:
+            tail = output.flush()
+            if tail:
+                job.emit(TextDelta(tail))
+            usage = TokenUsage(
+                prompt_tokens=len(job.prompt),
+                completion_tokens=output.completion_tokens,
+                cached_tokens=running.reused,
+                reasoning_tokens=output.reasoning.tokens,
+            )
+            job.emit(Finished(step.finished, usage))
+            self._release(running)
+            return
+        running.pending = ([] if self._is_end(token) else [token]) + list(step.inject)
+
+    def _fail_all(self, reason: str) -> None:
+        log.error("engine step failed: %s", reason)
+        for running in self._active():
+            running.job.emit(EngineError("engine failed while generating"))
+            self._ctx.forget(running.slot.seq_id)
+            running.slot.cached = []
+            self._release(running)
+
+
+def _random_seed() -> int:
+    return secrets.randbits(31)
