@@ -63,5 +63,8 @@ class ScriptedBackend:
         finally:
             self.closed_streams += 1
 
+    def load(self) -> tuple[int, int]:
+        return (0, 0)
+
     async def close(self) -> None:
         self.closed = True

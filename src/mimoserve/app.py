@@ -14,6 +14,7 @@ from mimoserve.auth.keys import KeyStore
 from mimoserve.backends.base import Backend
 from mimoserve.chat.service import ChatService
 from mimoserve.config import Settings
+from mimoserve.metering.metrics import Metrics
 from mimoserve.registry import ModelRegistry
 
 
@@ -36,7 +37,10 @@ def create_app(
     app = FastAPI(title="mimoserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.keys = keys
-    app.state.chat = ChatService(registry, backends)
+    metrics = Metrics(load_probe=lambda: chat_service.engine_load())
+    chat_service = ChatService(registry, backends, metrics)
+    app.state.metrics = metrics
+    app.state.chat = chat_service
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(models.router)

@@ -14,7 +14,7 @@ from mimoserve.api.body import read_json_model
 from mimoserve.api.sse import sse_frames
 from mimoserve.auth.keys import Principal
 from mimoserve.chat.service import ChatService
-from mimoserve.errors import ClientDisconnected
+from mimoserve.errors import ClientDisconnected, MimoError
 from mimoserve.protocol.chat import ChatCompletionRequest
 
 router = APIRouter()
@@ -44,10 +44,15 @@ async def create_chat_completion(
     request: Request, _principal: Annotated[Principal, Depends(require_principal)]
 ) -> JSONResponse | StreamingResponse:
     service: ChatService = request.app.state.chat
-    body = await read_json_model(
-        request, ChatCompletionRequest, request.app.state.settings.max_body_bytes
-    )
-    chat = service.prepare(body)
+    body: ChatCompletionRequest | None = None
+    try:
+        body = await read_json_model(
+            request, ChatCompletionRequest, request.app.state.settings.max_body_bytes
+        )
+        chat = service.prepare(body)
+    except MimoError as exc:
+        service.record_refusal(body.model if body else None, exc.status_code)
+        raise
     if body.stream:
         chunks = await service.open_stream(chat)
         return StreamingResponse(

@@ -1,12 +1,37 @@
-"""Liveness and readiness probes (no auth: load balancers call them)."""
+"""Liveness, readiness and metrics (no auth: load balancers and Prometheus call them)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from mimoserve.auth.keys import KeyStore
+from mimoserve.metering.metrics import Metrics
 
 router = APIRouter()
 
 
 @router.get("/health")
 async def health() -> dict[str, str]:
+    """The process is up and serving HTTP."""
     return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Models are loaded (they are before the app starts) and the key store answers."""
+    keys: KeyStore = request.app.state.keys
+    try:
+        await asyncio.to_thread(keys.count_active)
+    except Exception:
+        return JSONResponse({"status": "unavailable", "store": "unreachable"}, status_code=503)
+    return JSONResponse({"status": "ready", "store": "ok"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    registry: Metrics = request.app.state.metrics
+    return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)

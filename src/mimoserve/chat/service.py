@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from mimoserve.backends.base import Backend, Finished, GenerationRequest, TextDelta, TokenUsage
 from mimoserve.chat.convert import to_generation_request
 from mimoserve.chat.output import OutputAssembler, OutputPlan
-from mimoserve.errors import EngineError, ModelNotFoundError
+from mimoserve.errors import EngineError, MimoError, ModelNotFoundError
+from mimoserve.metering.metrics import Metrics
 from mimoserve.parsing.events import ContentText, ParsedEvent, ReasoningText, ToolCallParsed
 from mimoserve.protocol.chat import (
     ChatCompletion,
@@ -67,10 +68,24 @@ ParsedStream = AsyncGenerator[ParsedEvent | Finished, None]
 
 
 class ChatService:
-    def __init__(self, registry: ModelRegistry, backends: Mapping[str, Backend]) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        backends: Mapping[str, Backend],
+        metrics: Metrics | None = None,
+    ) -> None:
         self._registry = registry
         self._backends = dict(backends)
         self._created = int(time.time())
+        self._metrics = metrics or Metrics()
+
+    def engine_load(self) -> dict[str, tuple[int, int]]:
+        return {model: backend.load() for model, backend in self._backends.items()}
+
+    def record_refusal(self, model: str | None, status: int) -> None:
+        # Only served ids become labels: clients must not be able to grow the series set.
+        label = model if model in self._backends else "unknown"
+        self._metrics.requests.labels(label, str(status)).inc()
 
     def list_models(self) -> ModelList:
         return ModelList(data=[self.get_model(entry.id) for entry in self._registry.entries()])
@@ -118,18 +133,26 @@ class ChatService:
         """
         assembler = OutputAssembler(chat.plan)
         events = chat.backend.generate(chat.generation)
+        watch = _Stopwatch(self._metrics, chat.model)
         try:
             async for event in events:
                 if isinstance(event, TextDelta):
+                    watch.first_token()
                     for parsed in assembler.feed(event.text):
                         yield parsed
                     continue
+                watch.first_token()
                 for parsed in assembler.finish():
                     yield parsed
+                watch.finished(event)
                 yield event
                 return
             raise EngineError("the engine ended without finishing the answer")
+        except MimoError as exc:
+            watch.failed(exc)
+            raise
         finally:
+            watch.close()
             await events.aclose()
 
     async def complete(self, chat: PreparedChat) -> ChatCompletion:
@@ -214,6 +237,44 @@ class ChatService:
                 item = await anext(stream, None)
         finally:
             await stream.aclose()
+
+
+class _Stopwatch:
+    """Times one generation and records it in the metrics, whatever way it ends."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._metrics = metrics
+        self._model = model
+        self._start = time.perf_counter()
+        self._first: float | None = None
+        self._outcome: str | None = None
+
+    def first_token(self) -> None:
+        if self._first is None:
+            self._first = time.perf_counter()
+            self._metrics.ttft.labels(self._model).observe(self._first - self._start)
+
+    def finished(self, event: Finished) -> None:
+        m, model, usage = self._metrics, self._model, event.usage
+        self._outcome = "ok"
+        m.requests.labels(model, "200").inc()
+        m.request_success.labels(model, event.reason).inc()
+        m.prompt_tokens.labels(model).inc(usage.prompt_tokens)
+        m.generation_tokens.labels(model).inc(usage.completion_tokens)
+        m.cached_tokens.labels(model).inc(usage.cached_tokens)
+        m.e2e_latency.labels(model).observe(time.perf_counter() - self._start)
+
+    def failed(self, error: MimoError) -> None:
+        self._outcome = "failed"
+        status = str(error.status_code)
+        self._metrics.requests.labels(self._model, status).inc()
+        if self._first is not None:
+            self._metrics.aborted.labels(self._model, error.code or "error").inc()
+
+    def close(self) -> None:
+        if self._outcome is None:  # closed before finishing: the client went away
+            self._metrics.requests.labels(self._model, "499").inc()
+            self._metrics.aborted.labels(self._model, "client_disconnected").inc()
 
 
 def _finish(finished: Finished, has_calls: bool) -> FinishReason:

@@ -126,6 +126,9 @@ class LlamaCppBackend:
             self._scheduler.wake()
             self._admitted -= 1
 
+    def load(self) -> tuple[int, int]:
+        return self._scheduler.load()
+
     async def close(self) -> None:
         await asyncio.to_thread(self._scheduler.stop)
         self._context.close()

@@ -92,6 +92,10 @@ class Scheduler:
         with self._lock:
             self._lock.notify()
 
+    def load(self) -> tuple[int, int]:
+        # Read without the lock: a momentary view for metrics is all that is needed.
+        return len(self._active()), len(self._waiting)
+
     def stop(self) -> None:
         with self._lock:
             self._stopping = True

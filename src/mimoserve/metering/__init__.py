@@ -1,0 +1,1 @@
+"""Measuring what the server does: Prometheus metrics (usage records come later)."""

@@ -1,0 +1,69 @@
+"""Prometheus metrics. Names follow vLLM's (`vllm:` becomes `mimoserve:`) where the same
+thing is measured, so dashboards built for vLLM carry over."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
+
+# (model) -> (running, waiting)
+LoadProbe = Callable[[], dict[str, tuple[int, int]]]
+
+
+class Metrics:
+    def __init__(self, load_probe: LoadProbe | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self._load_probe = load_probe
+        r = self.registry
+        self.requests = Counter(
+            "mimoserve:requests", "Chat requests by model and HTTP status", ["model", "status"],
+            registry=r,
+        )  # fmt: skip
+        self.request_success = Counter(
+            "mimoserve:request_success", "Finished generations by finish reason",
+            ["model", "finished_reason"], registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "mimoserve:prompt_tokens", "Prompt tokens processed", ["model"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "mimoserve:generation_tokens", "Completion tokens generated", ["model"], registry=r
+        )
+        self.cached_tokens = Counter(
+            "mimoserve:prompt_tokens_cached", "Prompt tokens reused from the KV cache", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.e2e_latency = Histogram(
+            "mimoserve:e2e_request_latency_seconds", "Request latency", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "mimoserve:time_to_first_token_seconds", "Time to first token", ["model"],
+            buckets=_TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.aborted = Counter(
+            "mimoserve:request_aborted", "Generations cut short (client gone, engine error)",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
+        self.rate_limited = Counter(
+            "mimoserve:rate_limit_refusals", "Requests refused by rate limits", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.running = Gauge(
+            "mimoserve:num_requests_running", "Requests generating now", ["model"], registry=r
+        )
+        self.waiting = Gauge(
+            "mimoserve:num_requests_waiting", "Requests queued for the engine", ["model"],
+            registry=r,
+        )  # fmt: skip
+
+    def render(self) -> bytes:
+        if self._load_probe is not None:
+            for model, (running, waiting) in self._load_probe().items():
+                self.running.labels(model).set(running)
+                self.waiting.labels(model).set(waiting)
+        return generate_latest(self.registry)
