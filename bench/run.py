@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +28,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from load import LoadResult, run_load  # noqa: E402
-from peers import llama_server_binary  # noqa: E402
+from load import LoadResult, run_load
+from peers import llama_server_binary
 
-from mimoserve.weights.catalog import CATALOG  # noqa: E402
-from mimoserve.weights.store import WeightsStore  # noqa: E402
+from mimoserve.weights.catalog import CATALOG
+from mimoserve.weights.store import WeightsStore
 
 SLOTS = 8
 N_CTX = 2048  # per sequence
@@ -160,7 +160,7 @@ def measure(server: Server, model: str) -> PeerRun:
 def run_model(name: str, workdir: Path) -> dict[str, PeerRun]:
     gguf = WeightsStore(MODELS_DIR).resolve(name)
     results: dict[str, PeerRun] = {}
-    peers = [
+    peers: list[tuple[str, Callable[[int], list[str]], bool]] = [
         ("mimoserve", lambda p: mimoserve_command(gguf, p, workdir / "home"), True),
         ("llama-server", lambda p: llama_server_command(gguf, p), False),
         ("llama-cpp-python", lambda p: llama_cpp_python_command(gguf, p), False),
@@ -188,14 +188,14 @@ def table(name: str, results: dict[str, PeerRun], single: dict[str, float] | Non
                 f"| {_fmt(load.ttft(0.5))} | {_fmt(load.ttft(0.95))} | {_fmt(load.itl(0.5) * 1000, 1)} "
                 f"| {_fmt(load.itl(0.95) * 1000, 1)} |"
             )
-    ours, peer = results["mimoserve"], results["llama-server"]
-    o8, p8 = ours.loads[8], peer.loads[8]
+    ours, theirs = results["mimoserve"], results["llama-server"]
+    o8, p8 = ours.loads[8], theirs.loads[8]
     lines += ["", "| ratio (target) | value |", "|---|---|",
               f"| 8 streams tok/s, mimoserve / llama-server (>= 1.0) | {_fmt(o8.tokens_per_s / p8.tokens_per_s)} |",
               f"| 8 streams TTFT p95, mimoserve / llama-server (<= 1.0) | {_fmt(o8.ttft(0.95) / p8.ttft(0.95))} |",
               f"| 8 streams completed, mimoserve | {o8.completed}/8 (llama-cpp-python: {results['llama-cpp-python'].loads[8].completed}/8) |",
-              f"| peak RSS at 8 streams, mimoserve / llama-server (<= 1.2) | {_fmt(ours.rss_at_8 / peer.rss_at_8)} ({_fmt(ours.rss_at_8, 0)} MB vs {_fmt(peer.rss_at_8, 0)} MB) |",
-              f"| prefix reuse: cold TTFT / warm TTFT, mimoserve (>= 5) | {_fmt(ours.prefix_cold / ours.prefix_warm, 1)} ({_fmt(ours.prefix_cold)} s vs {_fmt(ours.prefix_warm)} s; llama-server {_fmt(peer.prefix_cold / peer.prefix_warm, 1)}) |"]  # fmt: skip
+              f"| peak RSS at 8 streams, mimoserve / llama-server (<= 1.2) | {_fmt(ours.rss_at_8 / theirs.rss_at_8)} ({_fmt(ours.rss_at_8, 0)} MB vs {_fmt(theirs.rss_at_8, 0)} MB) |",
+              f"| prefix reuse: cold TTFT / warm TTFT, mimoserve (>= 5) | {_fmt(ours.prefix_cold / ours.prefix_warm, 1)} ({_fmt(ours.prefix_cold)} s vs {_fmt(ours.prefix_warm)} s; llama-server {_fmt(theirs.prefix_cold / theirs.prefix_warm, 1)}) |"]  # fmt: skip
     if single:
         lines.append(
             f"| single stream decode, mimoserve engine / plain llama.cpp loop (>= 0.95) | "

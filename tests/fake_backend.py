@@ -13,6 +13,7 @@ from mimoserve.backends.base import (
     FinishReason,
     GenerationEvent,
     GenerationRequest,
+    Started,
     TextDelta,
     TokenUsage,
 )
@@ -52,10 +53,11 @@ class ScriptedBackend:
         if script.refuse_with is not None:
             raise script.refuse_with
         try:
+            yield Started(script.prompt_tokens, script.cached_tokens)
             for piece in script.pieces:
                 if script.delay_s:
                     await asyncio.sleep(script.delay_s)
-                yield TextDelta(piece)
+                yield TextDelta(piece, tokens=1)
             if script.fail_with is not None:
                 raise script.fail_with
             usage = TokenUsage(script.prompt_tokens, len(script.pieces), script.cached_tokens)

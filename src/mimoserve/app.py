@@ -14,6 +14,7 @@ from mimoserve.auth.keys import KeyStore
 from mimoserve.backends.base import Backend
 from mimoserve.chat.service import ChatService
 from mimoserve.config import Settings
+from mimoserve.metering.ledger import UsageLedger
 from mimoserve.metering.metrics import Metrics
 from mimoserve.registry import ModelRegistry
 
@@ -24,21 +25,26 @@ def create_app(
     registry: ModelRegistry,
     backends: Mapping[str, Backend],
     keys: KeyStore,
+    ledger: UsageLedger | None = None,
 ) -> FastAPI:
     """Builds the ASGI app around ready components; `backends` maps public model ids."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if ledger is not None:
+            ledger.start()
         yield
         # Several ids may share one backend: close each once.
         for backend in {id(b): b for b in backends.values()}.values():
             await backend.close()
+        if ledger is not None:
+            await ledger.close()  # drains every record accepted so far
 
     app = FastAPI(title="mimoserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.keys = keys
     metrics = Metrics(load_probe=lambda: chat_service.engine_load())
-    chat_service = ChatService(registry, backends, metrics)
+    chat_service = ChatService(registry, backends, metrics, ledger)
     app.state.metrics = metrics
     app.state.chat = chat_service
     install_error_handlers(app)

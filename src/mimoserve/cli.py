@@ -1,10 +1,11 @@
-"""The `mimoserve` command: serve | keys | models."""
+"""The `mimoserve` command: serve | keys | models | usage."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,6 +103,20 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    from mimoserve.store.usage import SqliteUsageStore
+
+    store = SqliteUsageStore(Database(_settings(args).database_path))
+    since = time.time() - args.hours * 3600
+    columns = ("KEY", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "REASONING", "CACHED")
+    print("{:14} {:20} {:>9} {:>10} {:>11} {:>10} {:>10}".format(*columns))
+    for row in store.totals(since):
+        values = (row.key_id, row.model, row.requests, row.prompt_tokens,
+                  row.completion_tokens, row.reasoning_tokens, row.cached_tokens)  # fmt: skip
+        print("{:14} {:20} {:>9} {:>10} {:>11} {:>10} {:>10}".format(*values))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimoserve", description=__doc__)
     parser.add_argument("--home", type=Path, help="data folder (default ~/.mimoserve)")
@@ -135,6 +150,10 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("name", choices=sorted(CATALOG))
     model_commands.add_parser("list", help="show known and installed weights")
     models.set_defaults(handler=cmd_models)
+
+    usage = commands.add_parser("usage", help="token usage per key and model")
+    usage.add_argument("--hours", type=float, default=24.0, help="look back this far (default 24)")
+    usage.set_defaults(handler=cmd_usage)
     return parser
 
 

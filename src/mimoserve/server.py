@@ -13,8 +13,10 @@ from mimoserve.backends.base import Backend
 from mimoserve.backends.llamacpp.backend import LlamaCppBackend
 from mimoserve.backends.llamacpp.model import EngineConfig
 from mimoserve.config import Settings
+from mimoserve.metering.ledger import UsageLedger
 from mimoserve.registry import ModelRegistry
 from mimoserve.store.sqlite import Database
+from mimoserve.store.usage import SqliteUsageStore
 from mimoserve.weights.store import WeightsStore
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,9 @@ def ensure_first_key(keys: KeyStore, announce: Callable[[IssuedKey], None]) -> N
 
 def build_server_app(settings: Settings, announce_key: Callable[[IssuedKey], None]) -> FastAPI:
     registry = load_registry(settings)
-    keys = KeyStore(Database(settings.database_path))
+    database = Database(settings.database_path)
+    keys = KeyStore(database)
     ensure_first_key(keys, announce_key)
     backends = build_backends(settings, registry)
-    return create_app(settings, registry=registry, backends=backends, keys=keys)
+    ledger = UsageLedger(SqliteUsageStore(database))
+    return create_app(settings, registry=registry, backends=backends, keys=keys, ledger=ledger)

@@ -177,3 +177,12 @@ async def test_backend_stream_is_closed_after_each_request(
     await client.post(URL, json=payload())
     await stream_events(client, payload())
     assert backend.closed_streams == 2
+
+
+async def test_ignore_eos_extension_reaches_the_sampler(
+    client: httpx.AsyncClient, backend: ScriptedBackend
+) -> None:
+    await client.post(URL, json=payload(ignore_eos=True, max_tokens=5))
+    assert backend.requests[-1].sampling.ignore_eos is True
+    await client.post(URL, json=payload())
+    assert backend.requests[-1].sampling.ignore_eos is False

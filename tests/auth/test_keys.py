@@ -5,7 +5,7 @@ import threading
 from pathlib import Path
 
 from mimoserve.auth.keys import KeyStore
-from mimoserve.store.sqlite import Database
+from mimoserve.store.sqlite import MIGRATIONS, Database
 
 
 def test_key_is_shown_once_and_only_its_hash_is_stored(tmp_path: Path) -> None:
@@ -54,7 +54,7 @@ def test_keys_survive_reopening_and_migrations_run_once(tmp_path: Path) -> None:
     assert reopened.authenticate(issued.secret) is not None
     conn = sqlite3.connect(tmp_path / "k.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
 def test_concurrent_authentication_from_threads(keys: KeyStore) -> None:

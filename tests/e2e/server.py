@@ -51,6 +51,7 @@ class RunningServer:
     api_key: str
     process: subprocess.Popen[str]
     log_path: Path
+    home: Path
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -82,7 +83,7 @@ def running_server(home: Path, *extra: str, weights: str = TEST_WEIGHTS) -> Iter
             time.sleep(0.2)
         match = KEY_PATTERN.search(log_path.read_text())
         assert match, "the first start prints a new API key"
-        yield RunningServer(base_url, match.group(0), process, log_path)
+        yield RunningServer(base_url, match.group(0), process, log_path, home)
     finally:
         process.terminate()
         try:

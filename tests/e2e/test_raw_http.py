@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
 import time
 from typing import Any
 
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from tests.api.sse_client import parse_sse
-from tests.e2e.server import RunningServer
+from tests.e2e.server import RunningServer, cli
 
 URL = "/v1/chat/completions"
 LONG = {
@@ -172,3 +173,23 @@ async def test_many_concurrent_clients_all_get_their_answer(server: RunningServe
             assert done and events[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
         else:
             assert response.json()["usage"]["completion_tokens"] <= 8
+
+
+def test_ignore_eos_generates_exactly_the_requested_tokens(server: RunningServer) -> None:
+    body = {"messages": [{"role": "user", "content": "Say hi."}], "max_completion_tokens": 40,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    data = post(server, body).json()
+    assert data["usage"]["completion_tokens"] == 40
+    assert data["choices"][0]["finish_reason"] == "length"
+
+
+def test_usage_ledger_records_requests(server: RunningServer) -> None:
+    post(server, {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 3})
+    time.sleep(1.5)  # the ledger writes in batches, every half second
+    result = subprocess.run(
+        cli("--home", str(server.home), "usage"), capture_output=True, text=True, check=True
+    )
+    key_id = server.api_key[5:17]
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    mine = [row for row in rows if row[0] == key_id and row[1] == "mimo-v2-flash"]
+    assert mine and int(mine[0][2]) >= 1 and int(mine[0][4]) >= 1

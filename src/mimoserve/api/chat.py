@@ -41,7 +41,7 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    request: Request, _principal: Annotated[Principal, Depends(require_principal)]
+    request: Request, principal: Annotated[Principal, Depends(require_principal)]
 ) -> JSONResponse | StreamingResponse:
     service: ChatService = request.app.state.chat
     body: ChatCompletionRequest | None = None
@@ -49,9 +49,9 @@ async def create_chat_completion(
         body = await read_json_model(
             request, ChatCompletionRequest, request.app.state.settings.max_body_bytes
         )
-        chat = service.prepare(body)
+        chat = service.prepare(body, principal.key_id)
     except MimoError as exc:
-        service.record_refusal(body.model if body else None, exc.status_code)
+        service.record_refusal(principal.key_id, body.model if body else None, exc.status_code)
         raise
     if body.stream:
         chunks = await service.open_stream(chat)

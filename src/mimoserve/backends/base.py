@@ -23,6 +23,7 @@ class SamplingParams:
     # None: as many as the context leaves room for.
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,19 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class Started:
+    """The engine admitted the request and knows its prompt (first event of a generation)."""
+
+    prompt_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
+    # Completion tokens this piece accounts for (held-back text arrives with a later piece),
+    # so a generation cut short still knows what it consumed.
+    tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,7 +105,7 @@ class Finished:
     usage: TokenUsage
 
 
-GenerationEvent = TextDelta | Finished
+GenerationEvent = Started | TextDelta | Finished
 
 
 @dataclass(frozen=True)
@@ -114,7 +126,7 @@ class Backend(Protocol):
     def weights_name(self) -> str: ...
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
-        """Yields text deltas then exactly one `Finished`.
+        """Yields `Started` (optional, first), text deltas, then exactly one `Finished`.
 
         Errors that concern the request itself (prompt too long, queue full) are raised
         before the first event, so callers can still answer with a plain HTTP error.

@@ -93,6 +93,7 @@ def _sampling(request: ChatCompletionRequest) -> SamplingParams:
         seed=request.seed,
         max_tokens=request.max_completion_tokens or request.max_tokens,
         stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+        ignore_eos=bool(request.ignore_eos),
     )
 
 

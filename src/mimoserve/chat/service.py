@@ -8,10 +8,18 @@ import uuid
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
-from mimoserve.backends.base import Backend, Finished, GenerationRequest, TextDelta, TokenUsage
+from mimoserve.backends.base import (
+    Backend,
+    Finished,
+    GenerationRequest,
+    Started,
+    TextDelta,
+    TokenUsage,
+)
 from mimoserve.chat.convert import to_generation_request
 from mimoserve.chat.output import OutputAssembler, OutputPlan
 from mimoserve.errors import EngineError, MimoError, ModelNotFoundError
+from mimoserve.metering.ledger import UsageLedger, UsageRecord
 from mimoserve.metering.metrics import Metrics
 from mimoserve.parsing.events import ContentText, ParsedEvent, ReasoningText, ToolCallParsed
 from mimoserve.protocol.chat import (
@@ -47,6 +55,7 @@ class PreparedChat:
     backend: Backend
     generation: GenerationRequest
     plan: OutputPlan
+    key_id: str
     include_usage: bool
 
 
@@ -73,19 +82,25 @@ class ChatService:
         registry: ModelRegistry,
         backends: Mapping[str, Backend],
         metrics: Metrics | None = None,
+        ledger: UsageLedger | None = None,
     ) -> None:
         self._registry = registry
         self._backends = dict(backends)
         self._created = int(time.time())
         self._metrics = metrics or Metrics()
+        self._ledger = ledger
 
     def engine_load(self) -> dict[str, tuple[int, int]]:
         return {model: backend.load() for model, backend in self._backends.items()}
 
-    def record_refusal(self, model: str | None, status: int) -> None:
+    def record_refusal(self, key_id: str, model: str | None, status: int) -> None:
         # Only served ids become labels: clients must not be able to grow the series set.
         label = model if model in self._backends else "unknown"
         self._metrics.requests.labels(label, str(status)).inc()
+        if self._ledger is not None:
+            self._ledger.record(
+                UsageRecord(key_id=key_id, model=(model or "")[:128], status=status)
+            )
 
     def list_models(self) -> ModelList:
         return ModelList(data=[self.get_model(entry.id) for entry in self._registry.entries()])
@@ -108,7 +123,7 @@ class ChatService:
             )
         return backend
 
-    def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
+    def prepare(self, request: ChatCompletionRequest, key_id: str) -> PreparedChat:
         backend = self._backend_for(request.model)
         entry = self._registry.get(request.model)
         assert entry is not None  # every backend comes from a registry entry
@@ -122,6 +137,7 @@ class ChatService:
             backend=backend,
             generation=generation,
             plan=plan,
+            key_id=key_id,
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
         )
 
@@ -133,15 +149,17 @@ class ChatService:
         """
         assembler = OutputAssembler(chat.plan)
         events = chat.backend.generate(chat.generation)
-        watch = _Stopwatch(self._metrics, chat.model)
+        watch = _Meter(self._metrics, self._ledger, chat)
         try:
             async for event in events:
+                if isinstance(event, Started):
+                    watch.started(event)
+                    continue
                 if isinstance(event, TextDelta):
-                    watch.first_token()
+                    watch.text(event)
                     for parsed in assembler.feed(event.text):
                         yield parsed
                     continue
-                watch.first_token()
                 for parsed in assembler.finish():
                     yield parsed
                 watch.finished(event)
@@ -239,42 +257,71 @@ class ChatService:
             await stream.aclose()
 
 
-class _Stopwatch:
-    """Times one generation and records it in the metrics, whatever way it ends."""
+class _Meter:
+    """Times and counts one generation, then records it (metrics and the usage ledger)
+    whichever way it ends: finished, failed, or abandoned by its client."""
 
-    def __init__(self, metrics: Metrics, model: str) -> None:
-        self._metrics = metrics
-        self._model = model
+    def __init__(self, metrics: Metrics, ledger: UsageLedger | None, chat: PreparedChat) -> None:
+        self._metrics, self._ledger = metrics, ledger
+        self._model, self._key_id = chat.model, chat.key_id
         self._start = time.perf_counter()
-        self._first: float | None = None
-        self._outcome: str | None = None
+        self._ttft: float | None = None
+        self._prompt_tokens = self._cached_tokens = self._completion_tokens = 0
+        self._done = False
 
-    def first_token(self) -> None:
-        if self._first is None:
-            self._first = time.perf_counter()
-            self._metrics.ttft.labels(self._model).observe(self._first - self._start)
+    def started(self, event: Started) -> None:
+        self._prompt_tokens, self._cached_tokens = event.prompt_tokens, event.cached_tokens
+
+    def text(self, event: TextDelta) -> None:
+        self._completion_tokens += event.tokens
+        if self._ttft is None:
+            self._ttft = time.perf_counter() - self._start
+            self._metrics.ttft.labels(self._model).observe(self._ttft)
 
     def finished(self, event: Finished) -> None:
         m, model, usage = self._metrics, self._model, event.usage
-        self._outcome = "ok"
-        m.requests.labels(model, "200").inc()
+        latency = time.perf_counter() - self._start
         m.request_success.labels(model, event.reason).inc()
         m.prompt_tokens.labels(model).inc(usage.prompt_tokens)
         m.generation_tokens.labels(model).inc(usage.completion_tokens)
         m.cached_tokens.labels(model).inc(usage.cached_tokens)
-        m.e2e_latency.labels(model).observe(time.perf_counter() - self._start)
+        m.e2e_latency.labels(model).observe(latency)
+        self._record(200, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                     usage.reasoning_tokens, event.reason)  # fmt: skip
 
     def failed(self, error: MimoError) -> None:
-        self._outcome = "failed"
-        status = str(error.status_code)
-        self._metrics.requests.labels(self._model, status).inc()
-        if self._first is not None:
+        if self._ttft is not None:
             self._metrics.aborted.labels(self._model, error.code or "error").inc()
+        self._record(error.status_code, self._prompt_tokens, self._completion_tokens,
+                     self._cached_tokens, 0, None)  # fmt: skip
 
     def close(self) -> None:
-        if self._outcome is None:  # closed before finishing: the client went away
-            self._metrics.requests.labels(self._model, "499").inc()
+        if not self._done:  # closed before finishing: the client went away
             self._metrics.aborted.labels(self._model, "client_disconnected").inc()
+            self._record(499, self._prompt_tokens, self._completion_tokens,
+                         self._cached_tokens, 0, None)  # fmt: skip
+
+    def _record(
+        self, status: int, prompt: int, completion: int, cached: int, reasoning: int,
+        reason: str | None,
+    ) -> None:  # fmt: skip
+        self._done = True
+        self._metrics.requests.labels(self._model, str(status)).inc()
+        if self._ledger is not None:
+            self._ledger.record(
+                UsageRecord(
+                    key_id=self._key_id,
+                    model=self._model,
+                    status=status,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    reasoning_tokens=reasoning,
+                    cached_tokens=cached,
+                    latency_s=time.perf_counter() - self._start,
+                    ttft_s=self._ttft,
+                    finish_reason=reason,
+                )
+            )
 
 
 def _finish(finished: Finished, has_calls: bool) -> FinishReason:

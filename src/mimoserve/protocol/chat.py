@@ -83,6 +83,9 @@ class ChatCompletionRequest(BaseModel):
     thinking: Thinking | None = None
     logprobs: bool | None = None
     user: str | None = None
+    # Extension (as in vLLM and llama-server): keep generating past end-of-turn tokens,
+    # up to max_completion_tokens. Meant for benchmarks and tests.
+    ignore_eos: bool | None = None
 
 
 # ---- responses ---------------------------------------------------------------------------

@@ -21,6 +21,24 @@ MIGRATIONS: tuple[str, ...] = (
         revoked_at REAL
     );
     """,
+    """
+    CREATE TABLE usage_records (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at REAL NOT NULL,
+        key_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        reasoning_tokens INTEGER NOT NULL,
+        cached_tokens INTEGER NOT NULL,
+        latency_s REAL NOT NULL,
+        ttft_s REAL,
+        finish_reason TEXT
+    );
+    CREATE INDEX usage_records_time ON usage_records (created_at);
+    CREATE INDEX usage_records_key ON usage_records (key_id, created_at);
+    """,
 )
 
 

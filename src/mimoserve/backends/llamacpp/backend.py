@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncGenerator
+from typing import Any
 
 from mimoserve.backends.base import (
     Capabilities,
@@ -23,6 +25,37 @@ from mimoserve.backends.llamacpp.scheduler import Scheduler
 from mimoserve.backends.llamacpp.sequence import FORCED_CLOSE, THINK_OPEN, DecodeJob
 from mimoserve.backends.llamacpp.template import TemplateError
 from mimoserve.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
+
+
+class Mailbox:
+    """Carries events from the scheduler thread to the event loop.
+
+    Events posted while the loop has not yet drained the box ride along with the
+    pending wake-up: one step of N sequences wakes the loop once, not N times (each
+    wake-up takes CPU from the threads that decode).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue[GenerationEvent | BaseException], Any]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue[GenerationEvent | BaseException], event: Any) -> None:
+        with self._lock:
+            self._items.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        # The loop may already be closed at shutdown; then nobody waits for the event.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
 
 
 class LlamaCppBackend:
@@ -48,6 +81,7 @@ class LlamaCppBackend:
             end_tokens=self._model.end_tokens,
             forced_close=self._model.tokenize_text(FORCED_CLOSE),
         )
+        self._mailbox: Mailbox | None = None
         # Admitted requests (running or waiting): `n_parallel` run, `max_queue` may wait.
         self._admitted = 0
         self._max_admitted = config.n_parallel + config.max_queue
@@ -95,13 +129,11 @@ class LlamaCppBackend:
             raise OverloadedError(
                 "The engine is busy and its queue is full; retry shortly.", retry_after_s=2
             )
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
+        mailbox = self._mailbox_for(asyncio.get_running_loop())
 
         def emit(event: GenerationEvent | BaseException) -> None:
-            # The loop may already be closed at shutdown; then nobody waits for the event.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(events.put_nowait, event)
+            mailbox.post(events, event)
 
         job = DecodeJob(
             prompt=prompt,
@@ -125,6 +157,11 @@ class LlamaCppBackend:
             job.cancelled.set()
             self._scheduler.wake()
             self._admitted -= 1
+
+    def _mailbox_for(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = Mailbox(loop)
+        return self._mailbox
 
     def load(self) -> tuple[int, int]:
         return self._scheduler.load()

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mimoserve.backends.base import Finished, TextDelta, TokenUsage
+from mimoserve.backends.base import Finished, Started, TextDelta, TokenUsage
 from mimoserve.backends.llamacpp.native import Batch, NativeContext, NativeModel, Sampler
 from mimoserve.backends.llamacpp.sequence import DecodeJob, SequenceOutput
 from mimoserve.errors import EngineError
@@ -40,6 +40,7 @@ class Running:
     pending: list[int]  # tokens to decode next (prompt rest, last sample, injected text)
     reused: int
     batch_index: int = -1  # where this sequence's logits are in the current batch
+    reported: int = 0  # completion tokens already accounted for in emitted deltas
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -159,6 +160,7 @@ class Scheduler:
         limit = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
         output = SequenceOutput(job, limit, self._token_bytes, self._is_end, self._forced_close)
         slot.running = Running(job, slot, sampler, output, job.prompt[reused:], reused)
+        job.emit(Started(prompt_tokens=len(job.prompt), cached_tokens=reused))
 
     def _drop_cancelled(self) -> None:
         for running in self._active():
@@ -205,17 +207,18 @@ class Scheduler:
 
     def _advance(self, running: Running) -> None:
         output = running.output
-        if output.must_not_end:
+        if output.must_not_end or running.job.sampling.ignore_eos:
             self._ctx.ban_tokens(running.batch_index, self._end_tokens)
         token = running.sampler.sample(self._ctx, running.batch_index)
         step = output.on_token(token)
         job = running.job
         if step.text:
-            job.emit(TextDelta(step.text))
+            job.emit(TextDelta(step.text, output.completion_tokens - running.reported))
+            running.reported = output.completion_tokens
         if step.finished is not None:
             tail = output.flush()
             if tail:
-                job.emit(TextDelta(tail))
+                job.emit(TextDelta(tail, output.completion_tokens - running.reported))
             usage = TokenUsage(
                 prompt_tokens=len(job.prompt),
                 completion_tokens=output.completion_tokens,
