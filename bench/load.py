@@ -60,6 +60,9 @@ def chat_body(prompt: str, max_tokens: int, seed: int, model: str) -> dict[str, 
         "seed": seed,
         "stream": True,
         "stream_options": {"include_usage": True},
+        # Every stream generates exactly max_tokens (mimoserve and llama-server honour it;
+        # llama-cpp-python's server ignores it), so throughput compares equal work.
+        "ignore_eos": True,
     }
 
 

@@ -7,10 +7,12 @@ import httpx
 import pytest
 
 from mimoserve.app import create_app
+from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
 from mimoserve.config import Settings
 from mimoserve.registry import ModelRegistry
 from mimoserve.store.sqlite import Database
+from mimoserve.store.usage import SqliteUsageStore
 from tests.fake_backend import ScriptedBackend
 
 REGISTRY = """
@@ -28,8 +30,20 @@ thinking = "native"
 
 
 @pytest.fixture
-def keys(tmp_path: Path) -> KeyStore:
-    return KeyStore(Database(tmp_path / "keys.db"))
+def database(tmp_path: Path) -> Database:
+    return Database(tmp_path / "mimoserve.db")
+
+
+@pytest.fixture
+def keys(database: Database) -> KeyStore:
+    return KeyStore(database)
+
+
+@pytest.fixture
+def admin_token(database: Database) -> str:
+    token = AdminCredential(database).ensure()
+    assert token is not None
+    return token
 
 
 @pytest.fixture
@@ -49,7 +63,7 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def client(
-    settings: Settings, keys: KeyStore, backend: ScriptedBackend, api_key: str
+    settings: Settings, database: Database, keys: KeyStore, backend: ScriptedBackend, api_key: str
 ) -> AsyncIterator[httpx.AsyncClient]:
     registry = ModelRegistry.from_toml(REGISTRY)
     app = create_app(
@@ -57,6 +71,8 @@ async def client(
         registry=registry,
         backends={entry.id: backend for entry in registry.entries()},
         keys=keys,
+        admin=AdminCredential(database),
+        usage=SqliteUsageStore(database),
     )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(

@@ -8,15 +8,20 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from mimoserve import __version__
+from mimoserve.api import admin as admin_api
 from mimoserve.api import chat, health, models
 from mimoserve.api.errors import install_error_handlers
+from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
 from mimoserve.backends.base import Backend
 from mimoserve.chat.service import ChatService
 from mimoserve.config import Settings
+from mimoserve.limits.admission import AdmissionPolicy
+from mimoserve.limits.limiter import RateLimiter
 from mimoserve.metering.ledger import UsageLedger
 from mimoserve.metering.metrics import Metrics
 from mimoserve.registry import ModelRegistry
+from mimoserve.store.usage import SqliteUsageStore
 
 
 def create_app(
@@ -26,6 +31,9 @@ def create_app(
     backends: Mapping[str, Backend],
     keys: KeyStore,
     ledger: UsageLedger | None = None,
+    admin: AdminCredential | None = None,
+    usage: SqliteUsageStore | None = None,
+    limiter: RateLimiter | None = None,
 ) -> FastAPI:
     """Builds the ASGI app around ready components; `backends` maps public model ids."""
 
@@ -44,10 +52,15 @@ def create_app(
     app.state.settings = settings
     app.state.keys = keys
     metrics = Metrics(load_probe=lambda: chat_service.engine_load())
-    chat_service = ChatService(registry, backends, metrics, ledger)
+    policy = AdmissionPolicy(settings.default_limits, settings.completion_reserve_tokens)
+    chat_service = ChatService(registry, backends, metrics, ledger, limiter, policy)
     app.state.metrics = metrics
     app.state.chat = chat_service
+    app.state.admin = admin
+    app.state.usage = usage
     install_error_handlers(app)
+    if admin is not None and usage is not None:
+        app.include_router(admin_api.router)
     app.include_router(chat.router)
     app.include_router(models.router)
     app.include_router(health.router)

@@ -1,4 +1,4 @@
-"""The `mimoserve` command: serve | keys | models | usage."""
+"""The `mimoserve` command: serve | keys | accounts | admin-token | models | usage."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mimoserve.auth.keys import IssuedKey, KeyStore
+from mimoserve.auth.admin import AdminCredential
+from mimoserve.auth.keys import DEFAULT_ACCOUNT, ConflictError, IssuedKey, KeyStore
 from mimoserve.config import Settings
+from mimoserve.limits.policy import Limits
 from mimoserve.store.sqlite import Database
 from mimoserve.weights.catalog import CATALOG
 from mimoserve.weights.store import WeightsError, WeightsStore
@@ -35,6 +37,14 @@ def _announce_key(issued: IssuedKey) -> None:
     )
 
 
+def _announce_admin(token: str) -> None:
+    print(
+        "Created the admin token for /admin and the dashboard (shown only this once):\n\n"
+        f"    {token}\n",
+        flush=True,
+    )
+
+
 def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
@@ -51,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        app = build_server_app(settings, _announce_key)
+        app = build_server_app(settings, _announce_key, _announce_admin)
     except WeightsError as exc:
         print(f"mimoserve: {exc}", file=sys.stderr)
         return 1
@@ -60,18 +70,57 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_accounts(args: argparse.Namespace) -> int:
+    keys = KeyStore(Database(_settings(args).database_path))
+    if args.accounts_command == "create":
+        try:
+            account = keys.create_account(args.name, Limits(args.rpm, args.tpm))
+        except ConflictError as exc:
+            print(f"mimoserve: {exc}", file=sys.stderr)
+            return 1
+        print(f"created account {account.id} ({account.name})")
+    else:
+        print(f"{'ID':14} {'NAME':20} {'RPM':>8} {'TPM':>10}")
+        for a in keys.accounts():
+            rpm, tpm = a.limits.rpm or "-", a.limits.tpm or "-"
+            print(f"{a.id:14} {a.name:20} {rpm:>8} {tpm:>10}")
+    return 0
+
+
+def cmd_admin_token(args: argparse.Namespace) -> int:
+    token = AdminCredential(Database(_settings(args).database_path)).rotate()
+    print(f"New admin token (the old one no longer works; shown only once):\n{token}")
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     keys = KeyStore(Database(_settings(args).database_path))
     if args.keys_command == "create":
-        issued = keys.create(args.name)
+        expires = time.time() + args.expires_in_days * 86400 if args.expires_in_days else None
+        models = frozenset(args.models.split(",")) if args.models else None
+        try:
+            issued = keys.create(
+                args.name, account_id=args.account, expires_at=expires, allowed_models=models,
+                limits=Limits(args.rpm, args.tpm, args.max_concurrent),
+            )  # fmt: skip
+        except KeyError:
+            print(f"no account with id {args.account!r}", file=sys.stderr)
+            return 1
         print(f"Created key {issued.info.prefix}… named {issued.info.name!r} (shown only once):")
         print(issued.secret)
     elif args.keys_command == "list":
-        print(f"{'ID':14} {'NAME':20} {'PREFIX':15} {'CREATED':20} {'LAST USED':20} STATUS")
+        print(f"{'ID':14} {'NAME':20} {'ACCOUNT':14} {'PREFIX':15} {'CREATED':20} "
+              f"{'LAST USED':20} STATUS")  # fmt: skip
+        now = time.time()
         for info in keys.list():
-            status = "revoked" if info.revoked_at else "active"
-            print(f"{info.id:14} {info.name:20} {info.prefix:15} {_when(info.created_at):20} "
-                  f"{_when(info.last_used_at):20} {status}")  # fmt: skip
+            status = "active"
+            if info.revoked_at:
+                status = "revoked"
+            elif info.expires_at is not None and info.expires_at <= now:
+                status = "expired"
+            created, used = _when(info.created_at), _when(info.last_used_at)
+            print(f"{info.id:14} {info.name:20} {info.account_id:14} {info.prefix:15} "
+                  f"{created:20} {used:20} {status}")  # fmt: skip
     elif args.keys_command == "revoke":
         if not keys.revoke(args.key_id):
             print(f"no active key with id {args.key_id!r}", file=sys.stderr)
@@ -131,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--n-ctx", type=int, help="context window in tokens (default 4096)")
     serve.add_argument("--n-threads", type=int, help="llama.cpp threads (default: all cores)")
     serve.add_argument("--n-parallel", type=int, help="requests decoded together (default 4)")
+    serve.add_argument("--n-batch", type=int, help="tokens decoded per step (default 512)")
     serve.add_argument("--max-queue", type=int, help="waiting requests before 503 (default 16)")
     serve.add_argument("--max-body-bytes", type=int, help="request body limit (default 1 MiB)")
     serve.set_defaults(handler=cmd_serve)
@@ -139,10 +189,28 @@ def _parser() -> argparse.ArgumentParser:
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="create a key and print it once")
     create.add_argument("--name", required=True)
+    create.add_argument("--account", default=DEFAULT_ACCOUNT, help="account id (default: default)")
+    create.add_argument("--expires-in-days", type=float, help="the key stops working after this")
+    create.add_argument("--models", help="comma-separated model ids this key may use")
+    create.add_argument("--rpm", type=int, help="the key's own requests/min per model")
+    create.add_argument("--tpm", type=int, help="the key's own tokens/min per model")
+    create.add_argument("--max-concurrent", type=int, help="requests in flight for this key")
     key_commands.add_parser("list", help="list keys (never their secrets)")
     revoke = key_commands.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
     keys.set_defaults(handler=cmd_keys)
+
+    accounts = commands.add_parser("accounts", help="manage accounts (keys belong to one)")
+    account_commands = accounts.add_subparsers(dest="accounts_command", required=True)
+    new_account = account_commands.add_parser("create", help="create an account")
+    new_account.add_argument("name")
+    new_account.add_argument("--rpm", type=int, help="requests/min per model, all keys together")
+    new_account.add_argument("--tpm", type=int, help="tokens/min per model, all keys together")
+    account_commands.add_parser("list", help="list accounts and their limits")
+    accounts.set_defaults(handler=cmd_accounts)
+
+    admin = commands.add_parser("admin-token", help="replace the admin token and print it once")
+    admin.set_defaults(handler=cmd_admin_token)
 
     models = commands.add_parser("models", help="manage model weights")
     model_commands = models.add_subparsers(dest="models_command", required=True)

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mimoserve.limits.policy import Limits
+
 
 def _default_home() -> Path:
     return Path.home() / ".mimoserve"
@@ -38,13 +40,34 @@ class Settings(BaseSettings):
     n_threads: int | None = Field(
         default=None, ge=1, description="CPU threads for llama.cpp; all cores when unset"
     )
-    n_batch: int = Field(default=512, ge=16, description="Prompt tokens decoded per llama.cpp call")
+    n_batch: int = Field(
+        default=512, ge=16, description="Tokens decoded per step, all sequences together"
+    )
     max_queue: int = Field(
         default=16, ge=0, description="Requests that may wait for a busy engine before 503"
     )
     max_body_bytes: int = Field(
         default=1 << 20, ge=1024, description="Largest accepted request body (413 above it)"
     )
+
+    default_rpm: int | None = Field(
+        default=None, ge=1, description="Requests/min per account and model (unset: no limit)"
+    )
+    default_tpm: int | None = Field(
+        default=None, ge=1, description="Tokens/min per account and model (unset: no limit)"
+    )
+    default_max_concurrent: int | None = Field(
+        default=None, ge=1, description="Requests in flight per key (unset: no limit)"
+    )
+    completion_reserve_tokens: int = Field(
+        default=512,
+        ge=1,
+        description="Completion tokens reserved at admission when a request sets no maximum",
+    )
+
+    @property
+    def default_limits(self) -> Limits:
+        return Limits(self.default_rpm, self.default_tpm, self.default_max_concurrent)
 
     @property
     def database_path(self) -> Path:

@@ -76,6 +76,12 @@ class OverloadedError(MimoError):
         super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
 
 
+class StoreUnavailableError(OverloadedError):
+    """The database behind keys or limits does not answer; clients retry, nothing is lost."""
+
+    default_code = "store_unavailable"
+
+
 class EngineError(MimoError):
     """The engine failed while generating."""
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from fastapi import FastAPI
 
 from mimoserve.app import create_app
+from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import IssuedKey, KeyStore
 from mimoserve.backends.base import Backend
 from mimoserve.backends.llamacpp.backend import LlamaCppBackend
@@ -54,11 +55,22 @@ def ensure_first_key(keys: KeyStore, announce: Callable[[IssuedKey], None]) -> N
         announce(keys.create("default"))
 
 
-def build_server_app(settings: Settings, announce_key: Callable[[IssuedKey], None]) -> FastAPI:
+def build_server_app(
+    settings: Settings,
+    announce_key: Callable[[IssuedKey], None],
+    announce_admin: Callable[[str], None],
+) -> FastAPI:
     registry = load_registry(settings)
     database = Database(settings.database_path)
     keys = KeyStore(database)
     ensure_first_key(keys, announce_key)
+    admin = AdminCredential(database)
+    token = admin.ensure()
+    if token is not None:
+        announce_admin(token)
     backends = build_backends(settings, registry)
-    ledger = UsageLedger(SqliteUsageStore(database))
-    return create_app(settings, registry=registry, backends=backends, keys=keys, ledger=ledger)
+    usage = SqliteUsageStore(database)
+    return create_app(
+        settings, registry=registry, backends=backends, keys=keys,
+        ledger=UsageLedger(usage), admin=admin, usage=usage,
+    )  # fmt: skip

@@ -4,8 +4,8 @@ import re
 
 import httpx
 
-from mimoserve.auth.keys import KeyStore
 from mimoserve.errors import EngineError, OverloadedError
+from mimoserve.store.sqlite import Database
 from tests.api.sse_client import stream_events
 from tests.fake_backend import ScriptedBackend
 
@@ -27,10 +27,10 @@ async def metrics(client: httpx.AsyncClient) -> str:
     return response.text
 
 
-async def test_ready_reports_the_store(client: httpx.AsyncClient, keys: KeyStore) -> None:
+async def test_ready_reports_the_store(client: httpx.AsyncClient, database: Database) -> None:
     ok = await client.get("/ready", headers={"api-key": ""})
     assert ok.status_code == 200 and ok.json()["status"] == "ready"
-    keys._db.close()  # the store goes away
+    database.close()  # the store goes away
     down = await client.get("/ready", headers={"api-key": ""})
     assert down.status_code == 503 and down.json()["store"] == "unreachable"
 

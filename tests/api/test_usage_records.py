@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from mimoserve.app import create_app
-from mimoserve.auth.keys import KeyStore
+from mimoserve.auth.keys import KeyStore, Principal
 from mimoserve.chat.service import ChatService
 from mimoserve.config import Settings
 from mimoserve.errors import EngineError
@@ -97,7 +97,8 @@ async def test_abandoned_generation_is_recorded_with_what_it_consumed(
     ledger = UsageLedger(store)
     service = ChatService(registry, {e.id: backend for e in registry.entries()}, ledger=ledger)
     backend.enqueue(["one", "two", "three", "four"], prompt_tokens=30)
-    chat = service.prepare(ChatCompletionRequest.model_validate({**BODY, "stream": True}), "key1")
+    request = ChatCompletionRequest.model_validate({**BODY, "stream": True})
+    chat = service.prepare(request, Principal(key_id="key1", key_name="k"))
     chunks = await service.open_stream(chat)
     received = [await anext(chunks) for _ in range(3)]  # role, "one", "two"
     assert received[-1].choices[0].delta.content == "two"

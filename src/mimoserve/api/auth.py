@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 from fastapi import Request
 
-from mimoserve.auth.keys import KeyStore, Principal
-from mimoserve.errors import AuthenticationError
+from mimoserve.auth.admin import AdminCredential
+from mimoserve.auth.keys import KeyStore, Principal, StoreError
+from mimoserve.errors import AuthenticationError, StoreUnavailableError
 
 
 def _presented_key(request: Request) -> str | None:
@@ -28,7 +31,27 @@ def require_principal(request: Request) -> Principal:
             code="missing_api_key",
         )
     store: KeyStore = request.app.state.keys
-    principal = store.authenticate(key)
+    try:
+        principal = store.authenticate(key)
+    except StoreError as exc:
+        raise StoreUnavailableError(
+            "The key store is unavailable; retry shortly.", retry_after_s=2
+        ) from exc
     if principal is None:
         raise AuthenticationError("Invalid API key.")
     return principal
+
+
+def require_admin(request: Request) -> None:
+    """Admin endpoints take only the admin token, as `Authorization: Bearer TOKEN`."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("Admin endpoints need `Authorization: Bearer ADMIN_TOKEN`.",
+                                  code="missing_admin_token")  # fmt: skip
+    admin: AdminCredential = request.app.state.admin
+    try:
+        valid = admin.verify(token.strip())
+    except sqlite3.Error as exc:
+        raise StoreUnavailableError("The store is unavailable; retry shortly.") from exc
+    if not valid:
+        raise AuthenticationError("Invalid admin token.", code="invalid_admin_token")

@@ -49,9 +49,9 @@ async def create_chat_completion(
         body = await read_json_model(
             request, ChatCompletionRequest, request.app.state.settings.max_body_bytes
         )
-        chat = service.prepare(body, principal.key_id)
+        chat = service.prepare(body, principal)
     except MimoError as exc:
-        service.record_refusal(principal.key_id, body.model if body else None, exc.status_code)
+        service.record_refusal(principal, body.model if body else None, exc.status_code)
         raise
     if body.stream:
         chunks = await service.open_stream(chat)

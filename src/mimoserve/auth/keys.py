@@ -1,25 +1,48 @@
-"""API keys: issued once, stored only as a hash, checked in constant time.
+"""Accounts and their API keys: issued once, stored only as a hash, checked in constant time.
 
 A key looks like `mimo-<id>_<secret>`. The id is not secret and finds the row; the
 whole key is hashed with SHA-256 and compared with `hmac.compare_digest`. Keys carry
 256 bits of randomness, so a fast hash is enough (slow KDFs exist for guessable
-passwords) and keeps authentication off the critical path.
+passwords) and keeps authentication off the critical path. Revocation and expiry are
+read on every request, so they take effect on the next one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
+import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from mimoserve.limits.policy import Limits
 from mimoserve.store.sqlite import Database
 
 _KEY_PATTERN = re.compile(r"^mimo-([0-9a-f]{12})_[A-Za-z0-9_-]{43}$")
 # Writing last_used on every request would turn each read into a write; a minute is precise enough.
 _LAST_USED_RESOLUTION_S = 60.0
+DEFAULT_ACCOUNT = "default"
+NO_LIMITS = Limits()
+
+
+class StoreError(Exception):
+    """The key store could not be read or written (not the caller's fault)."""
+
+
+class ConflictError(Exception):
+    """A name that must be unique is taken."""
+
+
+@dataclass(frozen=True)
+class AccountInfo:
+    id: str
+    name: str
+    created_at: float
+    limits: Limits
 
 
 @dataclass(frozen=True)
@@ -30,14 +53,22 @@ class ApiKeyInfo:
     created_at: float
     last_used_at: float | None
     revoked_at: float | None
+    account_id: str = DEFAULT_ACCOUNT
+    expires_at: float | None = None
+    allowed_models: frozenset[str] | None = None
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the key that authenticated the request."""
+    """Who is calling: the key that authenticated the request, and what it may do."""
 
     key_id: str
     key_name: str
+    account_id: str = DEFAULT_ACCOUNT
+    allowed_models: frozenset[str] | None = None  # None: every model
+    account_limits: Limits = field(default_factory=Limits)
+    key_limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)
@@ -50,29 +81,111 @@ def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _limits(row: Any, prefix: str = "") -> Limits:
+    columns = set(row.keys())
+
+    def get(name: str) -> int | None:
+        value = row[prefix + name] if prefix + name in columns else None
+        return None if value is None else int(value)
+
+    return Limits(rpm=get("rpm"), tpm=get("tpm"), max_concurrent=get("max_concurrent"))
+
+
+def _models(text: str | None) -> frozenset[str] | None:
+    return None if text is None else frozenset(json.loads(text))
+
+
+def _key_info(row: Any) -> ApiKeyInfo:
+    return ApiKeyInfo(
+        id=row["id"], name=row["name"], prefix=row["prefix"], created_at=row["created_at"],
+        last_used_at=row["last_used_at"], revoked_at=row["revoked_at"],
+        account_id=row["account_id"], expires_at=row["expires_at"],
+        allowed_models=_models(row["allowed_models"]), limits=_limits(row),
+    )  # fmt: skip
+
+
+_KEY_COLUMNS = (
+    "id, name, prefix, created_at, last_used_at, revoked_at, account_id, expires_at,"
+    " allowed_models, rpm, tpm, max_concurrent"
+)
+
+
 class KeyStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def create(self, name: str) -> IssuedKey:
+    # ---- accounts ------------------------------------------------------------------
+
+    def create_account(self, name: str, limits: Limits = NO_LIMITS) -> AccountInfo:
+        account = AccountInfo(secrets.token_hex(6), name, time.time(), limits)
+        try:
+            with self._db.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO accounts (id, name, created_at, rpm, tpm) VALUES (?,?,?,?,?)",
+                    (account.id, name, account.created_at, limits.rpm, limits.tpm),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise ConflictError(f"an account named {name!r} exists") from exc
+        return account
+
+    def accounts(self) -> list[AccountInfo]:
+        with self._db.transaction() as conn:
+            rows = conn.execute("SELECT * FROM accounts ORDER BY created_at").fetchall()
+        return [AccountInfo(r["id"], r["name"], r["created_at"], _limits(r)) for r in rows]
+
+    def account(self, account_id: str) -> AccountInfo | None:
+        return next((a for a in self.accounts() if a.id == account_id), None)
+
+    def set_account_limits(self, account_id: str, limits: Limits) -> bool:
+        with self._db.transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE accounts SET rpm = ?, tpm = ? WHERE id = ?",
+                (limits.rpm, limits.tpm, account_id),
+            )
+        return cursor.rowcount == 1
+
+    # ---- keys ------------------------------------------------------------------------
+
+    def create(
+        self,
+        name: str,
+        *,
+        account_id: str = DEFAULT_ACCOUNT,
+        expires_at: float | None = None,
+        allowed_models: frozenset[str] | None = None,
+        limits: Limits = NO_LIMITS,
+    ) -> IssuedKey:
         key_id = secrets.token_hex(6)
         key = f"mimo-{key_id}_{secrets.token_urlsafe(32)}"
-        prefix = key[:13]
-        now = time.time()
+        info = ApiKeyInfo(
+            id=key_id, name=name, prefix=key[:13], created_at=time.time(), last_used_at=None,
+            revoked_at=None, account_id=account_id, expires_at=expires_at,
+            allowed_models=allowed_models, limits=limits,
+        )  # fmt: skip
+        models = None if allowed_models is None else json.dumps(sorted(allowed_models))
         with self._db.transaction() as conn:
+            if (
+                conn.execute("SELECT 1 FROM accounts WHERE id = ?", (account_id,)).fetchone()
+                is None
+            ):
+                raise KeyError(account_id)
             conn.execute(
-                "INSERT INTO api_keys (id, name, prefix, key_hash, created_at) VALUES (?,?,?,?,?)",
-                (key_id, name, prefix, _hash(key), now),
-            )
-        return IssuedKey(ApiKeyInfo(key_id, name, prefix, now, None, None), key)
+                "INSERT INTO api_keys (id, name, prefix, key_hash, created_at, account_id,"
+                " expires_at, allowed_models, rpm, tpm, max_concurrent)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (key_id, name, info.prefix, _hash(key), info.created_at, account_id, expires_at,
+                 models, limits.rpm, limits.tpm, limits.max_concurrent),
+            )  # fmt: skip
+        return IssuedKey(info, key)
 
-    def list(self) -> list[ApiKeyInfo]:
+    def list(self, account_id: str | None = None) -> list[ApiKeyInfo]:
+        query = f"SELECT {_KEY_COLUMNS} FROM api_keys"
+        params: tuple[str, ...] = ()
+        if account_id is not None:
+            query, params = query + " WHERE account_id = ?", (account_id,)
         with self._db.transaction() as conn:
-            rows = conn.execute(
-                "SELECT id, name, prefix, created_at, last_used_at, revoked_at"
-                " FROM api_keys ORDER BY created_at"
-            ).fetchall()
-        return [ApiKeyInfo(**dict(row)) for row in rows]
+            rows = conn.execute(query + " ORDER BY created_at", params).fetchall()
+        return [_key_info(row) for row in rows]
 
     def count_active(self) -> int:
         with self._db.transaction() as conn:
@@ -89,23 +202,42 @@ class KeyStore:
         return cursor.rowcount == 1
 
     def authenticate(self, key: str) -> Principal | None:
-        """The key's principal, or None for a malformed, unknown or revoked key."""
+        """The key's principal, or None for a malformed, unknown, revoked or expired key.
+
+        Raises StoreError when the store cannot answer (a 503 for the caller, not a 401).
+        """
         match = _KEY_PATTERN.match(key)
         if match is None:
             return None
         key_id = match.group(1)
         now = time.time()
-        with self._db.transaction() as conn:
-            row = conn.execute(
-                "SELECT name, key_hash, revoked_at FROM api_keys WHERE id = ?", (key_id,)
-            ).fetchone()
-            if row is None or not hmac.compare_digest(row["key_hash"], _hash(key)):
-                return None
-            if row["revoked_at"] is not None:
-                return None
-            conn.execute(
-                "UPDATE api_keys SET last_used_at = ? WHERE id = ?"
-                " AND (last_used_at IS NULL OR last_used_at < ?)",
-                (now, key_id, now - _LAST_USED_RESOLUTION_S),
-            )
-        return Principal(key_id=key_id, key_name=row["name"])
+        try:
+            with self._db.transaction() as conn:
+                row = conn.execute(
+                    "SELECT k.name, k.key_hash, k.revoked_at, k.expires_at, k.account_id,"
+                    " k.allowed_models, k.rpm, k.tpm, k.max_concurrent,"
+                    " a.rpm AS account_rpm, a.tpm AS account_tpm"
+                    " FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.id = ?",
+                    (key_id,),
+                ).fetchone()
+                if row is None or not hmac.compare_digest(row["key_hash"], _hash(key)):
+                    return None
+                if row["revoked_at"] is not None:
+                    return None
+                if row["expires_at"] is not None and row["expires_at"] <= now:
+                    return None
+                conn.execute(
+                    "UPDATE api_keys SET last_used_at = ? WHERE id = ?"
+                    " AND (last_used_at IS NULL OR last_used_at < ?)",
+                    (now, key_id, now - _LAST_USED_RESOLUTION_S),
+                )
+        except sqlite3.Error as exc:
+            raise StoreError("the key store is unavailable") from exc
+        return Principal(
+            key_id=key_id,
+            key_name=row["name"],
+            account_id=row["account_id"],
+            allowed_models=_models(row["allowed_models"]),
+            account_limits=_limits(row, "account_"),
+            key_limits=_limits(row),
+        )

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
+from mimoserve.auth.keys import Principal
 from mimoserve.backends.base import (
     Backend,
     Finished,
@@ -18,7 +19,9 @@ from mimoserve.backends.base import (
 )
 from mimoserve.chat.convert import to_generation_request
 from mimoserve.chat.output import OutputAssembler, OutputPlan
-from mimoserve.errors import EngineError, MimoError, ModelNotFoundError
+from mimoserve.errors import EngineError, MimoError, ModelNotFoundError, PermissionDeniedError
+from mimoserve.limits.admission import AdmissionPolicy, estimate_tokens
+from mimoserve.limits.limiter import RateLimitedError, RateLimiter, Ticket
 from mimoserve.metering.ledger import UsageLedger, UsageRecord
 from mimoserve.metering.metrics import Metrics
 from mimoserve.parsing.events import ContentText, ParsedEvent, ReasoningText, ToolCallParsed
@@ -55,7 +58,8 @@ class PreparedChat:
     backend: Backend
     generation: GenerationRequest
     plan: OutputPlan
-    key_id: str
+    principal: Principal
+    reserve_tokens: int  # what rate limits reserve at admission, settled at the end
     include_usage: bool
 
 
@@ -83,24 +87,48 @@ class ChatService:
         backends: Mapping[str, Backend],
         metrics: Metrics | None = None,
         ledger: UsageLedger | None = None,
+        limiter: RateLimiter | None = None,
+        policy: AdmissionPolicy | None = None,
     ) -> None:
         self._registry = registry
         self._backends = dict(backends)
         self._created = int(time.time())
         self._metrics = metrics or Metrics()
         self._ledger = ledger
+        self._limiter = limiter or RateLimiter()
+        self._policy = policy or AdmissionPolicy()
 
     def engine_load(self) -> dict[str, tuple[int, int]]:
         return {model: backend.load() for model, backend in self._backends.items()}
 
-    def record_refusal(self, key_id: str, model: str | None, status: int) -> None:
+    def record_refusal(self, principal: Principal, model: str | None, status: int) -> None:
         # Only served ids become labels: clients must not be able to grow the series set.
         label = model if model in self._backends else "unknown"
         self._metrics.requests.labels(label, str(status)).inc()
         if self._ledger is not None:
             self._ledger.record(
-                UsageRecord(key_id=key_id, model=(model or "")[:128], status=status)
+                UsageRecord(
+                    key_id=principal.key_id,
+                    account_id=principal.account_id,
+                    model=(model or "")[:128],
+                    status=status,
+                )
             )
+
+    def _admit(self, chat: PreparedChat) -> Ticket:
+        principal = chat.principal
+        try:
+            return self._limiter.admit(
+                account_id=principal.account_id,
+                key_id=principal.key_id,
+                model=chat.model,
+                account_limits=self._policy.defaults.overridden_by(principal.account_limits),
+                key_limits=principal.key_limits,
+                tokens=chat.reserve_tokens,
+            )
+        except RateLimitedError:
+            self._metrics.rate_limited.labels(chat.model).inc()
+            raise
 
     def list_models(self) -> ModelList:
         return ModelList(data=[self.get_model(entry.id) for entry in self._registry.entries()])
@@ -123,8 +151,12 @@ class ChatService:
             )
         return backend
 
-    def prepare(self, request: ChatCompletionRequest, key_id: str) -> PreparedChat:
+    def prepare(self, request: ChatCompletionRequest, principal: Principal) -> PreparedChat:
         backend = self._backend_for(request.model)
+        if principal.allowed_models is not None and request.model not in principal.allowed_models:
+            raise PermissionDeniedError(
+                f"This key may not use the model {request.model!r}.", param="model"
+            )
         entry = self._registry.get(request.model)
         assert entry is not None  # every backend comes from a registry entry
         if request.model_extra:
@@ -137,7 +169,8 @@ class ChatService:
             backend=backend,
             generation=generation,
             plan=plan,
-            key_id=key_id,
+            principal=principal,
+            reserve_tokens=estimate_tokens(request, self._policy.completion_reserve),
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
         )
 
@@ -148,8 +181,13 @@ class ChatService:
         (queue full, prompt too long) raise before a stream starts.
         """
         assembler = OutputAssembler(chat.plan)
-        events = chat.backend.generate(chat.generation)
         watch = _Meter(self._metrics, self._ledger, chat)
+        try:
+            watch.ticket = self._admit(chat)
+        except MimoError as exc:
+            watch.failed(exc)
+            raise
+        events = chat.backend.generate(chat.generation)
         try:
             async for event in events:
                 if isinstance(event, Started):
@@ -263,7 +301,8 @@ class _Meter:
 
     def __init__(self, metrics: Metrics, ledger: UsageLedger | None, chat: PreparedChat) -> None:
         self._metrics, self._ledger = metrics, ledger
-        self._model, self._key_id = chat.model, chat.key_id
+        self._model, self._principal = chat.model, chat.principal
+        self.ticket: Ticket | None = None
         self._start = time.perf_counter()
         self._ttft: float | None = None
         self._prompt_tokens = self._cached_tokens = self._completion_tokens = 0
@@ -306,11 +345,14 @@ class _Meter:
         reason: str | None,
     ) -> None:  # fmt: skip
         self._done = True
+        if self.ticket is not None:
+            self.ticket.settle(prompt + completion)
         self._metrics.requests.labels(self._model, str(status)).inc()
         if self._ledger is not None:
             self._ledger.record(
                 UsageRecord(
-                    key_id=self._key_id,
+                    key_id=self._principal.key_id,
+                    account_id=self._principal.account_id,
                     model=self._model,
                     status=status,
                     prompt_tokens=prompt,

@@ -33,6 +33,7 @@ class UsageRecord:
     ttft_s: float | None = None
     finish_reason: str | None = None
     created_at: float = field(default_factory=time.time)
+    account_id: str = "default"
 
 
 class UsageStore(Protocol):

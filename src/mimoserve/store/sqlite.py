@@ -39,6 +39,28 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX usage_records_time ON usage_records (created_at);
     CREATE INDEX usage_records_key ON usage_records (key_id, created_at);
     """,
+    """
+    CREATE TABLE accounts (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL,
+        rpm INTEGER,
+        tpm INTEGER
+    );
+    INSERT INTO accounts (id, name, created_at) VALUES ('default', 'default', 0);
+    ALTER TABLE api_keys ADD COLUMN account_id TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE api_keys ADD COLUMN expires_at REAL;
+    ALTER TABLE api_keys ADD COLUMN allowed_models TEXT;
+    ALTER TABLE api_keys ADD COLUMN rpm INTEGER;
+    ALTER TABLE api_keys ADD COLUMN tpm INTEGER;
+    ALTER TABLE api_keys ADD COLUMN max_concurrent INTEGER;
+    ALTER TABLE usage_records ADD COLUMN account_id TEXT NOT NULL DEFAULT 'default';
+    CREATE TABLE admin_credentials (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        token_hash TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 )
 
 

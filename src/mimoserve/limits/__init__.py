@@ -1,0 +1,1 @@
+"""Rate limits per account and model (requests and tokens per minute) and per key (concurrency)."""

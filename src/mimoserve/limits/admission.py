@@ -1,0 +1,25 @@
+"""What a request reserves against token limits before its real usage is known."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from mimoserve.limits.policy import Limits
+from mimoserve.protocol.chat import ChatCompletionRequest
+
+# Prompt tokens are counted only once the engine tokenizes; until then, a character
+# estimate (English averages about four characters a token; three errs high).
+_CHARS_PER_TOKEN = 3
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    defaults: Limits = field(default_factory=Limits)
+    completion_reserve: int = 512  # when a request sets no max_completion_tokens
+
+
+def estimate_tokens(request: ChatCompletionRequest, completion_reserve: int) -> int:
+    prompt_chars = len(request.model_dump_json(include={"messages", "tools"}))
+    completion = request.max_completion_tokens or request.max_tokens or completion_reserve
+    return math.ceil(prompt_chars / _CHARS_PER_TOKEN) + completion

@@ -1,0 +1,134 @@
+"""Token-bucket rate limiting, in process.
+
+Requests/min and tokens/min are buckets per (account, model), shared by all of the
+account's keys; a key with limits of its own also has buckets per (key, model).
+Concurrency is counted per key. A request reserves its estimated tokens at admission
+and settles to what it really used at the end; using more than reserved leaves the
+bucket in debt, so the rate over a minute still holds. Every operation runs on the
+event loop without awaiting, so counts are exact however many requests race.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mimoserve.errors import MimoError
+from mimoserve.limits.policy import Limits
+
+
+class RateLimitedError(MimoError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        seconds = max(1, math.ceil(retry_after_s))
+        super().__init__(message, headers={"Retry-After": str(seconds)})
+
+
+@dataclass
+class _Bucket:
+    capacity: float
+    level: float
+    updated: float
+
+    def refill(self, now: float) -> None:
+        rate = self.capacity / 60.0
+        self.level = min(self.capacity, self.level + (now - self.updated) * rate)
+        self.updated = now
+
+    def wait_for(self, cost: float) -> float:
+        return (cost - self.level) / (self.capacity / 60.0)
+
+
+@dataclass
+class Ticket:
+    """One admitted request: settle its tokens, then release its concurrency slot."""
+
+    _limiter: RateLimiter
+    _key_id: str
+    _token_charges: list[tuple[_Bucket, float]]  # token buckets and what each was charged
+    reserved: int
+    _open: bool = field(default=True)
+
+    def settle(self, used_tokens: int) -> None:
+        """Charges what was really used instead of the reservation; releases the slot."""
+        if not self._open:
+            return
+        self._open = False
+        now = self._limiter.clock()
+        for bucket, charged in self._token_charges:
+            bucket.refill(now)
+            bucket.level = min(bucket.capacity, bucket.level + charged - used_tokens)
+        self._limiter._release(self._key_id)
+
+
+class RateLimiter:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._buckets: dict[tuple[str, ...], _Bucket] = {}
+        self._in_flight: dict[str, int] = {}
+
+    def _bucket(self, name: tuple[str, ...], capacity: int, now: float) -> _Bucket:
+        bucket = self._buckets.get(name)
+        if bucket is None or bucket.capacity != capacity:  # new, or the limit was changed
+            bucket = _Bucket(float(capacity), float(capacity), now)
+            self._buckets[name] = bucket
+        bucket.refill(now)
+        return bucket
+
+    def admit(
+        self,
+        *,
+        account_id: str,
+        key_id: str,
+        model: str,
+        account_limits: Limits,
+        key_limits: Limits,
+        tokens: int,
+    ) -> Ticket:
+        now = self.clock()
+        effective = account_limits.overridden_by(key_limits)
+        if effective.max_concurrent is not None and (
+            self._in_flight.get(key_id, 0) >= effective.max_concurrent
+        ):
+            raise RateLimitedError(
+                f"Too many concurrent requests for this key (limit {effective.max_concurrent}).",
+                retry_after_s=1,
+            )
+        checks: list[tuple[_Bucket, float, str]] = []
+        token_charges: list[tuple[_Bucket, float]] = []
+        for scope, limits in (("account", account_limits), ("key", key_limits)):
+            owner = account_id if scope == "account" else key_id
+            if limits.rpm is not None:
+                bucket = self._bucket((scope, owner, model, "rpm"), limits.rpm, now)
+                checks.append((bucket, 1.0, f"requests per minute for {model} ({limits.rpm})"))
+            if limits.tpm is not None:
+                bucket = self._bucket((scope, owner, model, "tpm"), limits.tpm, now)
+                # A request larger than the whole budget is let through alone, into debt.
+                cost = float(min(tokens, limits.tpm))
+                checks.append((bucket, cost, f"tokens per minute for {model} ({limits.tpm})"))
+                token_charges.append((bucket, cost))
+        for bucket, cost, what in checks:
+            if bucket.level < cost:
+                raise RateLimitedError(
+                    f"Rate limit reached: {what}. Retry after the indicated time.",
+                    retry_after_s=bucket.wait_for(cost),
+                )
+        for bucket, cost, _ in checks:
+            bucket.level -= cost
+        self._in_flight[key_id] = self._in_flight.get(key_id, 0) + 1
+        return Ticket(self, key_id, token_charges, tokens)
+
+    def _release(self, key_id: str) -> None:
+        remaining = self._in_flight.get(key_id, 0) - 1
+        if remaining > 0:
+            self._in_flight[key_id] = remaining
+        else:
+            self._in_flight.pop(key_id, None)
+
+    def in_flight(self, key_id: str) -> int:
+        return self._in_flight.get(key_id, 0)
