@@ -57,6 +57,10 @@ def chat_body(prompt: str, max_tokens: int, seed: int, model: str) -> dict[str, 
         "max_tokens": max_tokens,
         "temperature": 0.8,
         "top_p": 0.95,
+        # llama-server's and llama-cpp-python's defaults, sent to every server so all
+        # sample alike.
+        "top_k": 40,
+        "min_p": 0.05,
         "seed": seed,
         "stream": True,
         "stream_options": {"include_usage": True},

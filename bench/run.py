@@ -218,7 +218,7 @@ def main() -> None:
         )
     llama_server_binary()
     report = [f"Machine: {os.cpu_count()} cores, {THREADS} threads; {SLOTS} slots, n_ctx {N_CTX} per sequence, "
-              f"{MAX_TOKENS} completion tokens per stream (ignore_eos), temperature 0.8, top_p 0.95.", ""]  # fmt: skip
+              f"{MAX_TOKENS} completion tokens per stream (ignore_eos), temperature 0.8, top_p 0.95, top_k 40, min_p 0.05.", ""]  # fmt: skip
     for name in args.models:
         with tempfile.TemporaryDirectory() as work:
             results = run_model(name, Path(work))

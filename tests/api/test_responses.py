@@ -186,3 +186,14 @@ async def test_ignore_eos_extension_reaches_the_sampler(
     assert backend.requests[-1].sampling.ignore_eos is True
     await client.post(URL, json=payload())
     assert backend.requests[-1].sampling.ignore_eos is False
+
+
+async def test_top_k_and_min_p_extensions(
+    client: httpx.AsyncClient, backend: ScriptedBackend
+) -> None:
+    await client.post(URL, json=payload())
+    assert (backend.requests[-1].sampling.top_k, backend.requests[-1].sampling.min_p) == (40, 0.0)
+    await client.post(URL, json=payload(top_k=0, min_p=0.1))
+    assert (backend.requests[-1].sampling.top_k, backend.requests[-1].sampling.min_p) == (0, 0.1)
+    bad = await client.post(URL, json=payload(top_k=-1))
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_k"

@@ -24,6 +24,8 @@ class SamplingParams:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    top_k: int = 0  # 0: no top-k cut
+    min_p: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,12 @@ from mimoserve.registry import ModelEntry
 # Hosted MiMo defaults (the seed reference): temperature 1.0, top_p 0.95.
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 0.95
+# top_p over a whole vocabulary means sorting it: measured here, 4.4 ms per token on
+# SmolLM2's 49k tokens and 14 ms on Qwen's 151k, a third of a decode step. Cutting to
+# the 40 most likely tokens first (llama.cpp's and Ollama's default too) costs 0.1-0.3 ms
+# and, for top_p 0.95, almost never changes which tokens remain. `top_k: 0` restores
+# the exact full-vocabulary nucleus.
+DEFAULT_TOP_K = 40
 
 _PART_MODALITY: dict[type, str] = {ImagePart: "image", AudioPart: "audio", VideoPart: "video"}
 
@@ -94,6 +100,8 @@ def _sampling(request: ChatCompletionRequest) -> SamplingParams:
         max_tokens=request.max_completion_tokens or request.max_tokens,
         stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
         ignore_eos=bool(request.ignore_eos),
+        top_k=DEFAULT_TOP_K if request.top_k is None else request.top_k,
+        min_p=request.min_p or 0.0,
     )
 
 

@@ -83,9 +83,13 @@ class ChatCompletionRequest(BaseModel):
     thinking: Thinking | None = None
     logprobs: bool | None = None
     user: str | None = None
-    # Extension (as in vLLM and llama-server): keep generating past end-of-turn tokens,
-    # up to max_completion_tokens. Meant for benchmarks and tests.
+    # Extensions, named as in vLLM and llama-server:
+    # keep generating past end-of-turn tokens, up to max_completion_tokens;
     ignore_eos: bool | None = None
+    # sample among the k most likely tokens only (0: all); see convert.DEFAULT_TOP_K;
+    top_k: int | None = Field(default=None, ge=0)
+    # drop tokens less likely than min_p times the most likely one.
+    min_p: float | None = Field(default=None, ge=0, le=1)
 
 
 # ---- responses ---------------------------------------------------------------------------

@@ -125,6 +125,8 @@ class Sampler:
         *,
         temperature: float,
         top_p: float,
+        top_k: int,
+        min_p: float,
         frequency_penalty: float,
         presence_penalty: float,
         seed: int,
@@ -143,10 +145,16 @@ class Sampler:
             )
         if temperature <= 0:
             self._add(llama_cpp.llama_sampler_init_greedy())
-        else:
+            return
+        # The order of llama-server's chain: cut (top_k, top_p, min_p), then temperature.
+        if top_k > 0:
+            self._add(llama_cpp.llama_sampler_init_top_k(top_k))
+        if top_p < 1:
             self._add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
-            self._add(llama_cpp.llama_sampler_init_temp(temperature))
-            self._add(llama_cpp.llama_sampler_init_dist(seed))
+        if min_p > 0:
+            self._add(llama_cpp.llama_sampler_init_min_p(min_p, 1))
+        self._add(llama_cpp.llama_sampler_init_temp(temperature))
+        self._add(llama_cpp.llama_sampler_init_dist(seed))
 
     def _add(self, sampler: Any) -> None:
         if not sampler:

@@ -148,6 +148,8 @@ class Scheduler:
                 self._model,
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                min_p=sampling.min_p,
                 frequency_penalty=sampling.frequency_penalty,
                 presence_penalty=sampling.presence_penalty,
                 seed=sampling.seed if sampling.seed is not None else _random_seed(),
