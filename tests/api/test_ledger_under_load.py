@@ -1,0 +1,166 @@
+"""Many parallel clients, some leaving mid-stream: exactly one usage record per request.
+
+A real uvicorn server on 127.0.0.1 (scripted backend: the engine is not what is tested)
+is loaded by 64 concurrent clients for 30 s; a third of the streaming ones hang up after
+a few chunks. After a graceful shutdown the ledger must hold one record per request, and
+for every completed request the record's tokens must equal the `usage` the client got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from mimoserve.app import create_app
+from mimoserve.auth.admin import AdminCredential
+from mimoserve.auth.keys import KeyStore
+from mimoserve.config import Settings
+from mimoserve.limits.policy import Limits
+from mimoserve.metering.ledger import UsageLedger, UsageRecord
+from mimoserve.registry import ModelRegistry
+from mimoserve.store.sqlite import Database
+from mimoserve.store.usage import SqliteUsageStore
+from tests.conftest import REGISTRY
+from tests.fake_backend import ScriptedBackend
+
+CLIENTS = 64
+DURATION_S = 30.0
+RPM = 2400  # a bucket of 2400 that refills 40/s: at most 3600 admissions in 30 s
+MAX_CONCURRENT = 40
+
+
+class EndlessScripts(ScriptedBackend):
+    """Every request gets a fresh script with a random length and prompt size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._random = random.Random(7)
+        self.running = 0
+        self.peak_running = 0
+
+    async def generate(self, request: Any):  # type: ignore[no-untyped-def]
+        self.running += 1
+        self.peak_running = max(self.peak_running, self.running)
+        try:
+            async for event in self._script(request):
+                yield event
+        finally:
+            self.running -= 1
+
+    async def _script(self, request: Any):  # type: ignore[no-untyped-def]
+        # At least 10 pieces 5 ms apart: a client hanging up after 1-3 chunks always
+        # leaves before its answer is finished, so every hang-up is a true abandonment.
+        self.enqueue(["tok "] * self._random.randint(10, 30), delay_s=0.005,
+                     prompt_tokens=self._random.randint(5, 50))  # fmt: skip
+        async for event in super().generate(request):
+            yield event
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Outcomes:
+    def __init__(self) -> None:
+        self.sent = 0
+        self.completed: list[dict[str, Any]] = []  # usage the client received
+        self.abandoned = 0
+        self.refused = 0
+
+
+async def _client(
+    base: str, key: str, outcomes: Outcomes, rng: random.Random, until: float
+) -> None:
+    async with httpx.AsyncClient(base_url=base, headers={"api-key": key}, timeout=30) as http:
+        while time.monotonic() < until:
+            stream = rng.random() < 0.7
+            body = {"model": "mimo-v2-flash", "messages": [{"role": "user", "content": "hi"}],
+                    "stream": stream, "stream_options": {"include_usage": True} if stream else None}  # fmt: skip
+            outcomes.sent += 1
+            if not stream:
+                response = await http.post("/v1/chat/completions", json=body)
+                if response.status_code == 429:
+                    outcomes.refused += 1
+                else:
+                    outcomes.completed.append(response.json()["usage"])
+                continue
+            hang_up_after = rng.randint(1, 3) if rng.random() < 0.33 else None
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                if response.status_code == 429:
+                    outcomes.refused += 1
+                    continue
+                chunks = 0
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunks += 1
+                    data = json.loads(line[6:])
+                    if data.get("usage"):
+                        outcomes.completed.append(data["usage"])
+                    if hang_up_after is not None and chunks >= hang_up_after:
+                        outcomes.abandoned += 1
+                        break
+
+
+def test_one_record_per_request_under_load_with_disconnects(tmp_path: Path) -> None:
+    database = Database(tmp_path / "m.db")
+    keys = KeyStore(database)
+    account = keys.create_account("load", Limits(rpm=RPM))
+    api_key = keys.create("load", account_id=account.id,
+                          limits=Limits(max_concurrent=MAX_CONCURRENT)).secret  # fmt: skip
+    usage_store = SqliteUsageStore(database)
+    ledger = UsageLedger(usage_store, batch_size=50, flush_interval_s=0.2)
+    registry = ModelRegistry.from_toml(REGISTRY)
+    backend = EndlessScripts()
+    app = create_app(Settings(home=tmp_path), registry=registry, keys=keys, ledger=ledger,
+                     admin=AdminCredential(database), usage=usage_store,
+                     backends={e.id: backend for e in registry.entries()})  # fmt: skip
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+
+    outcomes = Outcomes()
+
+    async def load() -> None:
+        until = time.monotonic() + DURATION_S
+        await asyncio.gather(*(
+            _client(f"http://127.0.0.1:{port}", api_key, outcomes, random.Random(i), until)
+            for i in range(CLIENTS)
+        ))  # fmt: skip
+
+    asyncio.run(load())
+    server.should_exit = True  # graceful: in-flight work ends, the ledger drains
+    thread.join(30)
+
+    records: Sequence[UsageRecord] = usage_store.records()
+    assert outcomes.sent > 1000 and outcomes.abandoned > 50
+    assert len(records) == outcomes.sent, "exactly one record per request"
+    finished = [r for r in records if r.status == 200]
+    assert len(finished) == len(outcomes.completed)
+    assert sum(r.completion_tokens for r in finished) == sum(
+        u["completion_tokens"] for u in outcomes.completed
+    )
+    assert sum(r.prompt_tokens for r in finished) == sum(
+        u["prompt_tokens"] for u in outcomes.completed
+    )
+    assert sum(r.status == 499 for r in records) == outcomes.abandoned
+    # No limit was exceeded, and the limits were really reached.
+    assert sum(r.status == 429 for r in records) == outcomes.refused > 0
+    assert backend.peak_running <= MAX_CONCURRENT
+    admitted = len(records) - outcomes.refused
+    assert admitted <= RPM + RPM / 60 * (DURATION_S + 2)
