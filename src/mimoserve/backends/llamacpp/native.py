@@ -13,6 +13,8 @@ from typing import Any
 
 import llama_cpp
 
+from mimoserve.backends.base import SamplingParams
+
 _NEG_INF = -math.inf
 
 
@@ -117,43 +119,42 @@ class Batch:
 
 
 class Sampler:
-    """One sequence's sampler chain: its own grammar, penalties, top_p, temperature, seed."""
+    """One sequence's sampler chain: its own grammar, penalties, cuts, temperature, seed."""
 
     def __init__(
-        self,
-        model: NativeModel,
-        *,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        min_p: float,
-        frequency_penalty: float,
-        presence_penalty: float,
-        seed: int,
-        grammar: str | None,
+        self, model: NativeModel, sampling: SamplingParams, *, seed: int, grammar: str | None
     ) -> None:
         self.ptr: Any = llama_cpp.llama_sampler_chain_init(
             llama_cpp.llama_sampler_chain_default_params()
         )
+        try:
+            self._build(model, sampling, seed, grammar)
+        except ValueError:
+            self.close()
+            raise
+
+    def _build(
+        self, model: NativeModel, sampling: SamplingParams, seed: int, grammar: str | None
+    ) -> None:
         if grammar is not None:
             self._add(llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root"))
-        if frequency_penalty or presence_penalty:
+        if sampling.frequency_penalty or sampling.presence_penalty:
             self._add(
                 llama_cpp.llama_sampler_init_penalties(
-                    model.n_vocab, 64, 1.0, frequency_penalty, presence_penalty
+                    model.n_vocab, 64, 1.0, sampling.frequency_penalty, sampling.presence_penalty
                 )
             )
-        if temperature <= 0:
+        if sampling.temperature <= 0:
             self._add(llama_cpp.llama_sampler_init_greedy())
             return
         # The order of llama-server's chain: cut (top_k, top_p, min_p), then temperature.
-        if top_k > 0:
-            self._add(llama_cpp.llama_sampler_init_top_k(top_k))
-        if top_p < 1:
-            self._add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
-        if min_p > 0:
-            self._add(llama_cpp.llama_sampler_init_min_p(min_p, 1))
-        self._add(llama_cpp.llama_sampler_init_temp(temperature))
+        if sampling.top_k > 0:
+            self._add(llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+        if sampling.top_p < 1:
+            self._add(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+        if sampling.min_p > 0:
+            self._add(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
+        self._add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
         self._add(llama_cpp.llama_sampler_init_dist(seed))
 
     def _add(self, sampler: Any) -> None:

@@ -114,10 +114,20 @@ class Scheduler:
                 if self._stopping:
                     break
                 self._admit()
-            self._drop_cancelled()
-            if self._active():
-                self._step()
+            try:
+                self._drop_cancelled()
+                if self._active():
+                    self._step()
+            except Exception:
+                # A bug must not kill the thread and leave every client waiting forever.
+                log.exception("scheduler step failed")
+                self._fail_all("the scheduler step raised")
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for job in waiting:
+            job.emit(EngineError("the server is shutting down"))
         for running in self._active():
+            running.job.emit(EngineError("the server is shutting down"))
             self._release(running)
 
     def _active(self) -> list[Running]:
@@ -144,17 +154,8 @@ class Scheduler:
         slot.cached = job.prompt[:reused]
         sampling = job.sampling
         try:
-            sampler = Sampler(
-                self._model,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                min_p=sampling.min_p,
-                frequency_penalty=sampling.frequency_penalty,
-                presence_penalty=sampling.presence_penalty,
-                seed=sampling.seed if sampling.seed is not None else _random_seed(),
-                grammar=job.grammar,
-            )
+            seed = sampling.seed if sampling.seed is not None else _random_seed()
+            sampler = Sampler(self._model, sampling, seed=seed, grammar=job.grammar)
         except ValueError as exc:
             job.emit(EngineError(f"could not set up sampling: {exc}"))
             return
