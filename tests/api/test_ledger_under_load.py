@@ -75,8 +75,8 @@ def _free_port() -> int:
 class Outcomes:
     def __init__(self) -> None:
         self.sent = 0
-        self.completed: list[dict[str, Any]] = []  # usage the client received
-        self.abandoned = 0
+        self.completed: dict[str, dict[str, Any]] = {}  # request id -> usage the client got
+        self.hung_up: set[str] = set()  # request ids the client left before the end
         self.refused = 0
 
 
@@ -94,7 +94,7 @@ async def _client(
                 if response.status_code == 429:
                     outcomes.refused += 1
                 else:
-                    outcomes.completed.append(response.json()["usage"])
+                    outcomes.completed[response.json()["id"]] = response.json()["usage"]
                 continue
             hang_up_after = rng.randint(1, 3) if rng.random() < 0.33 else None
             async with http.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -108,9 +108,9 @@ async def _client(
                     chunks += 1
                     data = json.loads(line[6:])
                     if data.get("usage"):
-                        outcomes.completed.append(data["usage"])
+                        outcomes.completed[data["id"]] = data["usage"]
                     if hang_up_after is not None and chunks >= hang_up_after:
-                        outcomes.abandoned += 1
+                        outcomes.hung_up.add(data["id"])
                         break
 
 
@@ -148,17 +148,24 @@ def test_one_record_per_request_under_load_with_disconnects(tmp_path: Path) -> N
     thread.join(30)
 
     records: Sequence[UsageRecord] = usage_store.records()
-    assert outcomes.sent > 1000 and outcomes.abandoned > 50
+    by_id = {r.request_id: r for r in records if r.request_id}
+    assert outcomes.sent > 1000 and len(outcomes.hung_up) > 50
     assert len(records) == outcomes.sent, "exactly one record per request"
-    finished = [r for r in records if r.status == 200]
-    assert len(finished) == len(outcomes.completed)
-    assert sum(r.completion_tokens for r in finished) == sum(
-        u["completion_tokens"] for u in outcomes.completed
-    )
-    assert sum(r.prompt_tokens for r in finished) == sum(
-        u["prompt_tokens"] for u in outcomes.completed
-    )
-    assert sum(r.status == 499 for r in records) == outcomes.abandoned
+    assert len(by_id) == outcomes.sent, "each under its own completion id"
+    # Every answer a client received is recorded with exactly the tokens it was told.
+    for request_id, usage in outcomes.completed.items():
+        record = by_id[request_id]
+        assert record.status == 200
+        assert (record.prompt_tokens, record.completion_tokens) == (
+            usage["prompt_tokens"], usage["completion_tokens"])  # fmt: skip
+    # A client that hung up is recorded too: as abandoned (499) with what was consumed,
+    # or as finished when the engine completed before the server noticed the hang-up.
+    for request_id in outcomes.hung_up:
+        assert by_id[request_id].status in {200, 499}
+    abandoned = [r for r in records if r.status == 499]
+    assert abandoned and all(r.request_id in outcomes.hung_up for r in abandoned)
+    assert all(r.prompt_tokens > 0 and r.completion_tokens <= 30 for r in abandoned)
+    assert not [r for r in records if r.status not in {200, 429, 499}]
     # No limit was exceeded, and the limits were really reached.
     assert sum(r.status == 429 for r in records) == outcomes.refused > 0
     assert backend.peak_running <= MAX_CONCURRENT

@@ -301,7 +301,7 @@ class _Meter:
 
     def __init__(self, metrics: Metrics, ledger: UsageLedger | None, chat: PreparedChat) -> None:
         self._metrics, self._ledger = metrics, ledger
-        self._model, self._principal = chat.model, chat.principal
+        self._model, self._principal, self._id = chat.model, chat.principal, chat.completion_id
         self.ticket: Ticket | None = None
         self._start = time.perf_counter()
         self._ttft: float | None = None
@@ -353,6 +353,7 @@ class _Meter:
                 UsageRecord(
                     key_id=self._principal.key_id,
                     account_id=self._principal.account_id,
+                    request_id=self._id,
                     model=self._model,
                     status=status,
                     prompt_tokens=prompt,

@@ -34,6 +34,7 @@ class UsageRecord:
     finish_reason: str | None = None
     created_at: float = field(default_factory=time.time)
     account_id: str = "default"
+    request_id: str = ""  # the completion id the client saw (empty for refusals)
 
 
 class UsageStore(Protocol):

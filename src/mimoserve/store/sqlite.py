@@ -61,6 +61,9 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
+    """
+    ALTER TABLE usage_records ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 
