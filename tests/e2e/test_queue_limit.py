@@ -132,3 +132,28 @@ def test_shared_prefix_is_reused_and_reported(server: RunningServer) -> None:
     # Everything up to the user's question came from the KV cache.
     cached = usage["prompt_tokens_details"]["cached_tokens"]
     assert usage["prompt_tokens"] - 20 <= cached < usage["prompt_tokens"]
+
+
+def test_a_client_leaving_the_queue_frees_its_place(server: RunningServer) -> None:
+    # Both slots stay busy for several seconds.
+    body = {"model": "mimo-v2-flash", **LONG, "max_completion_tokens": 400}
+    first, second = StreamRecorder(server, body), StreamRecorder(server, body)
+    first.start()
+    second.start()
+    assert first.started.wait(60) and second.started.wait(60)
+    headers = {"api-key": server.api_key}
+    # A streaming client takes the one waiting place, then gives up before its turn.
+    with (
+        httpx.Client(base_url=server.base_url, headers=headers, timeout=2) as client,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        client.post(URL, json={**body, "stream": True})
+    time.sleep(0.5)
+    # Its place is free again: this request waits for a slot instead of a 503.
+    both_busy = first.is_alive() and second.is_alive()
+    waited = httpx.post(server.base_url + URL, json={**body, "max_completion_tokens": 3},
+                        headers=headers, timeout=120)  # fmt: skip
+    assert both_busy, "the request really had to wait for a slot"
+    assert waited.status_code == 200, waited.text
+    first.join(120)
+    second.join(120)

@@ -54,7 +54,9 @@ async def create_chat_completion(
         service.record_refusal(principal, body.model if body else None, exc.status_code)
         raise
     if body.stream:
-        chunks = await service.open_stream(chat)
+        # Waiting for the first event can mean waiting for a free slot: a client that
+        # leaves meanwhile gives up its place in the queue.
+        chunks = await _until_disconnect(request, service.open_stream(chat))
         return StreamingResponse(
             sse_frames(chunks),
             media_type="text/event-stream",
