@@ -48,12 +48,17 @@ class StreamRecorder(threading.Thread):
         self.started.set()
 
 
+def fill_both_slots(server: RunningServer, body: dict[str, Any]) -> tuple[StreamRecorder, ...]:
+    recorders = StreamRecorder(server, body), StreamRecorder(server, body)
+    for recorder in recorders:
+        recorder.start()
+    assert all(recorder.started.wait(60) for recorder in recorders)
+    return recorders
+
+
 def test_slots_run_together_queue_waits_and_overflow_is_503(server: RunningServer) -> None:
     body = {"model": "mimo-v2-flash", **LONG, "max_completion_tokens": 60}
-    first, second = StreamRecorder(server, body), StreamRecorder(server, body)
-    first.start()
-    second.start()
-    assert first.started.wait(60) and second.started.wait(60)
+    first, second = fill_both_slots(server, body)
     queued = StreamRecorder(server, {**body, "max_completion_tokens": 5})
     queued.start()
     time.sleep(0.5)  # let the third request take the one waiting place
@@ -137,10 +142,7 @@ def test_shared_prefix_is_reused_and_reported(server: RunningServer) -> None:
 def test_a_client_leaving_the_queue_frees_its_place(server: RunningServer) -> None:
     # Both slots stay busy for several seconds.
     body = {"model": "mimo-v2-flash", **LONG, "max_completion_tokens": 400}
-    first, second = StreamRecorder(server, body), StreamRecorder(server, body)
-    first.start()
-    second.start()
-    assert first.started.wait(60) and second.started.wait(60)
+    first, second = fill_both_slots(server, body)
     headers = {"api-key": server.api_key}
     # A streaming client takes the one waiting place, then gives up before its turn.
     with (

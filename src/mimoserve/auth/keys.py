@@ -134,7 +134,9 @@ class KeyStore:
         return [AccountInfo(r["id"], r["name"], r["created_at"], _limits(r)) for r in rows]
 
     def account(self, account_id: str) -> AccountInfo | None:
-        return next((a for a in self.accounts() if a.id == account_id), None)
+        with self._db.transaction() as conn:
+            r = conn.execute("SELECT * FROM accounts WHERE id = ?", (account_id,)).fetchone()
+        return None if r is None else AccountInfo(r["id"], r["name"], r["created_at"], _limits(r))
 
     def set_account_limits(self, account_id: str, limits: Limits) -> bool:
         with self._db.transaction() as conn:
