@@ -65,3 +65,14 @@ def test_template_cannot_reach_python_internals() -> None:
 def test_template_that_does_not_compile_is_a_template_error() -> None:
     with pytest.raises(TemplateError):
         ChatTemplate("{% for %}")
+
+
+def test_earlier_reasoning_is_written_back_inside_think_tags() -> None:
+    from mimoserve.backends.llamacpp.template import inline_reasoning
+
+    turn = PromptMessage(role="assistant", content="Paris.", reasoning_content="Capital of France.")
+    inlined = inline_reasoning(turn)
+    assert inlined.content == "<think>\nCapital of France.\n</think>\n\nParis."
+    assert inlined.reasoning_content is None
+    user = PromptMessage(role="user", content="hi")
+    assert inline_reasoning(user) is user

@@ -18,12 +18,12 @@ from mimoserve.backends.base import (
     GenerationEvent,
     GenerationRequest,
 )
-from mimoserve.backends.llamacpp.grammar import build_grammar, inline_reasoning
+from mimoserve.backends.llamacpp.grammar import build_grammar
 from mimoserve.backends.llamacpp.model import EngineConfig, LoadedModel
 from mimoserve.backends.llamacpp.native import NativeContext
 from mimoserve.backends.llamacpp.scheduler import Scheduler
 from mimoserve.backends.llamacpp.sequence import FORCED_CLOSE, THINK_OPEN, DecodeJob
-from mimoserve.backends.llamacpp.template import TemplateError
+from mimoserve.backends.llamacpp.template import TemplateError, inline_reasoning
 from mimoserve.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
 
 

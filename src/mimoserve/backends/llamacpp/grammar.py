@@ -1,13 +1,12 @@
-"""Request-level inputs of the embedded engine: constraint grammars and prompted reasoning."""
+"""Constraint grammars (GBNF) for the embedded engine, checked before a request is admitted."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from mimoserve.backends.base import OutputConstraint, PromptMessage
+from mimoserve.backends.base import OutputConstraint
 from mimoserve.backends.llamacpp.native import NativeModel, grammar_compiles
 from mimoserve.errors import InvalidRequestError
 
@@ -32,11 +31,3 @@ def build_grammar(constraint: OutputConstraint | None, model: NativeModel) -> st
             code="invalid_schema",
         )
     return grammar
-
-
-def inline_reasoning(message: PromptMessage) -> PromptMessage:
-    """Earlier reasoning, written back as the model wrote it, for templates that drop it."""
-    if message.role != "assistant" or not message.reasoning_content:
-        return message
-    content = f"<think>\n{message.reasoning_content}\n</think>\n\n{message.content or ''}"
-    return replace(message, content=content, reasoning_content=None)

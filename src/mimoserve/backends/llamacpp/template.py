@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -64,6 +65,14 @@ def to_template_message(message: PromptMessage) -> dict[str, Any]:
     if message.name:
         data["name"] = message.name
     return data
+
+
+def inline_reasoning(message: PromptMessage) -> PromptMessage:
+    """Earlier reasoning, written back as the model wrote it, for templates that drop it."""
+    if message.role != "assistant" or not message.reasoning_content:
+        return message
+    content = f"<think>\n{message.reasoning_content}\n</think>\n\n{message.content or ''}"
+    return replace(message, content=content, reasoning_content=None)
 
 
 class ChatTemplate:
