@@ -1,9 +1,11 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
 from mimoserve.app import create_app
@@ -11,9 +13,12 @@ from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
 from mimoserve.config import Settings
 from mimoserve.registry import ModelRegistry
-from mimoserve.store.sqlite import Database
-from mimoserve.store.usage import SqliteUsageStore
+from mimoserve.store.base import Database
+from mimoserve.store.postgres import PostgresDatabase
+from mimoserve.store.sqlite import SqliteDatabase
+from mimoserve.store.usage import SqlUsageStore
 from tests.fake_backend import ScriptedBackend
+from tests.services import postgres_server, redis_server
 
 REGISTRY = """
 [models.mimo-v2-flash]
@@ -31,7 +36,7 @@ thinking = "native"
 
 @pytest.fixture
 def database(tmp_path: Path) -> Database:
-    return Database(tmp_path / "mimoserve.db")
+    return SqliteDatabase(tmp_path / "mimoserve.db")
 
 
 @pytest.fixture
@@ -72,7 +77,7 @@ async def client(
         backends={entry.id: backend for entry in registry.entries()},
         keys=keys,
         admin=AdminCredential(database),
-        usage=SqliteUsageStore(database),
+        usage=SqlUsageStore(database),
     )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(
@@ -81,3 +86,35 @@ async def client(
         headers={"api-key": api_key},
     ) as http:
         yield http
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    with postgres_server() as cluster:
+        yield cluster.url
+
+
+@pytest.fixture
+def postgres_url(postgres_server_url: str) -> Iterator[str]:
+    """A fresh, empty database on the shared test cluster."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield postgres_server_url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """The same store tests run on both engines."""
+    if request.param == "sqlite":
+        db: Database = SqliteDatabase(tmp_path / "store.db")
+    else:
+        db = PostgresDatabase(request.getfixturevalue("postgres_url"))
+    yield db
+    db.close()

@@ -17,11 +17,11 @@ from mimoserve.backends.base import Backend
 from mimoserve.chat.service import ChatService
 from mimoserve.config import Settings
 from mimoserve.limits.admission import AdmissionPolicy
-from mimoserve.limits.limiter import RateLimiter
+from mimoserve.limits.limiter import Limiter, RateLimiter
 from mimoserve.metering.ledger import UsageLedger
 from mimoserve.metering.metrics import Metrics
 from mimoserve.registry import ModelRegistry
-from mimoserve.store.usage import SqliteUsageStore
+from mimoserve.store.usage import SqlUsageStore
 
 
 def create_app(
@@ -32,8 +32,8 @@ def create_app(
     keys: KeyStore,
     ledger: UsageLedger | None = None,
     admin: AdminCredential | None = None,
-    usage: SqliteUsageStore | None = None,
-    limiter: RateLimiter | None = None,
+    usage: SqlUsageStore | None = None,
+    limiter: Limiter | None = None,
 ) -> FastAPI:
     """Builds the ASGI app around ready components; `backends` maps public model ids."""
 
@@ -47,13 +47,15 @@ def create_app(
             await backend.close()
         if ledger is not None:
             await ledger.close()  # drains every record accepted so far
+        await rate_limiter.close()  # after the streams: their settlements are sent first
 
     app = FastAPI(title="mimoserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.keys = keys
     metrics = Metrics(load_probe=lambda: chat_service.engine_load())
     policy = AdmissionPolicy(settings.default_limits, settings.completion_reserve_tokens)
-    chat_service = ChatService(registry, backends, metrics, ledger, limiter, policy)
+    rate_limiter = limiter or RateLimiter()
+    chat_service = ChatService(registry, backends, metrics, ledger, rate_limiter, policy)
     app.state.metrics = metrics
     app.state.chat = chat_service
     app.state.admin = admin

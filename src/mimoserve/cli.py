@@ -15,7 +15,6 @@ from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import DEFAULT_ACCOUNT, ConflictError, IssuedKey, KeyStore
 from mimoserve.config import Settings
 from mimoserve.limits.policy import Limits
-from mimoserve.store.sqlite import Database
 from mimoserve.weights.catalog import CATALOG
 from mimoserve.weights.store import WeightsError, WeightsStore
 
@@ -71,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_accounts(args: argparse.Namespace) -> int:
-    keys = KeyStore(Database(_settings(args).database_path))
+    keys = KeyStore(_settings(args).open_database())
     if args.accounts_command == "create":
         try:
             account = keys.create_account(args.name, Limits(args.rpm, args.tpm))
@@ -88,13 +87,13 @@ def cmd_accounts(args: argparse.Namespace) -> int:
 
 
 def cmd_admin_token(args: argparse.Namespace) -> int:
-    token = AdminCredential(Database(_settings(args).database_path)).rotate()
+    token = AdminCredential(_settings(args).open_database()).rotate()
     print(f"New admin token (the old one no longer works; shown only once):\n{token}")
     return 0
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    keys = KeyStore(Database(_settings(args).database_path))
+    keys = KeyStore(_settings(args).open_database())
     if args.keys_command == "create":
         expires = time.time() + args.expires_in_days * 86400 if args.expires_in_days else None
         models = frozenset(args.models.split(",")) if args.models else None
@@ -153,9 +152,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from mimoserve.store.usage import SqliteUsageStore
+    from mimoserve.store.usage import SqlUsageStore
 
-    store = SqliteUsageStore(Database(_settings(args).database_path))
+    store = SqlUsageStore(_settings(args).open_database())
     since = time.time() - args.hours * 3600
     columns = ("KEY", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "REASONING", "CACHED")
     print("{:14} {:20} {:>9} {:>10} {:>11} {:>10} {:>10}".format(*columns))
@@ -170,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimoserve", description=__doc__)
     parser.add_argument("--home", type=Path, help="data folder (default ~/.mimoserve)")
     parser.add_argument("--models-dir", type=Path, help="weights folder (default <home>/models)")
+    parser.add_argument("--database-url", help="postgresql://... (default: SQLite in <home>)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="start the API server")
@@ -182,6 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--n-parallel", type=int, help="requests decoded together (default 4)")
     serve.add_argument("--n-batch", type=int, help="tokens decoded per step (default 512)")
     serve.add_argument("--max-queue", type=int, help="waiting requests before 503 (default 16)")
+    serve.add_argument("--redis-url", help="redis://... for rate limits shared by replicas")
     serve.add_argument("--max-body-bytes", type=int, help="request body limit (default 1 MiB)")
     serve.set_defaults(handler=cmd_serve)
 

@@ -8,6 +8,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mimoserve.limits.policy import Limits
+from mimoserve.store import open_database
+from mimoserve.store.base import Database
 
 
 def _default_home() -> Path:
@@ -50,6 +52,15 @@ class Settings(BaseSettings):
         default=1 << 20, ge=1024, description="Largest accepted request body (413 above it)"
     )
 
+    database_url: str | None = Field(
+        default=None,
+        description="postgresql://... shared by replicas; SQLite in <home> when unset",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="redis://... for rate limits shared by replicas; in-process when unset",
+    )
+
     default_rpm: int | None = Field(
         default=None, ge=1, description="Requests/min per account and model (unset: no limit)"
     )
@@ -72,6 +83,9 @@ class Settings(BaseSettings):
     @property
     def database_path(self) -> Path:
         return self.home / "mimoserve.db"
+
+    def open_database(self) -> Database:
+        return open_database(self.database_url, self.database_path)
 
     @property
     def weights_dir(self) -> Path:

@@ -14,10 +14,11 @@ from mimoserve.backends.base import Backend
 from mimoserve.backends.llamacpp.backend import LlamaCppBackend
 from mimoserve.backends.llamacpp.model import EngineConfig
 from mimoserve.config import Settings
+from mimoserve.limits.limiter import Limiter, RateLimiter
+from mimoserve.limits.redis_limiter import RedisRateLimiter
 from mimoserve.metering.ledger import UsageLedger
 from mimoserve.registry import ModelRegistry
-from mimoserve.store.sqlite import Database
-from mimoserve.store.usage import SqliteUsageStore
+from mimoserve.store.usage import SqlUsageStore
 from mimoserve.weights.store import WeightsStore
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def build_server_app(
     announce_admin: Callable[[str], None],
 ) -> FastAPI:
     registry = load_registry(settings)
-    database = Database(settings.database_path)
+    database = settings.open_database()
     keys = KeyStore(database)
     ensure_first_key(keys, announce_key)
     admin = AdminCredential(database)
@@ -69,8 +70,9 @@ def build_server_app(
     if token is not None:
         announce_admin(token)
     backends = build_backends(settings, registry)
-    usage = SqliteUsageStore(database)
+    usage = SqlUsageStore(database)
+    limiter: Limiter = RedisRateLimiter(settings.redis_url) if settings.redis_url else RateLimiter()
     return create_app(
         settings, registry=registry, backends=backends, keys=keys,
-        ledger=UsageLedger(usage), admin=admin, usage=usage,
+        ledger=UsageLedger(usage), admin=admin, usage=usage, limiter=limiter,
     )  # fmt: skip

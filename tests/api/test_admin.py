@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
 import pytest
 
+from mimoserve.app import create_app
 from mimoserve.auth.keys import KeyStore
+from mimoserve.config import Settings
+from mimoserve.metering.ledger import UsageLedger, UsageRecord
+from mimoserve.registry import ModelRegistry
+from tests.conftest import REGISTRY
 from tests.fake_backend import ScriptedBackend
 
 CHAT = {"model": "mimo-v2-flash", "messages": [{"role": "user", "content": "hi"}],
@@ -191,14 +197,13 @@ async def test_usage_endpoint(client: httpx.AsyncClient, admin_token: str) -> No
 async def test_store_outage_is_503_then_recovers(
     client: httpx.AsyncClient, keys: KeyStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sqlite3
-
+    from mimoserve.store.base import StoreError
     from mimoserve.store.sqlite import Database
 
     real = Database.transaction
 
     def broken(self: Database):  # type: ignore[no-untyped-def]
-        raise sqlite3.OperationalError("disk I/O error")
+        raise StoreError("sqlite: disk I/O error")
 
     monkeypatch.setattr(Database, "transaction", broken)
     down = await client.post("/v1/chat/completions", json=CHAT)
@@ -206,3 +211,33 @@ async def test_store_outage_is_503_then_recovers(
     assert down.json()["error"]["code"] == "store_unavailable" and "retry-after" in down.headers
     monkeypatch.setattr(Database, "transaction", real)
     assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+
+async def test_rate_limit_store_outage_is_503_and_recorded(
+    settings: Settings, keys: KeyStore, backend: ScriptedBackend, api_key: str
+) -> None:
+    from mimoserve.limits.redis_limiter import RedisRateLimiter
+    from tests.services import free_port
+
+    registry = ModelRegistry.from_toml(REGISTRY)
+    recorded: list[UsageRecord] = []
+
+    class Store:
+        def insert_usage(self, records: Sequence[UsageRecord]) -> None:
+            recorded.extend(records)
+
+    ledger = UsageLedger(Store(), flush_interval_s=0.01)
+    app = create_app(
+        settings, registry=registry, backends={e.id: backend for e in registry.entries()},
+        keys=keys, ledger=ledger,
+        limiter=RedisRateLimiter(f"redis://127.0.0.1:{free_port()}/0"),  # nothing listens
+    )  # fmt: skip
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t",
+        headers={"Authorization": f"Bearer {api_key}"},
+    ) as client:  # fmt: skip
+        response = await client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 503 and "retry-after" in response.headers
+    assert response.json()["error"]["code"] == "store_unavailable"
+    assert "redis" not in response.text and "127.0.0.1" not in response.text
+    assert [r.status for r in recorded] == [503]

@@ -29,7 +29,7 @@ from mimoserve.limits.policy import Limits
 from mimoserve.metering.ledger import UsageLedger, UsageRecord
 from mimoserve.registry import ModelRegistry
 from mimoserve.store.sqlite import Database
-from mimoserve.store.usage import SqliteUsageStore
+from mimoserve.store.usage import SqlUsageStore
 from tests.conftest import REGISTRY
 from tests.fake_backend import ScriptedBackend
 
@@ -120,7 +120,7 @@ def test_one_record_per_request_under_load_with_disconnects(tmp_path: Path) -> N
     account = keys.create_account("load", Limits(rpm=RPM))
     api_key = keys.create("load", account_id=account.id,
                           limits=Limits(max_concurrent=MAX_CONCURRENT)).secret  # fmt: skip
-    usage_store = SqliteUsageStore(database)
+    usage_store = SqlUsageStore(database)
     ledger = UsageLedger(usage_store, batch_size=50, flush_interval_s=0.2)
     registry = ModelRegistry.from_toml(REGISTRY)
     backend = EndlessScripts()

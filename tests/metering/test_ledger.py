@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mimoserve.metering.ledger import UsageLedger, UsageRecord
 from mimoserve.store.sqlite import Database
-from mimoserve.store.usage import SqliteUsageStore
+from mimoserve.store.usage import SqlUsageStore
 
 
 class FlakyStore:
@@ -66,7 +66,7 @@ async def test_close_drains_what_is_queued() -> None:
 
 
 def test_sqlite_store_round_trip_and_totals(tmp_path: Path) -> None:
-    store = SqliteUsageStore(Database(tmp_path / "u.db"))
+    store = SqlUsageStore(Database(tmp_path / "u.db"))
     store.insert_usage([
         UsageRecord("a", "m1", 200, 10, 5, 2, 3, 0.5, 0.1, "stop"),
         UsageRecord("a", "m1", 499, 8, 1, 0, 0, 0.2, 0.1, None),

@@ -24,7 +24,7 @@ from mimoserve.protocol.admin import (
     LimitsView,
     UsageRow,
 )
-from mimoserve.store.usage import SqliteUsageStore
+from mimoserve.store.usage import SqlUsageStore
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 _BODY_LIMIT = 64 * 1024
@@ -134,6 +134,6 @@ async def revoke_key(key_id: str, request: Request) -> Response:
 async def usage(
     request: Request, hours: Annotated[float, Query(gt=0, le=24 * 366)] = 24.0
 ) -> list[UsageRow]:
-    store: SqliteUsageStore = request.app.state.usage
+    store: SqlUsageStore = request.app.state.usage
     rows = await run_in_threadpool(store.totals, time.time() - hours * 3600)
     return [UsageRow(**asdict(row)) for row in rows]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 from fastapi import Request
 
 from mimoserve.auth.admin import AdminCredential
-from mimoserve.auth.keys import KeyStore, Principal, StoreError
-from mimoserve.errors import AuthenticationError, StoreUnavailableError
+from mimoserve.auth.keys import KeyStore, Principal
+from mimoserve.errors import AuthenticationError
 
 
 def _presented_key(request: Request) -> str | None:
@@ -31,12 +29,7 @@ def require_principal(request: Request) -> Principal:
             code="missing_api_key",
         )
     store: KeyStore = request.app.state.keys
-    try:
-        principal = store.authenticate(key)
-    except StoreError as exc:
-        raise StoreUnavailableError(
-            "The key store is unavailable; retry shortly.", retry_after_s=2
-        ) from exc
+    principal = store.authenticate(key)  # a StoreError becomes a 503 in the error handlers
     if principal is None:
         raise AuthenticationError("Invalid API key.")
     return principal
@@ -49,9 +42,5 @@ def require_admin(request: Request) -> None:
         raise AuthenticationError("Admin endpoints need `Authorization: Bearer ADMIN_TOKEN`.",
                                   code="missing_admin_token")  # fmt: skip
     admin: AdminCredential = request.app.state.admin
-    try:
-        valid = admin.verify(token.strip())
-    except sqlite3.Error as exc:
-        raise StoreUnavailableError("The store is unavailable; retry shortly.") from exc
-    if not valid:
+    if not admin.verify(token.strip()):  # a StoreError becomes a 503 in the error handlers
         raise AuthenticationError("Invalid admin token.", code="invalid_admin_token")

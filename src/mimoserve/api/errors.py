@@ -9,8 +9,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mimoserve.errors import ClientDisconnected, MimoError
+from mimoserve.errors import ClientDisconnected, MimoError, StoreUnavailableError
 from mimoserve.protocol.chat import ErrorBody, ErrorDetail
+from mimoserve.store.base import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,14 @@ async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=500)
 
 
+async def _on_store_error(_: Request, exc: Exception) -> JSONResponse:
+    # The driver's message may name hosts or queries: it goes to the log, not the client.
+    log.warning("store unavailable: %s", exc)
+    return error_response(
+        StoreUnavailableError("The store is unavailable; retry shortly.", retry_after_s=2)
+    )
+
+
 async def _on_client_gone(_: Request, exc: Exception) -> Response:
     # Nobody reads this answer; 499 (nginx's "client closed request") keeps access logs honest.
     return Response(status_code=499)
@@ -86,6 +95,7 @@ async def _on_client_gone(_: Request, exc: Exception) -> Response:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ClientDisconnected, _on_client_gone)
     app.add_exception_handler(MimoError, _on_mimo_error)
+    app.add_exception_handler(StoreError, _on_store_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(Exception, _on_unexpected)

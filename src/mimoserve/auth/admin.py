@@ -7,7 +7,7 @@ import hmac
 import secrets
 import time
 
-from mimoserve.store.sqlite import Database
+from mimoserve.store.base import Database
 
 
 def _hash(token: str) -> str:
@@ -29,8 +29,9 @@ class AdminCredential:
         token = f"mimo-admin-{secrets.token_urlsafe(32)}"
         with self._db.transaction() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO admin_credentials (id, token_hash, created_at)"
-                " VALUES (1, ?, ?)",
+                "INSERT INTO admin_credentials (id, token_hash, created_at) VALUES (1, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE"
+                " SET token_hash = excluded.token_hash, created_at = excluded.created_at",
                 (_hash(token), time.time()),
             )
         return token

@@ -14,23 +14,18 @@ import hmac
 import json
 import re
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from mimoserve.limits.policy import Limits
-from mimoserve.store.sqlite import Database
+from mimoserve.store.base import ConstraintError, Database
 
 _KEY_PATTERN = re.compile(r"^mimo-([0-9a-f]{12})_[A-Za-z0-9_-]{43}$")
 # Writing last_used on every request would turn each read into a write; a minute is precise enough.
 _LAST_USED_RESOLUTION_S = 60.0
 DEFAULT_ACCOUNT = "default"
 NO_LIMITS = Limits()
-
-
-class StoreError(Exception):
-    """The key store could not be read or written (not the caller's fault)."""
 
 
 class ConflictError(Exception):
@@ -124,7 +119,7 @@ class KeyStore:
                     "INSERT INTO accounts (id, name, created_at, rpm, tpm) VALUES (?,?,?,?,?)",
                     (account.id, name, account.created_at, limits.rpm, limits.tpm),
                 )
-        except sqlite3.IntegrityError as exc:
+        except ConstraintError as exc:
             raise ConflictError(f"an account named {name!r} exists") from exc
         return account
 
@@ -191,8 +186,10 @@ class KeyStore:
 
     def count_active(self) -> int:
         with self._db.transaction() as conn:
-            row = conn.execute("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetchone()
-        return int(row[0])
+            row = conn.execute(
+                "SELECT COUNT(*) AS n FROM api_keys WHERE revoked_at IS NULL"
+            ).fetchone()
+        return int(row["n"])
 
     def revoke(self, id_or_prefix: str) -> bool:
         key_id = id_or_prefix.removeprefix("mimo-")
@@ -213,28 +210,25 @@ class KeyStore:
             return None
         key_id = match.group(1)
         now = time.time()
-        try:
-            with self._db.transaction() as conn:
-                row = conn.execute(
-                    "SELECT k.name, k.key_hash, k.revoked_at, k.expires_at, k.account_id,"
-                    " k.allowed_models, k.rpm, k.tpm, k.max_concurrent,"
-                    " a.rpm AS account_rpm, a.tpm AS account_tpm"
-                    " FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.id = ?",
-                    (key_id,),
-                ).fetchone()
-                if row is None or not hmac.compare_digest(row["key_hash"], _hash(key)):
-                    return None
-                if row["revoked_at"] is not None:
-                    return None
-                if row["expires_at"] is not None and row["expires_at"] <= now:
-                    return None
-                conn.execute(
-                    "UPDATE api_keys SET last_used_at = ? WHERE id = ?"
-                    " AND (last_used_at IS NULL OR last_used_at < ?)",
-                    (now, key_id, now - _LAST_USED_RESOLUTION_S),
-                )
-        except sqlite3.Error as exc:
-            raise StoreError("the key store is unavailable") from exc
+        with self._db.transaction() as conn:
+            row = conn.execute(
+                "SELECT k.name, k.key_hash, k.revoked_at, k.expires_at, k.account_id,"
+                " k.allowed_models, k.rpm, k.tpm, k.max_concurrent,"
+                " a.rpm AS account_rpm, a.tpm AS account_tpm"
+                " FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.id = ?",
+                (key_id,),
+            ).fetchone()
+            if row is None or not hmac.compare_digest(row["key_hash"], _hash(key)):
+                return None
+            if row["revoked_at"] is not None:
+                return None
+            if row["expires_at"] is not None and row["expires_at"] <= now:
+                return None
+            conn.execute(
+                "UPDATE api_keys SET last_used_at = ? WHERE id = ?"
+                " AND (last_used_at IS NULL OR last_used_at < ?)",
+                (now, key_id, now - _LAST_USED_RESOLUTION_S),
+            )
         return Principal(
             key_id=key_id,
             key_name=row["name"],

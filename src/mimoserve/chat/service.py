@@ -19,9 +19,15 @@ from mimoserve.backends.base import (
 )
 from mimoserve.chat.convert import to_generation_request
 from mimoserve.chat.output import OutputAssembler, OutputPlan
-from mimoserve.errors import EngineError, MimoError, ModelNotFoundError, PermissionDeniedError
+from mimoserve.errors import (
+    EngineError,
+    MimoError,
+    ModelNotFoundError,
+    PermissionDeniedError,
+    StoreUnavailableError,
+)
 from mimoserve.limits.admission import AdmissionPolicy, estimate_tokens
-from mimoserve.limits.limiter import RateLimitedError, RateLimiter, Ticket
+from mimoserve.limits.limiter import Admission, Limiter, RateLimitedError, RateLimiter
 from mimoserve.metering.ledger import UsageLedger, UsageRecord
 from mimoserve.metering.metrics import Metrics
 from mimoserve.parsing.events import ContentText, ParsedEvent, ReasoningText, ToolCallParsed
@@ -44,6 +50,7 @@ from mimoserve.protocol.chat import (
 )
 from mimoserve.protocol.messages import FunctionCall, ToolCall
 from mimoserve.registry import ModelRegistry
+from mimoserve.store.base import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +94,7 @@ class ChatService:
         backends: Mapping[str, Backend],
         metrics: Metrics | None = None,
         ledger: UsageLedger | None = None,
-        limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None,
         policy: AdmissionPolicy | None = None,
     ) -> None:
         self._registry = registry
@@ -95,7 +102,7 @@ class ChatService:
         self._created = int(time.time())
         self._metrics = metrics or Metrics()
         self._ledger = ledger
-        self._limiter = limiter or RateLimiter()
+        self._limiter: Limiter = limiter or RateLimiter()
         self._policy = policy or AdmissionPolicy()
 
     def engine_load(self) -> dict[str, tuple[int, int]]:
@@ -115,10 +122,10 @@ class ChatService:
                 )
             )
 
-    def _admit(self, chat: PreparedChat) -> Ticket:
+    async def _admit(self, chat: PreparedChat) -> Admission:
         principal = chat.principal
         try:
-            return self._limiter.admit(
+            return await self._limiter.acquire(
                 account_id=principal.account_id,
                 key_id=principal.key_id,
                 model=chat.model,
@@ -129,6 +136,11 @@ class ChatService:
         except RateLimitedError:
             self._metrics.rate_limited.labels(chat.model).inc()
             raise
+        except StoreError as exc:  # shared counters unreachable: refuse rather than run unmetered
+            log.warning("rate-limit store unavailable: %s", exc)
+            raise StoreUnavailableError(
+                "The rate-limit store is unavailable; retry shortly.", retry_after_s=2
+            ) from exc
 
     def list_models(self) -> ModelList:
         return ModelList(data=[self.get_model(entry.id) for entry in self._registry.entries()])
@@ -183,7 +195,7 @@ class ChatService:
         assembler = OutputAssembler(chat.plan)
         watch = _Meter(self._metrics, self._ledger, chat)
         try:
-            watch.ticket = self._admit(chat)
+            watch.ticket = await self._admit(chat)
         except MimoError as exc:
             watch.failed(exc)
             raise
@@ -302,7 +314,7 @@ class _Meter:
     def __init__(self, metrics: Metrics, ledger: UsageLedger | None, chat: PreparedChat) -> None:
         self._metrics, self._ledger = metrics, ledger
         self._model, self._principal, self._id = chat.model, chat.principal, chat.completion_id
-        self.ticket: Ticket | None = None
+        self.ticket: Admission | None = None
         self._start = time.perf_counter()
         self._ttft: float | None = None
         self._prompt_tokens = self._cached_tokens = self._completion_tokens = 0

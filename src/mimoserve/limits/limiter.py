@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from mimoserve.errors import MimoError
 from mimoserve.limits.policy import Limits
@@ -27,6 +28,32 @@ class RateLimitedError(MimoError):
     def __init__(self, message: str, retry_after_s: float) -> None:
         seconds = max(1, math.ceil(retry_after_s))
         super().__init__(message, headers={"Retry-After": str(seconds)})
+
+
+class Admission(Protocol):
+    """An admitted request's hold on its limits."""
+
+    reserved: int
+
+    def settle(self, used_tokens: int) -> None:
+        """Charges what was really used instead of the reservation; releases the slot."""
+
+
+class Limiter(Protocol):
+    """Rate limits in this process (`RateLimiter`) or shared by replicas (`RedisRateLimiter`)."""
+
+    async def acquire(
+        self, *, account_id: str, key_id: str, model: str, account_limits: Limits,
+        key_limits: Limits, tokens: int,
+    ) -> Admission:  # fmt: skip
+        """Admits the request or raises RateLimitedError (or StoreError)."""
+
+    async def in_flight(self, key_id: str) -> int: ...
+
+    async def drain(self) -> None:
+        """Waits for settlements still on their way (a no-op in process)."""
+
+    async def close(self) -> None: ...
 
 
 @dataclass
@@ -80,6 +107,21 @@ class RateLimiter:
         bucket.refill(now)
         return bucket
 
+    async def acquire(
+        self, *, account_id: str, key_id: str, model: str, account_limits: Limits,
+        key_limits: Limits, tokens: int,
+    ) -> Ticket:  # fmt: skip
+        return self.admit(
+            account_id=account_id, key_id=key_id, model=model,
+            account_limits=account_limits, key_limits=key_limits, tokens=tokens,
+        )  # fmt: skip
+
+    async def drain(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
     def admit(
         self,
         *,
@@ -130,5 +172,5 @@ class RateLimiter:
         else:
             self._in_flight.pop(key_id, None)
 
-    def in_flight(self, key_id: str) -> int:
+    async def in_flight(self, key_id: str) -> int:
         return self._in_flight.get(key_id, 0)

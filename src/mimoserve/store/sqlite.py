@@ -8,7 +8,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-# Each entry moves the schema one version up; never edit a released entry, append a new one.
+from mimoserve.store.base import ConstraintError, StoreError
+
+# Each entry moves the schema one version up; never edit a released entry, append a new one
+# (and the same change to the PostgreSQL schema in store/postgres.py).
 MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE api_keys (
@@ -67,8 +70,10 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-class Database:
+class SqliteDatabase:
     """One connection shared by threads, serialised by a lock (SQLite writes serialise anyway)."""
+
+    dialect = "sqlite"
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,14 +95,22 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.IntegrityError as exc:
+                raise ConstraintError(str(exc)) from exc
+            except sqlite3.Error as exc:
+                raise StoreError(f"sqlite: {exc}") from exc
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+Database = SqliteDatabase  # the default engine, under the name most callers use

@@ -1,4 +1,4 @@
-"""Usage records in SQLite."""
+"""Usage records, in whichever database the server uses."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields
 
 from mimoserve.metering.ledger import UsageRecord
-from mimoserve.store.sqlite import Database
+from mimoserve.store.base import Database
 
 _COLUMNS = tuple(f.name for f in fields(UsageRecord))
 
@@ -22,7 +22,7 @@ class UsageTotal:
     cached_tokens: int
 
 
-class SqliteUsageStore:
+class SqlUsageStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
@@ -45,9 +45,12 @@ class SqliteUsageStore:
     def totals(self, since: float = 0.0) -> list[UsageTotal]:
         with self._db.transaction() as conn:
             rows = conn.execute(
-                "SELECT key_id, model, COUNT(*) AS requests, SUM(prompt_tokens) AS prompt_tokens,"
-                " SUM(completion_tokens) AS completion_tokens,"
-                " SUM(reasoning_tokens) AS reasoning_tokens, SUM(cached_tokens) AS cached_tokens"
+                # CASTs: PostgreSQL sums integers as NUMERIC, which the driver reads as Decimal.
+                "SELECT key_id, model, COUNT(*) AS requests,"
+                " CAST(SUM(prompt_tokens) AS BIGINT) AS prompt_tokens,"
+                " CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens,"
+                " CAST(SUM(reasoning_tokens) AS BIGINT) AS reasoning_tokens,"
+                " CAST(SUM(cached_tokens) AS BIGINT) AS cached_tokens"
                 " FROM usage_records WHERE created_at >= ? GROUP BY key_id, model"
                 " ORDER BY key_id, model",
                 (since,),

@@ -1,0 +1,211 @@
+"""Rate limits shared by every replica, kept in Redis and updated by Lua scripts.
+
+The same token buckets as the in-process limiter (requests/min and tokens/min per
+account and model, and per key when the key has limits of its own), but each check
+and charge is one script run, which Redis executes atomically: two replicas admitting
+at once cannot both take the last request of a minute. Time comes from Redis (`TIME`),
+so replicas with skewed clocks still agree. Concurrency per key is a sorted set of
+tickets with a lease, so the slots of a replica that dies come back when the lease ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from mimoserve.limits.limiter import RateLimitedError
+from mimoserve.limits.policy import Limits
+from mimoserve.store.base import StoreError
+
+log = logging.getLogger(__name__)
+
+# A bucket is a hash {level, ts, cap}. A missing bucket, or one whose limit changed, is full.
+_REFILL = """
+local function now_s(given)
+  if given >= 0 then return given end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function level_of(key, cap, now)
+  local h = redis.call('HMGET', key, 'level', 'ts', 'cap')
+  local level, ts = tonumber(h[1]), tonumber(h[2])
+  if level == nil or tonumber(h[3]) ~= cap then return cap end
+  return math.min(cap, level + (now - ts) * cap / 60)
+end
+local function store(key, cap, level, now)
+  redis.call('HSET', key, 'level', tostring(level), 'ts', tostring(now), 'cap', tostring(cap))
+  -- Kept until full again (a full bucket and a missing one are the same).
+  redis.call('EXPIRE', key, math.ceil((cap - level) * 60 / cap) + 1)
+end
+"""
+
+# KEYS: n buckets, then the key's concurrency set.
+# ARGV: now (-1: Redis time), n, max_concurrent (-1: none), ticket, lease_s,
+#       then capacity and cost per bucket.
+# Returns {1} when admitted; {0, -1} when the key is at its concurrency limit;
+# {0, i, wait_s} when bucket i lacks the cost.
+_ADMIT = (
+    _REFILL
+    + """
+local now = now_s(tonumber(ARGV[1]))
+local n, max_cc = tonumber(ARGV[2]), tonumber(ARGV[3])
+local slots = KEYS[n + 1]
+if max_cc >= 0 then
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+  if redis.call('ZCARD', slots) >= max_cc then return {0, -1} end
+end
+local levels = {}
+for i = 1, n do
+  local cap, cost = tonumber(ARGV[4 + 2 * i]), tonumber(ARGV[5 + 2 * i])
+  levels[i] = level_of(KEYS[i], cap, now)
+  if levels[i] < cost then return {0, i, tostring((cost - levels[i]) * 60 / cap)} end
+end
+for i = 1, n do
+  local cap, cost = tonumber(ARGV[4 + 2 * i]), tonumber(ARGV[5 + 2 * i])
+  store(KEYS[i], cap, levels[i] - cost, now)
+end
+local lease = tonumber(ARGV[5])
+redis.call('ZADD', slots, now + lease, ARGV[4])
+redis.call('EXPIRE', slots, math.ceil(lease) + 1)
+return {1}
+"""
+)
+
+# KEYS: n token buckets, then the concurrency set. ARGV: now, n, ticket, used, then cap,charged.
+_SETTLE = (
+    _REFILL
+    + """
+local now = now_s(tonumber(ARGV[1]))
+local n, used = tonumber(ARGV[2]), tonumber(ARGV[4])
+for i = 1, n do
+  local cap, charged = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
+  store(KEYS[i], cap, math.min(cap, level_of(KEYS[i], cap, now) + charged - used), now)
+end
+redis.call('ZREM', KEYS[n + 1], ARGV[3])
+return 1
+"""
+)
+
+
+@dataclass
+class RedisTicket:
+    _limiter: RedisRateLimiter
+    _ticket: str
+    _slots_key: str
+    _token_buckets: list[tuple[str, int, int]]  # key, capacity, charged
+    reserved: int
+    _open: bool = field(default=True)
+
+    def settle(self, used_tokens: int) -> None:
+        # Called where no await is possible (a stream's cleanup): the script runs as a task.
+        if self._open:
+            self._open = False
+            self._limiter._settle_later(self, used_tokens)
+
+
+class RedisRateLimiter:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "mimoserve",
+        lease_s: float = 600.0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._admit = self._redis.register_script(_ADMIT)
+        self._settle = self._redis.register_script(_SETTLE)
+        self._prefix = prefix
+        self._lease_s = lease_s  # longer than any request: a dead replica's slots come back
+        self._clock = clock  # tests only; None uses Redis's clock
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def _now(self) -> float:
+        return -1.0 if self._clock is None else self._clock()
+
+    def _slots_key(self, key_id: str) -> str:
+        return f"{self._prefix}:inflight:{key_id}"
+
+    async def acquire(
+        self, *, account_id: str, key_id: str, model: str, account_limits: Limits,
+        key_limits: Limits, tokens: int,
+    ) -> RedisTicket:  # fmt: skip
+        effective = account_limits.overridden_by(key_limits)
+        buckets: list[tuple[str, int, int, str]] = []  # key, capacity, cost, what
+        for scope, owner, limits in (("account", account_id, account_limits),
+                                     ("key", key_id, key_limits)):  # fmt: skip
+            base = f"{self._prefix}:{scope}:{owner}:{model}"
+            if limits.rpm is not None:
+                buckets.append((f"{base}:rpm", limits.rpm, 1,
+                                f"requests per minute for {model} ({limits.rpm})"))  # fmt: skip
+            if limits.tpm is not None:
+                # A request larger than the whole budget is let through alone, into debt.
+                buckets.append((f"{base}:tpm", limits.tpm, min(tokens, limits.tpm),
+                                f"tokens per minute for {model} ({limits.tpm})"))  # fmt: skip
+        ticket = secrets.token_hex(8)
+        slots = self._slots_key(key_id)
+        args: list[str | int | float] = [
+            self._now(), len(buckets),
+            -1 if effective.max_concurrent is None else effective.max_concurrent,
+            ticket, self._lease_s,
+        ]  # fmt: skip
+        for _, capacity, cost, _ in buckets:
+            args += [capacity, cost]
+        try:
+            result = await self._admit(keys=[b[0] for b in buckets] + [slots], args=args)
+        except RedisError as exc:
+            raise StoreError(f"redis: {exc}") from exc
+        if int(result[0]) != 1:
+            if int(result[1]) == -1:
+                raise RateLimitedError(
+                    "Too many concurrent requests for this key "
+                    f"(limit {effective.max_concurrent}).",
+                    retry_after_s=1,
+                )
+            what = buckets[int(result[1]) - 1][3]
+            raise RateLimitedError(
+                f"Rate limit reached: {what}. Retry after the indicated time.",
+                retry_after_s=float(result[2]),
+            )
+        token_buckets = [(key, cap, cost) for key, cap, cost, what in buckets
+                         if key.endswith(":tpm")]  # fmt: skip
+        return RedisTicket(self, ticket, slots, token_buckets, tokens)
+
+    def _settle_later(self, ticket: RedisTicket, used_tokens: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._settle_now(ticket, used_tokens))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _settle_now(self, ticket: RedisTicket, used_tokens: int) -> None:
+        args: list[str | int | float] = [
+            self._now(),
+            len(ticket._token_buckets),
+            ticket._ticket,
+            used_tokens,
+        ]
+        for _, capacity, charged in ticket._token_buckets:
+            args += [capacity, charged]
+        keys = [b[0] for b in ticket._token_buckets] + [ticket._slots_key]
+        try:
+            await self._settle(keys=keys, args=args)
+        except RedisError as exc:
+            # The reservation stands and the slot's lease ends it: limits err on the safe side.
+            log.warning("could not settle a rate-limit ticket in redis: %s", exc)
+
+    async def in_flight(self, key_id: str) -> int:
+        now = self._clock() if self._clock is not None else (await self._redis.time())[0]
+        return int(await self._redis.zcount(self._slots_key(key_id), f"({now}", "+inf"))
+
+    async def drain(self) -> None:
+        while self._pending:
+            await asyncio.gather(*list(self._pending))
+
+    async def close(self) -> None:
+        await self.drain()
+        await self._redis.aclose()
