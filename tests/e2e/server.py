@@ -58,7 +58,9 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(home: Path, *extra: str, weights: str = TEST_WEIGHTS) -> Iterator[RunningServer]:
+def running_server(
+    home: Path, *extra: str, weights: str = TEST_WEIGHTS, env: dict[str, str] | None = None
+) -> Iterator[RunningServer]:
     port = free_port()
     log_path = home / "server.log"
     home.mkdir(parents=True, exist_ok=True)
@@ -66,6 +68,7 @@ def running_server(home: Path, *extra: str, weights: str = TEST_WEIGHTS) -> Iter
         process = subprocess.Popen(
             cli("--home", str(home), "serve", "--weights", weights, "--port", str(port), *extra),
             stdout=log_file, stderr=subprocess.STDOUT, text=True,
+            env=None if env is None else {**os.environ, **env},
         )  # fmt: skip
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -81,9 +84,9 @@ def running_server(home: Path, *extra: str, weights: str = TEST_WEIGHTS) -> Iter
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
             time.sleep(0.2)
+        # Only a start that finds no key at all prints one (a shared database may have some).
         match = KEY_PATTERN.search(log_path.read_text())
-        assert match, "the first start prints a new API key"
-        yield RunningServer(base_url, match.group(0), process, log_path, home)
+        yield RunningServer(base_url, match.group(0) if match else "", process, log_path, home)
     finally:
         process.terminate()
         try:
