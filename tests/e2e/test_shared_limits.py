@@ -56,4 +56,3 @@ def test_one_accounts_limit_holds_across_two_processes(
     assert sorted(r.status for r in records) == [200] * 6 + [429] * 8
     assert {r.account_id for r in records} == {team.id}
     database.close()
-
