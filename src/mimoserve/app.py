@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from mimoserve import __version__
 from mimoserve.api import admin as admin_api
 from mimoserve.api import chat, health, models
+from mimoserve.api.dashboard import DashboardFiles
 from mimoserve.api.errors import install_error_handlers
 from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
@@ -63,6 +64,7 @@ def create_app(
     install_error_handlers(app)
     if admin is not None and usage is not None:
         app.include_router(admin_api.router)
+        app.mount("/dashboard", DashboardFiles(), name="dashboard")
     app.include_router(chat.router)
     app.include_router(models.router)
     app.include_router(health.router)

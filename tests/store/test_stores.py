@@ -138,3 +138,24 @@ def test_postgres_outage_raises_store_error_then_recovers() -> None:
                 assert time.monotonic() < deadline, "did not recover within 30 s"
                 time.sleep(0.2)
         db.close()
+
+
+def test_usage_series_buckets_by_time_model_and_key(any_database: Database) -> None:
+    store = SqlUsageStore(any_database)
+    base = 1_700_000_000.0  # 800 s into an hour
+    store.insert_usage([
+        UsageRecord("a", "m1", 200, 10, 5, created_at=base + 100),
+        UsageRecord("a", "m1", 200, 1, 1, created_at=base + 2799),
+        UsageRecord("a", "m1", 200, 2, 2, created_at=base + 2801),  # next hour
+        UsageRecord("b", "m1", 200, 3, 3, created_at=base + 2801),
+        UsageRecord("a", "m2", 200, 4, 4, created_at=base + 2900),
+    ])  # fmt: skip
+    points = [(p.start, p.model, p.key_id, p.requests, p.prompt_tokens, p.completion_tokens)
+              for p in store.series(since=base, step_s=3600)]  # fmt: skip
+    hour = 1_700_000_000 // 3600 * 3600
+    assert points == [
+        (hour, "m1", "a", 2, 11, 6),
+        (hour + 3600, "m1", "a", 1, 2, 2),
+        (hour + 3600, "m1", "b", 1, 3, 3),
+        (hour + 3600, "m2", "a", 1, 4, 4),
+    ]

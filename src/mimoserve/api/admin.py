@@ -22,6 +22,7 @@ from mimoserve.protocol.admin import (
     KeyView,
     LimitsBody,
     LimitsView,
+    UsagePointView,
     UsageRow,
 )
 from mimoserve.store.usage import SqlUsageStore
@@ -137,3 +138,17 @@ async def usage(
     store: SqlUsageStore = request.app.state.usage
     rows = await run_in_threadpool(store.totals, time.time() - hours * 3600)
     return [UsageRow(**asdict(row)) for row in rows]
+
+
+@router.get("/usage/series")
+async def usage_series(
+    request: Request,
+    hours: Annotated[float, Query(gt=0, le=24 * 366)] = 24.0,
+    step_s: Annotated[float, Query(ge=60, le=86400 * 31)] = 3600.0,
+) -> list[UsagePointView]:
+    """Usage per model and key in buckets of `step_s` seconds (the dashboard's charts)."""
+    store: SqlUsageStore = request.app.state.usage
+    if hours * 3600 / step_s > 10_000:
+        raise InvalidRequestError("At most 10000 buckets: raise step_s.", param="step_s")
+    points = await run_in_threadpool(store.series, time.time() - hours * 3600, step_s)
+    return [UsagePointView(**asdict(point)) for point in points]

@@ -68,3 +68,12 @@ class UsageRow(BaseModel):
     completion_tokens: int
     reasoning_tokens: int
     cached_tokens: int
+
+
+class UsagePointView(BaseModel):
+    start: float  # unix time of the bucket's start
+    model: str
+    key_id: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int

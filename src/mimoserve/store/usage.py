@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields
+from typing import Any
 
 from mimoserve.metering.ledger import UsageRecord
 from mimoserve.store.base import Database
@@ -20,6 +21,18 @@ class UsageTotal:
     completion_tokens: int
     reasoning_tokens: int
     cached_tokens: int
+
+
+@dataclass(frozen=True)
+class UsagePoint:
+    """Usage of one model by one key within one time bucket."""
+
+    start: float
+    model: str
+    key_id: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class SqlUsageStore:
@@ -56,3 +69,27 @@ class SqlUsageStore:
                 (since,),
             ).fetchall()
         return [UsageTotal(**dict(row)) for row in rows]
+
+    def series(self, since: float, step_s: float) -> list[UsagePoint]:
+        # Bucket number: PostgreSQL's CAST rounds, SQLite's truncates (times are positive).
+        bucket = "FLOOR(created_at / ?)" if self._db.dialect == "postgresql" else (
+            "CAST(created_at / ? AS INTEGER)"
+        )  # fmt: skip
+        with self._db.transaction() as conn:
+            rows = conn.execute(
+                f"SELECT CAST({bucket} AS BIGINT) AS bucket, model, key_id,"
+                " COUNT(*) AS requests, CAST(SUM(prompt_tokens) AS BIGINT) AS prompt_tokens,"
+                " CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens"
+                " FROM usage_records WHERE created_at >= ?"
+                " GROUP BY 1, model, key_id ORDER BY 1, model, key_id",
+                (step_s, since),
+            ).fetchall()
+        return [self._point(row, step_s) for row in rows]
+
+    @staticmethod
+    def _point(row: Any, step_s: float) -> UsagePoint:
+        return UsagePoint(
+            start=row["bucket"] * step_s, model=row["model"], key_id=row["key_id"],
+            requests=row["requests"], prompt_tokens=row["prompt_tokens"],
+            completion_tokens=row["completion_tokens"],
+        )  # fmt: skip

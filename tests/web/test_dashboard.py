@@ -1,0 +1,196 @@
+"""The dashboard end to end in headless Chromium (Debian's), driven by Playwright.
+
+A real uvicorn server runs in a thread with a scripted backend, so the playground's
+stream (reasoning, then an answer, then a tool call) arrives piece by piece on cue.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from mimoserve.app import create_app
+from mimoserve.auth.admin import AdminCredential
+from mimoserve.auth.keys import KeyStore
+from mimoserve.config import Settings
+from mimoserve.metering.ledger import UsageLedger, UsageRecord
+from mimoserve.registry import ModelRegistry
+from mimoserve.store.sqlite import SqliteDatabase
+from mimoserve.store.usage import SqlUsageStore
+from tests.conftest import REGISTRY
+from tests.fake_backend import ScriptedBackend
+from tests.services import free_port
+
+CHROMIUM = "/usr/bin/chromium"
+# Chromium's background connections are refused by this closed network; keep it quiet.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+KEY = re.compile(r"^mimo-[0-9a-f]{12}_[A-Za-z0-9_-]{43}$")
+
+
+@dataclass
+class Site:
+    url: str
+    admin_token: str
+    keys: KeyStore
+    backend: ScriptedBackend
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    database = SqliteDatabase(tmp_path / "m.db")
+    keys, usage = KeyStore(database), SqlUsageStore(database)
+    token = AdminCredential(database).rotate()
+    now = time.time()
+    usage.insert_usage([  # some history for the charts
+        UsageRecord("k-one", "mimo-v2-flash", 200, 40, 20, created_at=now - 7200),
+        UsageRecord("k-one", "mimo-v2-pro", 200, 10, 90, created_at=now - 3600),
+        UsageRecord("k-two", "mimo-v2-flash", 200, 5, 5, created_at=now - 60),
+    ])  # fmt: skip
+    registry = ModelRegistry.from_toml(REGISTRY)
+    backend = ScriptedBackend()
+    app = create_app(
+        Settings(home=tmp_path), registry=registry, keys=keys, admin=AdminCredential(database),
+        usage=usage, ledger=UsageLedger(usage, flush_interval_s=0.05),
+        backends={entry.id: backend for entry in registry.entries()},
+    )  # fmt: skip
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    yield Site(f"http://127.0.0.1:{port}", token, keys, backend)
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
+        from tests.services import _missing
+
+        _missing("Chromium")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def sign_in(page: Page, site: Site) -> None:
+    page.goto(f"{site.url}/dashboard/")
+    page.fill("#admin-token", site.admin_token)
+    page.click("#signin-form button[type=submit]")
+    expect(page.locator("#tabs")).to_be_visible()
+
+
+def rendered(page: Page, path: Path) -> None:
+    """A screenshot that shows a real page: big enough and far from one flat colour."""
+    png = page.screenshot(path=path, full_page=True)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 15_000, len(png)
+
+
+def test_sign_in_needs_the_admin_token(site: Site, browser: Browser, tmp_path: Path) -> None:
+    page = browser.new_page()
+    page.goto(f"{site.url}/dashboard/")
+    page.fill("#admin-token", "mimo-admin-wrong")
+    page.click("#signin-form button[type=submit]")
+    expect(page.locator("#signin-error")).to_contain_text("Invalid admin token")
+    expect(page.locator("#tabs")).to_be_hidden()
+    ordinary_key = site.keys.create("not-admin").secret
+    page.fill("#admin-token", ordinary_key)
+    page.click("#signin-form button[type=submit]")
+    expect(page.locator("#signin-error")).to_contain_text("Invalid admin token")
+    rendered(page, tmp_path / "signin.png")
+
+
+def test_accounts_and_keys_create_copy_once_revoke(
+    site: Site, browser: Browser, tmp_path: Path
+) -> None:
+    page = browser.new_page()
+    page.on("dialog", lambda dialog: dialog.accept())
+    sign_in(page, site)
+    expect(page.locator("#accounts-table tbody tr")).to_have_count(1)  # the default account
+    page.fill("#account-form input[name=name]", "research")
+    page.fill("#account-form input[name=rpm]", "30")
+    page.click("#account-form button[type=submit]")
+    expect(page.locator("#accounts-table tbody tr.selected")).to_contain_text("research")
+    expect(page.locator("#keys-account")).to_have_text("research")
+
+    page.fill("#key-form input[name=name]", "laptop")
+    page.click("#key-form button[type=submit]")
+    expect(page.locator("#new-key")).to_be_visible()
+    secret = page.locator("#new-key-secret").inner_text()
+    assert KEY.match(secret), secret
+    principal = site.keys.authenticate(secret)
+    assert principal is not None and principal.key_name == "laptop"
+    assert site.keys.account(principal.account_id).name == "research"  # type: ignore[union-attr]
+    page.click("#copy-key")
+    expect(page.locator("#copy-status")).to_have_text(re.compile("Copied|Selected"))
+    expect(page.locator("#keys-table tbody tr")).to_contain_text(["laptop"])
+    rendered(page, tmp_path / "keys.png")
+
+    page.reload()  # shown once: after leaving the page the secret is nowhere
+    expect(page.locator("#tabs")).to_be_visible()  # still signed in (this tab's session)
+    page.locator("#accounts-table tbody tr", has_text="research").click()
+    expect(page.locator("#keys-table tbody tr")).to_contain_text(["laptop"])
+    assert secret not in page.content()
+
+    page.locator("#keys-table tbody tr", has_text="laptop").locator("button.revoke").click()
+    expect(page.locator("#keys-table tbody tr", has_text="laptop")).to_contain_text("revoked")
+    assert site.keys.authenticate(secret) is None  # effective on the next request
+
+
+def test_usage_charts_per_model_and_key(site: Site, browser: Browser, tmp_path: Path) -> None:
+    page = browser.new_page()
+    sign_in(page, site)
+    page.click("#tabs [data-tab=usage]")
+    expect(page.locator("#chart-models rect.bar")).to_have_count(3)
+    expect(page.locator("#chart-models .legend")).to_contain_text("mimo-v2-flash")
+    expect(page.locator("#chart-models .legend")).to_contain_text("mimo-v2-pro")
+    expect(page.locator("#chart-keys .legend")).to_contain_text("k-one")
+    expect(page.locator("#chart-keys .legend")).to_contain_text("k-two")
+    expect(page.locator("#usage-table tbody tr")).to_have_count(3)
+    box = page.locator("#chart-models svg").bounding_box()
+    assert box is not None and box["width"] > 300 and box["height"] > 100
+    rendered(page, tmp_path / "usage.png")
+
+
+def test_playground_streams_reasoning_content_and_tool_calls(
+    site: Site, browser: Browser, tmp_path: Path
+) -> None:
+    # Prompted thinking: the prompt opens <think>, so the model's text starts inside it.
+    text = ('The user wants weather.</think>Let me check.'
+            '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>')  # fmt: skip
+    pieces = [text[i : i + 6] for i in range(0, len(text), 6)]
+    site.backend.enqueue(pieces, delay_s=0.15)
+    page = browser.new_page()
+    sign_in(page, site)
+    page.fill("#key-form input[name=name]", "playground")
+    page.click("#key-form button[type=submit]")
+    expect(page.locator("#new-key")).to_be_visible()
+    page.click("#tabs [data-tab=playground]")
+    page.select_option("#chat-model", "mimo-v2-pro")
+    page.check("#chat-thinking")
+    page.check("#chat-tools")
+    page.click("#chat-send")
+    # Reasoning shows while the rest is still on its way.
+    expect(page.locator("#out-reasoning")).to_contain_text("The user")
+    assert page.locator("#out-tools").inner_text() == ""
+    assert page.locator("#chat-status").inner_text() == "Streaming…"
+    expect(page.locator("#out-reasoning")).to_have_text("The user wants weather.")
+    expect(page.locator("#out-content")).to_have_text("Let me check.")
+    expect(page.locator("#out-tools")).to_have_text('get_weather({"city": "Paris"})')
+    expect(page.locator("#chat-status")).to_contain_text("completion tokens")
+    request = site.backend.requests[-1]
+    assert request.tools and request.tools[0]["function"]["name"] == "get_weather"
+    rendered(page, tmp_path / "playground.png")
