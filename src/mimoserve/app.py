@@ -58,6 +58,7 @@ def create_app(
     rate_limiter = limiter or RateLimiter()
     chat_service = ChatService(registry, backends, metrics, ledger, rate_limiter, policy)
     app.state.metrics = metrics
+    app.state.limiter = rate_limiter
     app.state.chat = chat_service
     app.state.admin = admin
     app.state.usage = usage

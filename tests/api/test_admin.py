@@ -237,6 +237,8 @@ async def test_rate_limit_store_outage_is_503_and_recorded(
         headers={"Authorization": f"Bearer {api_key}"},
     ) as client:  # fmt: skip
         response = await client.post("/v1/chat/completions", json=CHAT)
+        ready = await client.get("/ready")
+    assert ready.status_code == 503 and ready.json()["limits"] == "unreachable"
     assert response.status_code == 503 and "retry-after" in response.headers
     assert response.json()["error"]["code"] == "store_unavailable"
     assert "redis" not in response.text and "127.0.0.1" not in response.text

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from mimoserve.auth.keys import KeyStore
+from mimoserve.limits.limiter import Limiter
 from mimoserve.metering.metrics import Metrics
 
 router = APIRouter()
@@ -22,13 +23,21 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Models are loaded (they are before the app starts) and the key store answers."""
+    """Models are loaded (they are before the app starts), the store and the limits answer."""
     keys: KeyStore = request.app.state.keys
+    limiter: Limiter = request.app.state.limiter
+    checks = {"store": "ok", "limits": "ok"}
     try:
         await asyncio.to_thread(keys.count_active)
     except Exception:
-        return JSONResponse({"status": "unavailable", "store": "unreachable"}, status_code=503)
-    return JSONResponse({"status": "ready", "store": "ok"})
+        checks["store"] = "unreachable"
+    try:
+        await limiter.ping()
+    except Exception:
+        checks["limits"] = "unreachable"
+    if "unreachable" in checks.values():
+        return JSONResponse({"status": "unavailable", **checks}, status_code=503)
+    return JSONResponse({"status": "ready", **checks})
 
 
 @router.get("/metrics")

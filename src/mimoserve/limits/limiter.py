@@ -50,6 +50,9 @@ class Limiter(Protocol):
 
     async def in_flight(self, key_id: str) -> int: ...
 
+    async def ping(self) -> None:
+        """Raises StoreError when the counters cannot be reached (for /ready)."""
+
     async def drain(self) -> None:
         """Waits for settlements still on their way (a no-op in process)."""
 
@@ -117,6 +120,9 @@ class RateLimiter:
         )  # fmt: skip
 
     async def drain(self) -> None:
+        pass
+
+    async def ping(self) -> None:
         pass
 
     async def close(self) -> None:

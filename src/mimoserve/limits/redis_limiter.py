@@ -202,6 +202,12 @@ class RedisRateLimiter:
         now = self._clock() if self._clock is not None else (await self._redis.time())[0]
         return int(await self._redis.zcount(self._slots_key(key_id), f"({now}", "+inf"))
 
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except RedisError as exc:
+            raise StoreError(f"redis: {exc}") from exc
+
     async def drain(self) -> None:
         while self._pending:
             await asyncio.gather(*list(self._pending))
