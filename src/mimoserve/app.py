@@ -15,6 +15,8 @@ from mimoserve.api.errors import install_error_handlers
 from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
 from mimoserve.backends.base import Backend
+from mimoserve.backends.upstream.client import UpstreamModel
+from mimoserve.chat.relay import RelayService
 from mimoserve.chat.service import ChatService
 from mimoserve.config import Settings
 from mimoserve.limits.admission import AdmissionPolicy
@@ -35,6 +37,7 @@ def create_app(
     admin: AdminCredential | None = None,
     usage: SqlUsageStore | None = None,
     limiter: Limiter | None = None,
+    upstreams: Mapping[str, UpstreamModel] | None = None,
 ) -> FastAPI:
     """Builds the ASGI app around ready components; `backends` maps public model ids."""
 
@@ -42,7 +45,9 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if ledger is not None:
             ledger.start()
+        relay.start()  # active health checks of upstream replicas
         yield
+        await relay.close()
         # Several ids may share one backend: close each once.
         for backend in {id(b): b for b in backends.values()}.values():
             await backend.close()
@@ -56,7 +61,11 @@ def create_app(
     metrics = Metrics(load_probe=lambda: chat_service.engine_load())
     policy = AdmissionPolicy(settings.default_limits, settings.completion_reserve_tokens)
     rate_limiter = limiter or RateLimiter()
-    chat_service = ChatService(registry, backends, metrics, ledger, rate_limiter, policy)
+    relay = RelayService(upstreams or {}, metrics, ledger, rate_limiter, policy)
+    chat_service = ChatService(
+        registry, backends, metrics, ledger, rate_limiter, policy, relayed=relay.models
+    )
+    app.state.relay = relay
     app.state.metrics = metrics
     app.state.limiter = rate_limiter
     app.state.chat = chat_service

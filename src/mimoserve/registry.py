@@ -7,19 +7,45 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class RegistryError(Exception):
     pass
 
 
+EngineKind = Literal["vllm", "sglang", "llama.cpp", "mimoserve", "openai"]
+Modality = Literal["text", "image", "audio", "video"]
+
+
+class UpstreamSpec(BaseModel):
+    """One replica of an OpenAI-compatible engine that serves a model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(pattern=r"^https?://", description="Base URL, up to and including /v1")
+    kind: EngineKind = "openai"
+    model: str | None = Field(default=None, description="The engine's model name; the id if unset")
+    api_key_env: str | None = Field(
+        default=None, description="Environment variable that holds the engine's key"
+    )
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str
-    weights: str = Field(description="A catalog name (see `mimoserve models list`) or a GGUF path")
-    backend: Literal["llamacpp"] = "llamacpp"
+    weights: str | None = Field(
+        default=None, description="A catalog name (see `mimoserve models list`) or a GGUF path"
+    )
+    backend: Literal["llamacpp", "upstream"] = "llamacpp"
+    upstreams: tuple[UpstreamSpec, ...] = ()
+    input_modalities: frozenset[Modality] = Field(
+        default=frozenset({"text"}), description="Content kinds the upstream engine accepts"
+    )
+    upstream_timeout_s: float = Field(
+        default=600.0, gt=0, description="Longest wait for an upstream's next byte"
+    )
     context_length: int | None = Field(
         default=None, ge=256, description="Context window; defaults to the server's n_ctx"
     )
@@ -49,6 +75,17 @@ class ModelEntry(BaseModel):
     )
 
 
+    @model_validator(mode="after")
+    def _backend_has_what_it_needs(self) -> ModelEntry:
+        if self.backend == "llamacpp" and not self.weights:
+            raise ValueError(f"model {self.id!r}: the llamacpp backend needs `weights`")
+        if self.backend == "upstream" and not self.upstreams:
+            raise ValueError(f"model {self.id!r}: the upstream backend needs `upstreams`")
+        if self.backend == "llamacpp" and self.input_modalities != {"text"}:
+            raise ValueError(f"model {self.id!r}: the embedded engine takes text only")
+        return self
+
+
 class ModelRegistry:
     def __init__(self, entries: list[ModelEntry]) -> None:
         if not entries:
@@ -63,9 +100,10 @@ class ModelRegistry:
 
     def with_weights(self, weights: str) -> ModelRegistry:
         """The same ids, all served by other weights (for `serve --weights`)."""
-        return ModelRegistry(
-            [e.model_copy(update={"weights": weights}) for e in self._entries.values()]
-        )
+        return ModelRegistry([
+            e.model_copy(update={"weights": weights}) if e.backend == "llamacpp" else e
+            for e in self._entries.values()
+        ])  # fmt: skip
 
     @classmethod
     def from_toml(cls, text: str, source: str = "registry") -> ModelRegistry:

@@ -13,6 +13,7 @@ from mimoserve.auth.keys import IssuedKey, KeyStore
 from mimoserve.backends.base import Backend
 from mimoserve.backends.llamacpp.backend import LlamaCppBackend
 from mimoserve.backends.llamacpp.model import EngineConfig
+from mimoserve.backends.upstream.client import build_upstreams
 from mimoserve.config import Settings
 from mimoserve.limits.limiter import Limiter, RateLimiter
 from mimoserve.limits.redis_limiter import RedisRateLimiter
@@ -35,6 +36,8 @@ def build_backends(settings: Settings, registry: ModelRegistry) -> dict[str, Bac
     engines: dict[str, Backend] = {}
     by_model: dict[str, Backend] = {}
     for entry in registry.entries():
+        if entry.backend != "llamacpp" or entry.weights is None:
+            continue  # served by upstream engines (see build_relay)
         if entry.weights not in engines:
             path = store.resolve(entry.weights)
             log.info("loading %s from %s", entry.weights, path)
@@ -75,4 +78,5 @@ def build_server_app(
     return create_app(
         settings, registry=registry, backends=backends, keys=keys,
         ledger=UsageLedger(usage), admin=admin, usage=usage, limiter=limiter,
+        upstreams=build_upstreams(registry.entries()),
     )  # fmt: skip

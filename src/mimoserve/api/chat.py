@@ -13,6 +13,7 @@ from mimoserve.api.auth import require_principal
 from mimoserve.api.body import read_json_model
 from mimoserve.api.sse import sse_frames
 from mimoserve.auth.keys import Principal
+from mimoserve.chat.relay import PreparedRelay, RelayService
 from mimoserve.chat.service import ChatService
 from mimoserve.errors import ClientDisconnected, MimoError
 from mimoserve.protocol.chat import ChatCompletionRequest
@@ -44,15 +45,21 @@ async def create_chat_completion(
     request: Request, principal: Annotated[Principal, Depends(require_principal)]
 ) -> JSONResponse | StreamingResponse:
     service: ChatService = request.app.state.chat
+    relay: RelayService = request.app.state.relay
     body: ChatCompletionRequest | None = None
     try:
         body = await read_json_model(
             request, ChatCompletionRequest, request.app.state.settings.max_body_bytes
         )
-        chat = service.prepare(body, principal)
+        if relay.serves(body.model):
+            relayed = relay.prepare(body, principal)
+        else:
+            chat = service.prepare(body, principal)
     except MimoError as exc:
         service.record_refusal(principal, body.model if body else None, exc.status_code)
         raise
+    if relay.serves(body.model):
+        return await _relay(request, relay, relayed)
     if body.stream:
         # Waiting for the first event can mean waiting for a free slot: a client that
         # leaves meanwhile gives up its place in the queue.
@@ -64,3 +71,17 @@ async def create_chat_completion(
         )
     completion = await _until_disconnect(request, service.complete(chat))
     return JSONResponse(completion.model_dump(mode="json"))
+
+
+async def _relay(
+    request: Request, relay: RelayService, prepared: PreparedRelay
+) -> JSONResponse | StreamingResponse:
+    # A client that leaves cancels the work, which closes the upstream connection.
+    if prepared.request.stream:
+        chunks = await _until_disconnect(request, relay.open_stream(prepared))
+        return StreamingResponse(
+            sse_frames(chunks),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return JSONResponse(await _until_disconnect(request, relay.complete(prepared)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 from mimoserve.api.errors import error_body
 from mimoserve.errors import EngineError, MimoError
@@ -20,12 +21,19 @@ def frame(payload: str) -> bytes:
 
 
 async def sse_frames(
-    chunks: AsyncGenerator[ChatCompletionChunk, None],
+    chunks: AsyncGenerator[ChatCompletionChunk, None] | AsyncGenerator[dict[str, Any], None],
 ) -> AsyncIterator[bytes]:
-    """Once bytes have been sent the status code is fixed: errors become an error event."""
+    """Once bytes have been sent the status code is fixed: errors become an error event.
+
+    Chunks are models (the embedded engine) or plain dicts already in the contract's
+    shape (relayed from an upstream engine, where a model round trip would cost time).
+    """
     try:
         async for chunk in chunks:
-            yield frame(chunk.model_dump_json())
+            if isinstance(chunk, dict):
+                yield frame(json.dumps(chunk, ensure_ascii=False, separators=(",", ":")))
+            else:
+                yield frame(chunk.model_dump_json())
     except MimoError as exc:
         yield frame(json.dumps(error_body(exc)))
     except Exception:

@@ -118,14 +118,18 @@ class Capabilities:
     constrained_output: bool = False
 
 
-class Backend(Protocol):
-    """Serves one set of weights; several public model ids may share one backend."""
+class ServedModel(Protocol):
+    """What `/v1/models` shows of a model, whoever generates for it."""
 
     @property
     def capabilities(self) -> Capabilities: ...
 
     @property
     def weights_name(self) -> str: ...
+
+
+class Backend(ServedModel, Protocol):
+    """Serves one set of weights; several public model ids may share one backend."""
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Yields `Started` (optional, first), text deltas, then exactly one `Finished`.

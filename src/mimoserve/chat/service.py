@@ -13,21 +13,22 @@ from mimoserve.backends.base import (
     Backend,
     Finished,
     GenerationRequest,
+    ServedModel,
     Started,
     TextDelta,
     TokenUsage,
 )
 from mimoserve.chat.convert import to_generation_request
+from mimoserve.chat.meter import RequestMeter, admit
 from mimoserve.chat.output import OutputAssembler, OutputPlan
 from mimoserve.errors import (
     EngineError,
     MimoError,
     ModelNotFoundError,
     PermissionDeniedError,
-    StoreUnavailableError,
 )
 from mimoserve.limits.admission import AdmissionPolicy, estimate_tokens
-from mimoserve.limits.limiter import Admission, Limiter, RateLimitedError, RateLimiter
+from mimoserve.limits.limiter import Admission, Limiter, RateLimiter
 from mimoserve.metering.ledger import UsageLedger, UsageRecord
 from mimoserve.metering.metrics import Metrics
 from mimoserve.parsing.events import ContentText, ParsedEvent, ReasoningText, ToolCallParsed
@@ -50,7 +51,6 @@ from mimoserve.protocol.chat import (
 )
 from mimoserve.protocol.messages import FunctionCall, ToolCall
 from mimoserve.registry import ModelRegistry
-from mimoserve.store.base import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,12 @@ class ChatService:
         ledger: UsageLedger | None = None,
         limiter: Limiter | None = None,
         policy: AdmissionPolicy | None = None,
+        relayed: Mapping[str, ServedModel] | None = None,
     ) -> None:
         self._registry = registry
         self._backends = dict(backends)
+        # Models served by upstream engines (the relay runs them): listed here, not generated.
+        self._served: dict[str, ServedModel] = {**self._backends, **(relayed or {})}
         self._created = int(time.time())
         self._metrics = metrics or Metrics()
         self._ledger = ledger
@@ -110,7 +113,7 @@ class ChatService:
 
     def record_refusal(self, principal: Principal, model: str | None, status: int) -> None:
         # Only served ids become labels: clients must not be able to grow the series set.
-        label = model if model in self._backends else "unknown"
+        label = model if model in self._served else "unknown"
         self._metrics.requests.labels(label, str(status)).inc()
         if self._ledger is not None:
             self._ledger.record(
@@ -123,30 +126,16 @@ class ChatService:
             )
 
     async def _admit(self, chat: PreparedChat) -> Admission:
-        principal = chat.principal
-        try:
-            return await self._limiter.acquire(
-                account_id=principal.account_id,
-                key_id=principal.key_id,
-                model=chat.model,
-                account_limits=self._policy.defaults.overridden_by(principal.account_limits),
-                key_limits=principal.key_limits,
-                tokens=chat.reserve_tokens,
-            )
-        except RateLimitedError:
-            self._metrics.rate_limited.labels(chat.model).inc()
-            raise
-        except StoreError as exc:  # shared counters unreachable: refuse rather than run unmetered
-            log.warning("rate-limit store unavailable: %s", exc)
-            raise StoreUnavailableError(
-                "The rate-limit store is unavailable; retry shortly.", retry_after_s=2
-            ) from exc
+        return await admit(
+            self._limiter, self._policy, self._metrics, chat.principal, chat.model,
+            chat.reserve_tokens,
+        )  # fmt: skip
 
     def list_models(self) -> ModelList:
         return ModelList(data=[self.get_model(entry.id) for entry in self._registry.entries()])
 
     def get_model(self, model_id: str) -> ModelCard:
-        backend = self._backend_for(model_id)
+        backend = self._served.get(model_id) or self._backend_for(model_id)
         return ModelCard(
             id=model_id,
             created=self._created,
@@ -193,7 +182,8 @@ class ChatService:
         (queue full, prompt too long) raise before a stream starts.
         """
         assembler = OutputAssembler(chat.plan)
-        watch = _Meter(self._metrics, self._ledger, chat)
+        watch = RequestMeter(self._metrics, self._ledger, chat.model, chat.principal,
+                             chat.completion_id)  # fmt: skip
         try:
             watch.ticket = await self._admit(chat)
         except MimoError as exc:
@@ -203,16 +193,16 @@ class ChatService:
         try:
             async for event in events:
                 if isinstance(event, Started):
-                    watch.started(event)
+                    watch.started(event.prompt_tokens, event.cached_tokens)
                     continue
                 if isinstance(event, TextDelta):
-                    watch.text(event)
+                    watch.text(event.tokens)
                     for parsed in assembler.feed(event.text):
                         yield parsed
                     continue
                 for parsed in assembler.finish():
                     yield parsed
-                watch.finished(event)
+                watch.finished(event.reason, event.usage)
                 yield event
                 return
             raise EngineError("the engine ended without finishing the answer")
@@ -305,78 +295,6 @@ class ChatService:
                 item = await anext(stream, None)
         finally:
             await stream.aclose()
-
-
-class _Meter:
-    """Times and counts one generation, then records it (metrics and the usage ledger)
-    whichever way it ends: finished, failed, or abandoned by its client."""
-
-    def __init__(self, metrics: Metrics, ledger: UsageLedger | None, chat: PreparedChat) -> None:
-        self._metrics, self._ledger = metrics, ledger
-        self._model, self._principal, self._id = chat.model, chat.principal, chat.completion_id
-        self.ticket: Admission | None = None
-        self._start = time.perf_counter()
-        self._ttft: float | None = None
-        self._prompt_tokens = self._cached_tokens = self._completion_tokens = 0
-        self._done = False
-
-    def started(self, event: Started) -> None:
-        self._prompt_tokens, self._cached_tokens = event.prompt_tokens, event.cached_tokens
-
-    def text(self, event: TextDelta) -> None:
-        self._completion_tokens += event.tokens
-        if self._ttft is None:
-            self._ttft = time.perf_counter() - self._start
-            self._metrics.ttft.labels(self._model).observe(self._ttft)
-
-    def finished(self, event: Finished) -> None:
-        m, model, usage = self._metrics, self._model, event.usage
-        latency = time.perf_counter() - self._start
-        m.request_success.labels(model, event.reason).inc()
-        m.prompt_tokens.labels(model).inc(usage.prompt_tokens)
-        m.generation_tokens.labels(model).inc(usage.completion_tokens)
-        m.cached_tokens.labels(model).inc(usage.cached_tokens)
-        m.e2e_latency.labels(model).observe(latency)
-        self._record(200, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
-                     usage.reasoning_tokens, event.reason)  # fmt: skip
-
-    def failed(self, error: MimoError) -> None:
-        if self._ttft is not None:
-            self._metrics.aborted.labels(self._model, error.code or "error").inc()
-        self._record(error.status_code, self._prompt_tokens, self._completion_tokens,
-                     self._cached_tokens, 0, None)  # fmt: skip
-
-    def close(self) -> None:
-        if not self._done:  # closed before finishing: the client went away
-            self._metrics.aborted.labels(self._model, "client_disconnected").inc()
-            self._record(499, self._prompt_tokens, self._completion_tokens,
-                         self._cached_tokens, 0, None)  # fmt: skip
-
-    def _record(
-        self, status: int, prompt: int, completion: int, cached: int, reasoning: int,
-        reason: str | None,
-    ) -> None:  # fmt: skip
-        self._done = True
-        if self.ticket is not None:
-            self.ticket.settle(prompt + completion)
-        self._metrics.requests.labels(self._model, str(status)).inc()
-        if self._ledger is not None:
-            self._ledger.record(
-                UsageRecord(
-                    key_id=self._principal.key_id,
-                    account_id=self._principal.account_id,
-                    request_id=self._id,
-                    model=self._model,
-                    status=status,
-                    prompt_tokens=prompt,
-                    completion_tokens=completion,
-                    reasoning_tokens=reasoning,
-                    cached_tokens=cached,
-                    latency_s=time.perf_counter() - self._start,
-                    ttft_s=self._ttft,
-                    finish_reason=reason,
-                )
-            )
 
 
 def _finish(finished: Finished, has_calls: bool) -> FinishReason:

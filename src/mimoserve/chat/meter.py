@@ -1,0 +1,116 @@
+"""Metering of one request: admission against the limits, then metrics and one usage
+record however the request ends. Shared by the embedded engine and the upstream relay."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mimoserve.auth.keys import Principal
+from mimoserve.backends.base import TokenUsage
+from mimoserve.errors import MimoError, StoreUnavailableError
+from mimoserve.limits.admission import AdmissionPolicy
+from mimoserve.limits.limiter import Admission, Limiter, RateLimitedError
+from mimoserve.metering.ledger import UsageLedger, UsageRecord
+from mimoserve.metering.metrics import Metrics
+from mimoserve.store.base import StoreError
+
+log = logging.getLogger(__name__)
+
+
+async def admit(
+    limiter: Limiter, policy: AdmissionPolicy, metrics: Metrics, principal: Principal,
+    model: str, tokens: int,
+) -> Admission:  # fmt: skip
+    try:
+        return await limiter.acquire(
+            account_id=principal.account_id,
+            key_id=principal.key_id,
+            model=model,
+            account_limits=policy.defaults.overridden_by(principal.account_limits),
+            key_limits=principal.key_limits,
+            tokens=tokens,
+        )
+    except RateLimitedError:
+        metrics.rate_limited.labels(model).inc()
+        raise
+    except StoreError as exc:  # shared counters unreachable: refuse rather than run unmetered
+        log.warning("rate-limit store unavailable: %s", exc)
+        raise StoreUnavailableError(
+            "The rate-limit store is unavailable; retry shortly.", retry_after_s=2
+        ) from exc
+
+
+class RequestMeter:
+    """Times and counts one generation, then records it (metrics and the usage ledger)
+    whichever way it ends: finished, failed, or abandoned by its client."""
+
+    def __init__(
+        self, metrics: Metrics, ledger: UsageLedger | None, model: str, principal: Principal,
+        completion_id: str,
+    ) -> None:  # fmt: skip
+        self._metrics, self._ledger = metrics, ledger
+        self._model, self._principal, self._id = model, principal, completion_id
+        self.ticket: Admission | None = None
+        self._start = time.perf_counter()
+        self._ttft: float | None = None
+        self._prompt_tokens = self._cached_tokens = self._completion_tokens = 0
+        self._done = False
+
+    def started(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self._prompt_tokens, self._cached_tokens = prompt_tokens, cached_tokens
+
+    def text(self, tokens: int) -> None:
+        self._completion_tokens += tokens
+        if self._ttft is None:
+            self._ttft = time.perf_counter() - self._start
+            self._metrics.ttft.labels(self._model).observe(self._ttft)
+
+    def finished(self, reason: str, usage: TokenUsage) -> None:
+        m, model = self._metrics, self._model
+        latency = time.perf_counter() - self._start
+        m.request_success.labels(model, reason).inc()
+        m.prompt_tokens.labels(model).inc(usage.prompt_tokens)
+        m.generation_tokens.labels(model).inc(usage.completion_tokens)
+        m.cached_tokens.labels(model).inc(usage.cached_tokens)
+        m.e2e_latency.labels(model).observe(latency)
+        self._record(200, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                     usage.reasoning_tokens, reason)  # fmt: skip
+
+    def failed(self, error: MimoError) -> None:
+        if self._ttft is not None:
+            self._metrics.aborted.labels(self._model, error.code or "error").inc()
+        self._record(error.status_code, self._prompt_tokens, self._completion_tokens,
+                     self._cached_tokens, 0, None)  # fmt: skip
+
+    def close(self) -> None:
+        if not self._done:  # closed before finishing: the client went away
+            self._metrics.aborted.labels(self._model, "client_disconnected").inc()
+            self._record(499, self._prompt_tokens, self._completion_tokens,
+                         self._cached_tokens, 0, None)  # fmt: skip
+
+    def _record(
+        self, status: int, prompt: int, completion: int, cached: int, reasoning: int,
+        reason: str | None,
+    ) -> None:  # fmt: skip
+        self._done = True
+        if self.ticket is not None:
+            self.ticket.settle(prompt + completion)
+        self._metrics.requests.labels(self._model, str(status)).inc()
+        if self._ledger is not None:
+            self._ledger.record(
+                UsageRecord(
+                    key_id=self._principal.key_id,
+                    account_id=self._principal.account_id,
+                    request_id=self._id,
+                    model=self._model,
+                    status=status,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    reasoning_tokens=reasoning,
+                    cached_tokens=cached,
+                    latency_s=time.perf_counter() - self._start,
+                    ttft_s=self._ttft,
+                    finish_reason=reason,
+                )
+            )

@@ -1,0 +1,158 @@
+"""A canned OpenAI-compatible engine for the relay tests: answers, faults and replays.
+
+Runs in a thread (`serve_in_thread`) or as its own process
+(`python -m tests.upstream.canned PORT [MODE]`) so a test can kill and restart it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tests.services import free_port
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@dataclass
+class Canned:
+    """What the engine does with the next requests (tests change it as they go)."""
+
+    mode: str = "ok"  # ok | status | garbage | broken | broken_first | slow | replay
+    reasoning_field: str = "reasoning_content"
+    reasoning: str = "Thinking it over."
+    content: str = "Hello from the engine."
+    send_usage: bool = True
+    status: int = 500
+    error_body: Any = field(default_factory=lambda: {"error": "Unauthorized"})
+    delay_s: float = 0.0
+    chunk_delay_s: float = 0.0
+    replay: str = ""  # fixture file name: the raw body to send
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    cancelled: int = 0
+    healthy: bool = True
+
+
+def _completion(c: Canned, model: str) -> dict[str, Any]:
+    message = {"role": "assistant", "content": c.content, c.reasoning_field: c.reasoning}
+    body: dict[str, Any] = {
+        "id": "chatcmpl-upstream", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+    }  # fmt: skip
+    if c.send_usage:
+        body["usage"] = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+    return body
+
+
+def _chunks(c: Canned, model: str, include_usage: bool) -> Iterator[dict[str, Any]]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"id": "chatcmpl-upstream", "object": "chat.completion.chunk", "created": 1,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+
+    yield chunk({"role": "assistant", "content": ""})
+    for word in c.reasoning.split(" "):
+        yield chunk({c.reasoning_field: word + " "})
+    for word in c.content.split(" "):
+        yield chunk({"content": word + " "})
+    yield chunk({}, "stop")
+    if include_usage and c.send_usage:
+        yield {"id": "chatcmpl-upstream", "object": "chat.completion.chunk", "created": 1,
+               "model": model, "choices": [],
+               "usage": {"prompt_tokens": 11, "completion_tokens": 9, "total_tokens": 20}}  # fmt: skip
+
+
+def build_app(c: Canned) -> Starlette:
+    async def models(request: Request) -> Response:
+        if not c.healthy:
+            return JSONResponse({"error": "unhealthy"}, status_code=503)
+        return JSONResponse({"object": "list", "data": [{"id": "canned", "object": "model"}]})
+
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        c.requests.append(body)
+        c.headers.append(dict(request.headers))
+        if c.delay_s:
+            await _sleep_or_notice_disconnect(request, c, c.delay_s)
+        if c.mode == "status":
+            return JSONResponse(c.error_body, status_code=c.status)
+        if c.mode == "garbage":
+            return Response(b"<html>502 Bad Gateway</html>", media_type="application/json")
+        if c.mode == "replay":
+            raw = (FIXTURES / c.replay).read_bytes()
+            kind = "text/event-stream" if c.replay.endswith(".sse") else "application/json"
+            return Response(raw, media_type=kind)
+        model = body.get("model", "canned")
+        if not body.get("stream"):
+            return JSONResponse(_completion(c, model))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(_stream(request, c, model, include_usage),
+                                 media_type="text/event-stream")  # fmt: skip
+
+    return Starlette(routes=[Route("/v1/models", models),
+                             Route("/v1/chat/completions", chat, methods=["POST"])])  # fmt: skip
+
+
+async def _sleep_or_notice_disconnect(request: Request, c: Canned, seconds: float) -> None:
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        if await request.is_disconnected():
+            c.cancelled += 1
+            raise asyncio.CancelledError
+        await asyncio.sleep(0.02)
+
+
+async def _stream(request: Request, c: Canned, model: str, include_usage: bool
+                  ) -> AsyncIterator[bytes]:  # fmt: skip
+    if c.mode == "broken_first":
+        return  # closes the body at once: no chunk, no [DONE]
+    try:
+        for number, chunk in enumerate(_chunks(c, model, include_usage)):
+            if c.mode == "broken" and number == 3:
+                yield b"data: {not json\n\n"
+                return
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+            if c.chunk_delay_s:
+                await asyncio.sleep(c.chunk_delay_s)
+        yield b"data: [DONE]\n\n"
+    except (asyncio.CancelledError, GeneratorExit):
+        c.cancelled += 1
+        raise
+
+
+@contextmanager
+def serve_in_thread(c: Canned) -> Iterator[str]:
+    """Yields the base URL (…/v1) of a canned engine on 127.0.0.1."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(c), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+if __name__ == "__main__":
+    port = int(sys.argv[1])
+    canned = Canned(mode=sys.argv[2] if len(sys.argv) > 2 else "ok")
+    uvicorn.run(build_app(canned), host="127.0.0.1", port=port, log_level="warning")
