@@ -74,7 +74,6 @@ class ModelEntry(BaseModel):
         "the request sets thinking.budget_tokens",
     )
 
-
     @model_validator(mode="after")
     def _backend_has_what_it_needs(self) -> ModelEntry:
         if self.backend == "llamacpp" and not self.weights:

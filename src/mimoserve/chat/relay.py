@@ -159,7 +159,8 @@ class RelayService:
             if usage is None:
                 message = body["choices"][0]["message"] if body["choices"] else {}
                 chars = len(message.get("content") or "") + len(
-                    message.get("reasoning_content") or "")
+                    message.get("reasoning_content") or ""
+                )
                 usage = body["usage"] = _estimated_usage(relay.request, chars)
             tokens = _usage(usage)
             meter.started(tokens.prompt_tokens, tokens.cached_tokens)

@@ -167,14 +167,11 @@ def chunk(data: Any, *, completion_id: str, model: str, created: int) -> dict[st
     for position, choice in enumerate(raw_choices):
         if not isinstance(choice, dict):
             raise ValueError("a choice is not an object")
-        mapped: dict[str, Any] = {
+        choices.append({
             "index": choice.get("index", position),
             "delta": _message(choice.get("delta") or {}, streaming=True),
-        }
-        reason = _finish_reason(choice.get("finish_reason"))
-        if reason is not None:
-            mapped["finish_reason"] = reason
-        choices.append(mapped)
+            "finish_reason": _finish_reason(choice.get("finish_reason")),  # null as in OpenAI's
+        })  # fmt: skip
     out: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk",
                            "created": created, "model": model, "choices": choices}  # fmt: skip
     usage = _usage(data.get("usage"))

@@ -1,0 +1,270 @@
+"""The relay against canned engines on 127.0.0.1: mapping, usage, errors, failover."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.services import free_port
+from tests.upstream.canned import Canned, serve_in_thread
+from tests.upstream.conftest import Gateway, registry_for, running_gateway
+
+CHAT = {"model": "mimo-v2-flash", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def sse(response: httpx.Response) -> tuple[list[dict[str, Any]], bool]:
+    events, done = [], False
+    for line in response.iter_lines():
+        if line == "data: [DONE]":
+            done = True
+        elif line.startswith("data: "):
+            events.append(json.loads(line[6:]))
+    return events, done
+
+
+def wait_for_records(gw: Gateway, count: int) -> list[Any]:
+    deadline = time.monotonic() + 5
+    while len(records := gw.usage.records()) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return records
+
+
+def test_non_stream_maps_reasoning_and_keeps_usage(tmp_path: Path) -> None:
+    engine = Canned(reasoning_field="reasoning")  # vLLM's newer name
+    with serve_in_thread(engine) as url, running_gateway(tmp_path, registry_for(url)) as gw:
+        with gw.client() as client:
+            response = client.post(
+                "/v1/chat/completions", json={**CHAT, "thinking": {"type": "enabled"}}
+            )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        message = body["choices"][0]["message"]
+        assert message == {
+            "role": "assistant",
+            "content": "Hello from the engine.",
+            "reasoning_content": "Thinking it over.",
+        }
+        assert body["model"] == "mimo-v2-flash" and body["id"].startswith("chatcmpl-")
+        assert body["id"] != "chatcmpl-upstream"
+        assert body["usage"]["prompt_tokens"] == 11 and body["usage"]["total_tokens"] == 18
+        assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
+        assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+        sent = engine.requests[-1]
+        assert sent["model"] == "XiaomiMiMo/MiMo-V2-Flash"
+        assert sent["chat_template_kwargs"] == {"enable_thinking": True} and "thinking" not in sent
+        assert engine.headers[-1].get("authorization") is None  # no key configured, none sent
+        [record] = wait_for_records(gw, 1)
+        assert (record.status, record.prompt_tokens, record.completion_tokens) == (200, 11, 7)
+        assert record.request_id == body["id"]
+
+
+def test_stream_relays_chunks_and_strips_usage_unless_asked(tmp_path: Path) -> None:
+    engine = Canned(reasoning_field="reasoning")
+    with serve_in_thread(engine) as url, running_gateway(tmp_path, registry_for(url)) as gw:
+        with gw.client() as client:
+            with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                assert r.status_code == 200
+                assert r.headers["content-type"].startswith("text/event-stream")
+                events, done = sse(r)
+            assert engine.requests[-1]["stream_options"] == {"include_usage": True}
+            assert done and all("usage" not in e for e in events)
+            assert len({e["id"] for e in events}) == 1 and events[0]["id"].startswith("chatcmpl-")
+            assert all(e["model"] == "mimo-v2-flash" for e in events)
+            deltas = [e["choices"][0]["delta"] for e in events]
+            assert deltas[0] == {"role": "assistant"}  # the engine's empty content is dropped
+            reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+            content = "".join(d.get("content", "") for d in deltas)
+            assert (
+                reasoning.strip() == "Thinking it over."
+                and content.strip() == "Hello from the engine."
+            )
+            assert all("reasoning" not in d for d in deltas)
+            assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+            asked = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+            with client.stream("POST", "/v1/chat/completions", json=asked) as r:
+                events, done = sse(r)
+            assert (
+                done and events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] == 20
+            )
+        records = wait_for_records(gw, 2)
+        assert [r.completion_tokens for r in records] == [9, 9]  # the engine's own usage
+
+
+def test_engine_without_usage_is_estimated_and_client_still_gets_usage(tmp_path: Path) -> None:
+    engine = Canned(send_usage=False)
+    with serve_in_thread(engine) as url, running_gateway(tmp_path, registry_for(url)) as gw:
+        with gw.client() as client:
+            body = client.post("/v1/chat/completions", json=CHAT).json()
+            asked = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+            with client.stream("POST", "/v1/chat/completions", json=asked) as r:
+                events, _ = sse(r)
+        assert body["usage"]["completion_tokens"] > 0 and body["usage"]["prompt_tokens"] > 0
+        assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] > 0
+        assert all(r.completion_tokens > 0 for r in wait_for_records(gw, 2))
+
+
+def test_engine_errors_become_the_contract_error_body(tmp_path: Path) -> None:
+    engine = Canned(mode="status", status=400, error_body={
+        "object": "error", "message": "This model's maximum context length is 32768 tokens.",
+        "type": "BadRequestError", "param": None, "code": 400})  # fmt: skip
+    with serve_in_thread(engine) as url, running_gateway(tmp_path, registry_for(url)) as gw, \
+            gw.client() as client:  # fmt: skip
+        bad = client.post("/v1/chat/completions", json=CHAT)
+        assert bad.status_code == 400
+        error = bad.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert "maximum context length" in error["message"]
+        assert error["type"] == "invalid_request_error"
+        assert len(engine.requests) == 1, "the client's own mistake is not retried"
+
+        engine.status, engine.error_body = 401, {"error": "Unauthorized"}  # vLLM's bare 401
+        denied = client.post("/v1/chat/completions", json=CHAT)
+        assert denied.status_code == 503 and "retry-after" in denied.headers
+        assert denied.json()["error"]["code"] == "upstream_auth_failed"
+        assert "Unauthorized" not in denied.text or "credentials" in denied.text
+
+
+def test_malformed_json_and_broken_streams_are_clean_errors(tmp_path: Path) -> None:
+    engine = Canned(mode="garbage")
+    with serve_in_thread(engine) as url, running_gateway(tmp_path, registry_for(url)) as gw:
+        with gw.client() as client:
+            garbage = client.post("/v1/chat/completions", json=CHAT)
+            assert garbage.status_code == 503
+            assert garbage.json()["error"]["code"] == "upstream_malformed"
+
+            engine.mode = "broken"  # a bad chunk after three good ones
+            with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                assert r.status_code == 200
+                events, done = sse(r)
+            assert done and "error" in events[-1]
+            assert events[-1]["error"]["code"] == "upstream_stream_broken"
+            assert len(events) == 4  # three relayed chunks, then the error event
+
+            engine.mode = "broken_first"  # dies before its first chunk: nothing was relayed
+            broken = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+            assert broken.status_code == 503 and broken.json()["error"]["type"] == "server_error"
+        # One record each, the broken stream's with the error it ended with.
+        assert [r.status for r in wait_for_records(gw, 3)] == [503, 503, 503]
+
+
+def test_failover_to_another_replica_before_any_byte(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    engine = Canned()
+    with serve_in_thread(engine) as url, running_gateway(tmp_path, registry_for(dead, url),
+                                                         health_interval_s=60) as gw:  # fmt: skip
+        with gw.client() as client:
+            for _ in range(6):
+                assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+                with client.stream("POST", "/v1/chat/completions",
+                                   json={**CHAT, "stream": True}) as r:  # fmt: skip
+                    assert r.status_code == 200 and sse(r)[1]
+        assert len(engine.requests) == 12
+
+
+def test_all_replicas_down_is_503_with_retry_after(tmp_path: Path) -> None:
+    dead = [f"http://127.0.0.1:{free_port()}/v1" for _ in range(2)]
+    with running_gateway(tmp_path, registry_for(*dead)) as gw, gw.client() as client:
+        for _ in range(5):  # enough to open both breakers
+            response = client.post("/v1/chat/completions", json=CHAT)
+            assert response.status_code == 503
+            assert int(response.headers["retry-after"]) >= 1
+            assert response.json()["error"]["type"] == "server_error"
+
+
+def test_slow_upstream_times_out_cleanly(tmp_path: Path) -> None:
+    engine = Canned(delay_s=10)
+    toml = registry_for("URL").replace("upstream_timeout_s = 3", "upstream_timeout_s = 0.5")
+    with serve_in_thread(engine) as url, running_gateway(tmp_path, toml.replace("URL", url)) as gw:
+        started = time.monotonic()
+        with gw.client() as client:
+            response = client.post("/v1/chat/completions", json=CHAT)
+        assert time.monotonic() - started < 5
+        assert (
+            response.status_code == 503 and response.json()["error"]["code"] == "upstream_timeout"
+        )
+
+
+def test_client_disconnect_closes_the_upstream_request(tmp_path: Path) -> None:
+    engine = Canned(chunk_delay_s=0.2, content=" ".join(["word"] * 50))
+    with serve_in_thread(engine) as url, running_gateway(tmp_path, registry_for(url)) as gw:
+        with gw.client() as client, \
+                client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:  # fmt: skip
+            for line in r.iter_lines():
+                if '"content"' in line:
+                    break  # leave mid-answer
+        deadline = time.monotonic() + 5
+        while engine.cancelled == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.cancelled == 1, "the engine saw the stream closed"
+
+        slow = Canned(delay_s=5)
+        with serve_in_thread(slow) as slow_url:
+            toml = registry_for(slow_url, model_id="mimo-v2-pro")
+            with running_gateway(tmp_path / "two", toml) as gw2:
+
+                def leave_early() -> None:
+                    with httpx.Client(base_url=gw2.url, headers={"api-key": gw2.key}) as c, \
+                            contextlib.suppress(httpx.ReadTimeout):  # fmt: skip
+                        c.post("/v1/chat/completions", json={**CHAT, "model": "mimo-v2-pro"},
+                               timeout=0.5)  # fmt: skip
+
+                thread = threading.Thread(target=leave_early)
+                thread.start()
+                thread.join()
+                deadline = time.monotonic() + 3
+                while slow.cancelled == 0 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert slow.cancelled == 1, "a non-streaming request is closed upstream too"
+                assert [r.status for r in wait_for_records(gw2, 1)] == [499]
+
+
+def test_models_keys_limits_and_media_apply_to_relayed_models(tmp_path: Path) -> None:
+    from mimoserve.limits.policy import Limits
+
+    engine = Canned()
+    omni = 'input_modalities = ["text", "image"]'
+    with serve_in_thread(engine) as url:
+        toml = registry_for(url) + "\n" + registry_for(url, model_id="mimo-v2-omni", extra=omni)
+        with running_gateway(tmp_path, toml) as gw, gw.client() as client:
+            listed = client.get("/v1/models").json()["data"]
+            assert {m["id"]: m["root"] for m in listed} == {
+                "mimo-v2-flash": "vllm:XiaomiMiMo/MiMo-V2-Flash",
+                "mimo-v2-omni": "vllm:XiaomiMiMo/MiMo-V2-Flash",
+            }
+            image = {"role": "user", "content": [
+                {"type": "text", "text": "what is it?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}  # fmt: skip
+            ok = client.post(
+                "/v1/chat/completions", json={"model": "mimo-v2-omni", "messages": [image]}
+            )
+            assert ok.status_code == 200
+            forwarded = engine.requests[-1]["messages"][0]["content"][1]
+            assert forwarded == {
+                "type": "image_url",
+                "image_url": {"url": "https://example.com/cat.png"},
+            }
+            refused = client.post(
+                "/v1/chat/completions", json={"model": "mimo-v2-flash", "messages": [image]}
+            )
+            assert (
+                refused.status_code == 400 and "mimo-v2-flash" in refused.json()["error"]["message"]
+            )
+            assert len(engine.requests) == 1, "refused before reaching the engine"
+
+            team = gw.keys.create_account("team", Limits(rpm=2))
+            narrow = gw.keys.create("narrow", account_id=team.id,
+                                    allowed_models=frozenset({"mimo-v2-flash"})).secret  # fmt: skip
+            headers = {"api-key": narrow}
+            forbidden = client.post("/v1/chat/completions", headers=headers,
+                                    json={"model": "mimo-v2-omni", "messages": CHAT["messages"]})  # fmt: skip
+            assert forbidden.status_code == 403
+            statuses = [client.post("/v1/chat/completions", json=CHAT, headers=headers).status_code
+                        for _ in range(3)]  # fmt: skip
+            assert statuses == [200, 200, 429]
