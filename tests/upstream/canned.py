@@ -104,7 +104,10 @@ def build_app(c: Canned) -> Starlette:
         return StreamingResponse(_stream(request, c, model, include_usage),
                                  media_type="text/event-stream")  # fmt: skip
 
-    return Starlette(routes=[Route("/v1/models", models),
+    async def stats(request: Request) -> Response:
+        return JSONResponse({"requests": len(c.requests), "cancelled": c.cancelled})
+
+    return Starlette(routes=[Route("/v1/models", models), Route("/stats", stats),
                              Route("/v1/chat/completions", chat, methods=["POST"])])  # fmt: skip
 
 

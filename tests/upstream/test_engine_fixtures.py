@@ -112,5 +112,6 @@ def test_request_body_per_engine_kind() -> None:
     ours = wire.request_body(request, UpstreamSpec(url="http://x/v1", kind="mimoserve"), "id")
     assert ours["model"] == "id" and ours["thinking"] == {"type": "disabled"}
     openai = wire.request_body(request, UpstreamSpec(url="http://x/v1", kind="openai"), "id")
-    assert "top_k" not in openai and "thinking" not in openai
+    assert "top_k" not in openai and "thinking" not in openai and "max_tokens" not in openai
+    assert openai["max_completion_tokens"] == 50
     assert "chat_template_kwargs" not in openai

@@ -55,9 +55,17 @@ def request_body(
     elif spec.kind in _TEMPLATE_THINKING and thinking is not None:
         enabled = thinking.get("type") == "enabled"
         body["chat_template_kwargs"] = {"enable_thinking": enabled}
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if spec.kind == "openai":
         for name in _EXTENSIONS:
             body.pop(name, None)
+        body.pop("max_tokens", None)  # deprecated there, and refused beside the new name
+        if limit is not None:
+            body["max_completion_tokens"] = limit
+    elif limit is not None:
+        # llama-cpp-python's server reads only `max_tokens`; the others read either.
+        body["max_tokens"] = limit
+        body.pop("max_completion_tokens", None)
     return body
 
 
