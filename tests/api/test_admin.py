@@ -200,16 +200,15 @@ async def test_store_outage_is_503_then_recovers(
     from mimoserve.store.base import StoreError
     from mimoserve.store.sqlite import Database
 
-    real = Database.transaction
-
     def broken(self: Database):  # type: ignore[no-untyped-def]
         raise StoreError("sqlite: disk I/O error")
 
     monkeypatch.setattr(Database, "transaction", broken)
+    monkeypatch.setattr(Database, "reading", broken)
     down = await client.post("/v1/chat/completions", json=CHAT)
     assert down.status_code == 503
     assert down.json()["error"]["code"] == "store_unavailable" and "retry-after" in down.headers
-    monkeypatch.setattr(Database, "transaction", real)
+    monkeypatch.undo()
     assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
 
 

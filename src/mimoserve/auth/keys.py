@@ -64,6 +64,11 @@ class Principal:
     allowed_models: frozenset[str] | None = None  # None: every model
     account_limits: Limits = field(default_factory=Limits)
     key_limits: Limits = field(default_factory=Limits)
+    last_used_at: float | None = field(default=None, compare=False)
+
+    def last_use_is_stale(self) -> bool:
+        last = self.last_used_at
+        return last is None or last < time.time() - _LAST_USED_RESOLUTION_S
 
 
 @dataclass(frozen=True)
@@ -205,30 +210,35 @@ class KeyStore:
 
         Raises StoreError when the store cannot answer (a 503 for the caller, not a 401).
         """
+        principal = self.lookup(key)
+        if principal is not None and principal.last_use_is_stale():
+            self.touch(principal.key_id)
+        return principal
+
+    @property
+    def local_reads(self) -> bool:
+        return self._db.local_reads
+
+    def lookup(self, key: str) -> Principal | None:
+        """`authenticate` without recording the use: reads only (see `touch`)."""
         match = _KEY_PATTERN.match(key)
         if match is None:
             return None
         key_id = match.group(1)
-        now = time.time()
-        with self._db.transaction() as conn:
+        with self._db.reading() as conn:
             row = conn.execute(
                 "SELECT k.name, k.key_hash, k.revoked_at, k.expires_at, k.account_id,"
-                " k.allowed_models, k.rpm, k.tpm, k.max_concurrent,"
+                " k.allowed_models, k.rpm, k.tpm, k.max_concurrent, k.last_used_at,"
                 " a.rpm AS account_rpm, a.tpm AS account_tpm"
                 " FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.id = ?",
                 (key_id,),
             ).fetchone()
-            if row is None or not hmac.compare_digest(row["key_hash"], _hash(key)):
-                return None
-            if row["revoked_at"] is not None:
-                return None
-            if row["expires_at"] is not None and row["expires_at"] <= now:
-                return None
-            conn.execute(
-                "UPDATE api_keys SET last_used_at = ? WHERE id = ?"
-                " AND (last_used_at IS NULL OR last_used_at < ?)",
-                (now, key_id, now - _LAST_USED_RESOLUTION_S),
-            )
+        if row is None or not hmac.compare_digest(row["key_hash"], _hash(key)):
+            return None
+        if row["revoked_at"] is not None:
+            return None
+        if row["expires_at"] is not None and row["expires_at"] <= time.time():
+            return None
         return Principal(
             key_id=key_id,
             key_name=row["name"],
@@ -236,4 +246,15 @@ class KeyStore:
             allowed_models=_models(row["allowed_models"]),
             account_limits=_limits(row, "account_"),
             key_limits=_limits(row),
+            last_used_at=row["last_used_at"],
         )
+
+    def touch(self, key_id: str) -> None:
+        """Records a use of the key (at most once per minute: see _LAST_USED_RESOLUTION_S)."""
+        now = time.time()
+        with self._db.transaction() as conn:
+            conn.execute(
+                "UPDATE api_keys SET last_used_at = ? WHERE id = ?"
+                " AND (last_used_at IS NULL OR last_used_at < ?)",
+                (now, key_id, now - _LAST_USED_RESOLUTION_S),
+            )

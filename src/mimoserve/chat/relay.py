@@ -16,10 +16,12 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
+
 from mimoserve.auth.keys import Principal
 from mimoserve.backends.base import TokenUsage
 from mimoserve.backends.upstream import wire
-from mimoserve.backends.upstream.client import UpstreamModel
+from mimoserve.backends.upstream.client import UpstreamModel, new_session
 from mimoserve.backends.upstream.replicas import Replica
 from mimoserve.chat.media import MediaLimits, check_media
 from mimoserve.chat.meter import RequestMeter, admit
@@ -99,19 +101,25 @@ class RelayService:
         self._metrics, self._ledger = metrics, ledger
         self._limiter, self._policy = limiter, policy
         self._media_limits = media_limits or MediaLimits()
+        self._session: aiohttp.ClientSession | None = None
 
     def serves(self, model_id: str) -> bool:
         return model_id in self.models
 
     def start(self) -> None:
+        """Inside the running loop: one connection pool for all, and health checks."""
+        if not self.models:
+            return
+        self._session = new_session()
         for model in self.models.values():
+            model.use_session(self._session)
             model.start()
 
     async def close(self) -> None:
         for model in self.models.values():
             await model.close()
-        for client in {id(m.client): m.client for m in self.models.values()}.values():
-            await client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def prepare(self, request: ChatCompletionRequest, principal: Principal) -> PreparedRelay:
         upstream = self.models[request.model]

@@ -39,7 +39,12 @@ class Connection(Protocol):
 
 class Database(Protocol):
     dialect: str  # "sqlite" or "postgresql"
+    local_reads: bool  # True: `reading()` is fast and local enough for the event loop
 
     def transaction(self) -> AbstractContextManager[Connection]: ...
+
+    def reading(self) -> AbstractContextManager[Connection]:
+        """For queries that only read: may skip the write lock and see committed data."""
+        ...
 
     def close(self) -> None: ...

@@ -8,7 +8,7 @@ Migrations run under an advisory lock: replicas that start together migrate once
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import psycopg
@@ -96,6 +96,7 @@ class _Connection:
 
 class PostgresDatabase:
     dialect = "postgresql"
+    local_reads = False  # every query is a network round trip: keep it off the event loop
 
     def __init__(self, url: str, *, max_connections: int = 8, timeout_s: float = 5.0) -> None:
         self._pool: ConnectionPool[psycopg.Connection[dict[str, Any]]] = ConnectionPool(
@@ -133,6 +134,9 @@ class PostgresDatabase:
             raise ConstraintError(str(exc)) from exc
         except (psycopg.Error, PoolTimeout) as exc:
             raise StoreError(f"postgresql: {exc}") from exc
+
+    def reading(self) -> AbstractContextManager[_Connection]:
+        return self.transaction()
 
     def close(self) -> None:
         self._pool.close()

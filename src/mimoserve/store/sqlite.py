@@ -71,17 +71,24 @@ MIGRATIONS: tuple[str, ...] = (
 
 
 class SqliteDatabase:
-    """One connection shared by threads, serialised by a lock (SQLite writes serialise anyway)."""
+    """Writes go through one connection serialised by a lock (SQLite serialises writes
+    anyway). Reads use a connection per thread and take no lock: in WAL mode they never
+    wait for a writer and see every committed write, so a key lookup costs tens of
+    microseconds and can run on the event loop."""
 
     dialect = "sqlite"
+    local_reads = True  # reads are cheap enough to run on the event loop
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.Lock()
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA busy_timeout=5000")
+        self._readers = threading.local()
+        self._reader_connections: list[sqlite3.Connection] = []
         self._migrate()
 
     def _migrate(self) -> None:
@@ -108,8 +115,26 @@ class SqliteDatabase:
             except sqlite3.Error as exc:
                 raise StoreError(f"sqlite: {exc}") from exc
 
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        conn: sqlite3.Connection | None = getattr(self._readers, "conn", None)
+        try:
+            if conn is None:
+                conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+                conn.row_factory = sqlite3.Row
+                conn.execute("PRAGMA query_only=1")
+                conn.execute("PRAGMA busy_timeout=5000")
+                self._readers.conn = conn
+                with self._lock:
+                    self._reader_connections.append(conn)
+            yield conn
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite: {exc}") from exc
+
     def close(self) -> None:
         with self._lock:
+            for conn in self._reader_connections:
+                conn.close()
             self._conn.close()
 
 
