@@ -70,10 +70,12 @@ class Server:
 
 @contextmanager
 def started(
-    name: str, command: list[str], port: int, log: Path, key_from_log: bool = False
-) -> Iterator[Server]:
+    name: str, command: list[str], port: int, log: Path, key_from_log: bool = False,
+    probe: str | None = None, env: dict[str, str] | None = None,
+) -> Iterator[Server]:  # fmt: skip
     with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   env=None if env is None else {**os.environ, **env})  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -81,8 +83,8 @@ def started(
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited:\n{log.read_text()[-3000:]}")
             try:
-                probe = "/health" if name != "llama-cpp-python" else "/v1/models"
-                if httpx.get(base + probe, timeout=1).status_code == 200:
+                path = probe or ("/health" if name != "llama-cpp-python" else "/v1/models")
+                if httpx.get(base + path, timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

@@ -75,7 +75,7 @@ def create_app(
     if admin is not None and usage is not None:
         app.include_router(admin_api.router)
         app.mount("/dashboard", DashboardFiles(), name="dashboard")
-    app.include_router(chat.router)
+    app.router.routes[:0] = chat.routes  # first: matched before every other route
     app.include_router(models.router)
     app.include_router(health.router)
     return app

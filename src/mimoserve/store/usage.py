@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from mimoserve.metering.ledger import UsageRecord
 from mimoserve.store.base import Database
 
 _COLUMNS = tuple(f.name for f in fields(UsageRecord))
+# Not dataclasses.astuple: it deep-copies every field (a tenth of a busy relay's CPU).
+_VALUES = operator.attrgetter(*_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class SqlUsageStore:
         with self._db.transaction() as conn:
             conn.executemany(
                 f"INSERT INTO usage_records ({','.join(_COLUMNS)}) VALUES ({placeholders})",
-                [astuple(record) for record in records],
+                [_VALUES(record) for record in records],
             )
 
     def records(self, since: float = 0.0) -> list[UsageRecord]:
