@@ -62,8 +62,10 @@ def litellm_binary() -> Path:
 
 
 def _ms(text: str) -> float:
-    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if match is None:
+        raise ValueError(f"unexpected wrk latency {text!r}")
+    return float(match[1]) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[match[2]]
 
 
 def wrk(server: Server, concurrency: int, duration: int, workdir: Path) -> Figures:
@@ -76,11 +78,12 @@ def wrk(server: Server, concurrency: int, duration: int, workdir: Path) -> Figur
          "-s", str(script), f"{server.base_url}/v1/chat/completions"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    p50 = re.search(r"50%\s+(\S+)", out)
-    p99 = re.search(r"99%\s+(\S+)", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.MULTILINE)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.MULTILINE)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     assert p50 and p99 and rps, out
+    print(out if "--verbose" in sys.argv else "", end="")
     return Figures(float(rps.group(1)), _ms(p50.group(1)), _ms(p99.group(1)),
                    int(errors.group(1)) if errors else 0)  # fmt: skip
 

@@ -38,3 +38,29 @@ def test_registry_file_and_weights_override(tmp_path: Path) -> None:
 def test_bad_registry_is_a_clear_error(text: str) -> None:
     with pytest.raises(RegistryError):
         ModelRegistry.from_toml(text)
+
+
+def test_the_fleet_example_registry_loads() -> None:
+    from pathlib import Path
+
+    from mimoserve.registry import ModelRegistry
+
+    fleet = ModelRegistry.load(Path(__file__).parent.parent / "deploy" / "fleet.toml")
+    entries = {e.id: e for e in fleet.entries()}
+    assert set(entries) == {"mimo-v2-flash", "mimo-v2-pro", "mimo-v2-omni"}
+    assert all(e.backend == "upstream" for e in entries.values())
+    assert [u.kind for u in entries["mimo-v2-flash"].upstreams] == ["vllm", "vllm", "sglang"]
+    assert "video" in entries["mimo-v2-omni"].input_modalities
+
+
+def test_registry_refuses_half_configured_entries() -> None:
+    import pytest
+
+    from mimoserve.registry import ModelRegistry, RegistryError
+
+    with pytest.raises(RegistryError, match="needs `upstreams`"):
+        ModelRegistry.from_toml('[models.x]\nbackend = "upstream"\n')
+    with pytest.raises(RegistryError, match="needs `weights`"):
+        ModelRegistry.from_toml("[models.x]\n")
+    with pytest.raises(RegistryError, match="text only"):
+        ModelRegistry.from_toml('[models.x]\nweights = "w"\ninput_modalities = ["image"]\n')
