@@ -21,17 +21,21 @@ def frame(payload: str) -> bytes:
 
 
 async def sse_frames(
-    chunks: AsyncGenerator[ChatCompletionChunk, None] | AsyncGenerator[dict[str, Any], None],
+    chunks: AsyncGenerator[ChatCompletionChunk, None] | AsyncGenerator[list[dict[str, Any]], None],
 ) -> AsyncIterator[bytes]:
     """Once bytes have been sent the status code is fixed: errors become an error event.
 
-    Chunks are models (the embedded engine) or plain dicts already in the contract's
-    shape (relayed from an upstream engine, where a model round trip would cost time).
+    Chunks are models (the embedded engine) or batches of plain dicts already in the
+    contract's shape (relayed from an upstream engine, where a model round trip would cost
+    time); a batch is framed into one write.
     """
     try:
         async for chunk in chunks:
-            if isinstance(chunk, dict):
-                yield frame(json.dumps(chunk, ensure_ascii=False, separators=(",", ":")))
+            if isinstance(chunk, list):
+                yield b"".join(
+                    frame(json.dumps(item, ensure_ascii=False, separators=(",", ":")))
+                    for item in chunk
+                )
             else:
                 yield frame(chunk.model_dump_json())
     except MimoError as exc:

@@ -182,7 +182,7 @@ class RelayService:
         finally:
             meter.close()
 
-    async def open_stream(self, relay: PreparedRelay) -> AsyncGenerator[dict[str, Any], None]:
+    async def open_stream(self, relay: PreparedRelay) -> AsyncGenerator[list[dict[str, Any]], None]:
         """Returns once the engine's first chunk arrived (failures before it are HTTP errors)."""
         meter = await self._metered(relay)
         try:
@@ -197,37 +197,42 @@ class RelayService:
         return self._chunks(relay, meter, events)
 
     async def _chunks(
-        self, relay: PreparedRelay, meter: RequestMeter, events: AsyncGenerator[Any, None]
-    ) -> AsyncGenerator[dict[str, Any], None]:
+        self, relay: PreparedRelay, meter: RequestMeter, batches: AsyncGenerator[list[Any], None]
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """Mapped chunks, in the batches they arrived in (one write each, see sse.py)."""
         usage: dict[str, Any] | None = None
         reason = "stop"
         chars = 0
         try:
-            async for raw in events:
-                try:
-                    out = wire.chunk(raw, completion_id=relay.completion_id, model=relay.model,
-                                     created=relay.created)  # fmt: skip
-                except (ValueError, TypeError, KeyError) as exc:
-                    raise wire.UpstreamFailure("The model engine sent a malformed chunk.",
-                                               code="upstream_malformed") from exc  # fmt: skip
-                if "usage" in out:
-                    usage = out["usage"] if relay.include_usage else out.pop("usage")
-                if out["choices"]:
-                    relayed = _delta_chars(out)
-                    if relayed:
-                        chars += relayed
-                        meter.text(1)  # a token count for the ledger only if usage never comes
-                    reason = out["choices"][0].get("finish_reason") or reason
-                elif "usage" not in out:
-                    continue  # nothing the client asked for
-                yield out
+            async for batch in batches:
+                out_batch = []
+                for raw in batch:
+                    try:
+                        out = wire.chunk(raw, completion_id=relay.completion_id,
+                                         model=relay.model, created=relay.created)  # fmt: skip
+                    except (ValueError, TypeError, KeyError) as exc:
+                        raise wire.UpstreamFailure("The model engine sent a malformed chunk.",
+                                                   code="upstream_malformed") from exc  # fmt: skip
+                    if "usage" in out:
+                        usage = out["usage"] if relay.include_usage else out.pop("usage")
+                    if out["choices"]:
+                        relayed = _delta_chars(out)
+                        if relayed:
+                            chars += relayed
+                            meter.text(1)  # counts for the ledger only if usage never comes
+                        reason = out["choices"][0].get("finish_reason") or reason
+                    elif "usage" not in out:
+                        continue  # nothing the client asked for
+                    out_batch.append(out)
+                if out_batch:
+                    yield out_batch
             if usage is None:
                 log.warning("upstream for %s sent no usage; estimating it", relay.model)
                 usage = _estimated_usage(relay.request, chars)
                 if relay.include_usage:
-                    yield {"id": relay.completion_id, "object": "chat.completion.chunk",
-                           "created": relay.created, "model": relay.model, "choices": [],
-                           "usage": usage}  # fmt: skip
+                    yield [{"id": relay.completion_id, "object": "chat.completion.chunk",
+                            "created": relay.created, "model": relay.model, "choices": [],
+                            "usage": usage}]  # fmt: skip
             tokens = _usage(usage)
             meter.started(tokens.prompt_tokens, tokens.cached_tokens)
             meter.finished(reason, tokens)
@@ -236,4 +241,4 @@ class RelayService:
             raise
         finally:
             meter.close()
-            await events.aclose()
+            await batches.aclose()

@@ -205,8 +205,9 @@ class UpstreamModel:
         assert last is not None
         raise last
 
-    async def open_stream(self, body_for: BodyFor) -> AsyncGenerator[Any, None]:
-        """Yields the engine's parsed chunks; returns only once the first one arrived."""
+    async def open_stream(self, body_for: BodyFor) -> AsyncGenerator[list[Any], None]:
+        """Yields the engine's parsed chunks in the batches they arrived in; returns only
+        once the first batch is there."""
         tried: set[int] = set()
         last: MimoError | None = None
         for _ in range(min(MAX_ATTEMPTS, len(self.pool.replicas))):
@@ -246,8 +247,8 @@ class UpstreamModel:
 
     async def _relay(
         self, replica: Replica, response: aiohttp.ClientResponse,
-        events: AsyncGenerator[Any, None], first: Any,
-    ) -> AsyncGenerator[Any, None]:  # fmt: skip
+        events: AsyncGenerator[list[Any], None], first: list[Any],
+    ) -> AsyncGenerator[list[Any], None]:  # fmt: skip
         failed = False  # a client that leaves (GeneratorExit) is not the replica's fault
         finished = False
         try:
@@ -272,17 +273,34 @@ class UpstreamModel:
             self.pool.release(replica, ok=not failed)
 
 
-async def _sse_data(response: aiohttp.ClientResponse) -> AsyncGenerator[Any, None]:
-    """Parsed `data:` payloads of an SSE body, up to `[DONE]`; a body that ends without
-    `[DONE]` is a broken stream (ValueError)."""
-    async for line in response.content:
-        if not line.startswith(b"data:"):
-            continue  # comments (`: ping`), event names, blank separators
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
-            return
-        yield json.loads(payload)
-    raise ValueError("the stream ended without [DONE]")
+async def _sse_data(response: aiohttp.ClientResponse) -> AsyncGenerator[list[Any], None]:
+    """Parsed `data:` payloads of an SSE body, up to `[DONE]`, in batches: everything that
+    arrived in one read comes out together, so chunks an engine sent in a burst cost one
+    write to the client instead of one each (nothing waits for a batch to fill). A body
+    that ends without `[DONE]` is a broken stream (ValueError)."""
+    pending = b""
+    while True:
+        data = await response.content.readany()
+        if not data:
+            raise ValueError("the stream ended without [DONE]")
+        *lines, pending = (pending + data).split(b"\n")
+        batch: list[Any] = []
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue  # comments (`: ping`), event names, blank separators
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                if batch:
+                    yield batch
+                return
+            try:
+                batch.append(json.loads(payload))
+            except ValueError:
+                if batch:  # what was good goes out first, as it would have unbatched
+                    yield batch
+                raise
+        if batch:
+            yield batch
 
 
 def build_upstreams(entries: list[ModelEntry]) -> dict[str, UpstreamModel]:
