@@ -11,15 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 
 from mimoserve.app import create_app
 from mimoserve.auth.admin import AdminCredential
@@ -32,6 +29,7 @@ from mimoserve.store.sqlite import Database
 from mimoserve.store.usage import SqlUsageStore
 from tests.conftest import REGISTRY
 from tests.fake_backend import ScriptedBackend
+from tests.services import uvicorn_in_thread
 
 CLIENTS = 64
 DURATION_S = 30.0
@@ -64,12 +62,6 @@ class EndlessScripts(ScriptedBackend):
                      prompt_tokens=self._random.randint(5, 50))  # fmt: skip
         async for event in super().generate(request):
             yield event
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Outcomes:
@@ -127,25 +119,17 @@ def test_one_record_per_request_under_load_with_disconnects(tmp_path: Path) -> N
     app = create_app(Settings(home=tmp_path), registry=registry, keys=keys, ledger=ledger,
                      admin=AdminCredential(database), usage=usage_store,
                      backends={e.id: backend for e in registry.entries()})  # fmt: skip
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-
     outcomes = Outcomes()
 
-    async def load() -> None:
+    async def load(url: str) -> None:
         until = time.monotonic() + DURATION_S
         await asyncio.gather(*(
-            _client(f"http://127.0.0.1:{port}", api_key, outcomes, random.Random(i), until)
-            for i in range(CLIENTS)
+            _client(url, api_key, outcomes, random.Random(i), until) for i in range(CLIENTS)
         ))  # fmt: skip
 
-    asyncio.run(load())
-    server.should_exit = True  # graceful: in-flight work ends, the ledger drains
-    thread.join(30)
+    # Leaving the block shuts down gracefully: in-flight work ends, the ledger drains.
+    with uvicorn_in_thread(app) as url:
+        asyncio.run(load(url))
 
     records: Sequence[UsageRecord] = usage_store.records()
     by_id = {r.request_id: r for r in records if r.request_id}

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 from pathlib import Path
 
 from mimoserve.auth.keys import KeyStore
@@ -55,19 +54,3 @@ def test_keys_survive_reopening_and_migrations_run_once(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "k.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-
-
-def test_concurrent_authentication_from_threads(keys: KeyStore) -> None:
-    issued = keys.create("busy")
-    results: list[bool] = []
-
-    def worker() -> None:
-        for _ in range(50):
-            results.append(keys.authenticate(issued.secret) is not None)
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == [True] * 400

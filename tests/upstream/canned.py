@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.services import free_port
+from tests.services import uvicorn_in_thread
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -141,18 +140,8 @@ async def _stream(request: Request, c: Canned, model: str, include_usage: bool
 @contextmanager
 def serve_in_thread(c: Canned) -> Iterator[str]:
     """Yields the base URL (…/v1) of a canned engine on 127.0.0.1."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(c), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with uvicorn_in_thread(build_app(c), lifespan="off") as url:
+        yield f"{url}/v1"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -9,7 +7,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from mimoserve.app import create_app
 from mimoserve.auth.keys import KeyStore
@@ -19,7 +16,7 @@ from mimoserve.metering.ledger import UsageLedger
 from mimoserve.registry import ModelRegistry
 from mimoserve.store.sqlite import SqliteDatabase
 from mimoserve.store.usage import SqlUsageStore
-from tests.services import free_port
+from tests.services import uvicorn_in_thread
 
 
 @dataclass
@@ -49,18 +46,10 @@ def running_gateway(tmp_path: Path, registry_toml: str, *,
         Settings(home=tmp_path), registry=registry, backends={}, keys=keys,
         ledger=UsageLedger(usage, flush_interval_s=0.05), usage=usage, upstreams=upstreams,
     )  # fmt: skip
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
     try:
-        yield Gateway(f"http://127.0.0.1:{port}", keys.create("gw").secret, keys, usage,
-                      app.state)  # fmt: skip
+        with uvicorn_in_thread(app) as url:
+            yield Gateway(url, keys.create("gw").secret, keys, usage, app.state)
     finally:
-        server.should_exit = True
-        thread.join(15)
         database.close()
 
 

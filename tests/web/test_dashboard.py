@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import re
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from mimoserve.app import create_app
@@ -28,7 +26,7 @@ from mimoserve.store.sqlite import SqliteDatabase
 from mimoserve.store.usage import SqlUsageStore
 from tests.conftest import REGISTRY
 from tests.fake_backend import ScriptedBackend
-from tests.services import free_port
+from tests.services import uvicorn_in_thread
 
 CHROMIUM = "/usr/bin/chromium"
 # Chromium's background connections are refused by this closed network; keep it quiet.
@@ -63,15 +61,8 @@ def site(tmp_path: Path) -> Iterator[Site]:
         usage=usage, ledger=UsageLedger(usage, flush_interval_s=0.05),
         backends={entry.id: backend for entry in registry.entries()},
     )  # fmt: skip
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield Site(f"http://127.0.0.1:{port}", token, keys, backend)
-    server.should_exit = True
-    thread.join(10)
+    with uvicorn_in_thread(app) as url:
+        yield Site(url, token, keys, backend)
 
 
 @pytest.fixture

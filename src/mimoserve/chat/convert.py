@@ -57,8 +57,9 @@ def _text_of(content: str | list[Any] | None, index: int, model: str) -> str | N
             texts.append(part.text)
             continue
         modality = _PART_MODALITY[type(part)]
-        # Prompt messages carry text only: no backend takes media yet, so every media
-        # part is refused here, naming the part and the model.
+        # The embedded engine takes text only (media goes to upstream engines that declare
+        # it, see chat/media.py), so every media part is refused here, naming the part
+        # and the model.
         raise InvalidRequestError(
             f"messages[{index}].content[{part_index}] is a {part.type} part, but model "
             f"{model!r} does not accept {modality} input",
