@@ -115,3 +115,18 @@ def test_request_body_per_engine_kind() -> None:
     assert "top_k" not in openai and "thinking" not in openai and "max_tokens" not in openai
     assert openai["max_completion_tokens"] == 50
     assert "chat_template_kwargs" not in openai
+
+
+def test_the_clients_own_body_is_forwarded_without_unknown_top_level_fields() -> None:
+    from mimoserve.protocol.chat import ChatCompletionRequest
+    from mimoserve.registry import UpstreamSpec
+
+    raw = json.dumps({
+        "model": "mimo-v2-flash", "vendor_field": True, "max_completion_tokens": 9,
+        "messages": [{"role": "user", "content": "Hi", "x-trace": "kept inside messages"}],
+    }).encode()  # fmt: skip
+    request = ChatCompletionRequest.model_validate_json(raw)
+    body = wire.request_body(request, UpstreamSpec(url="http://x/v1", kind="sglang"), "id", raw)
+    assert "vendor_field" not in body and body["max_tokens"] == 9
+    assert body["messages"][0]["x-trace"] == "kept inside messages"
+    assert body["model"] == "id"

@@ -67,6 +67,11 @@ def validation_message(error: ValidationError, data: Any) -> InvalidRequestError
 
 
 async def read_json_model(request: Request, model: type[ModelT], limit: int) -> ModelT:
+    return (await read_json_body(request, model, limit))[0]
+
+
+async def read_json_body(request: Request, model: type[ModelT], limit: int) -> tuple[ModelT, bytes]:
+    """The validated model and the raw body it came from (the relay forwards the latter)."""
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "application/json":
         raise InvalidRequestError(
@@ -75,7 +80,7 @@ async def read_json_model(request: Request, model: type[ModelT], limit: int) -> 
         )
     body = await read_body(request, limit)
     try:
-        return model.model_validate_json(body)
+        return model.model_validate_json(body), body
     except ValidationError as exc:
         try:
             data = json.loads(body)

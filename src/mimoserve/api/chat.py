@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mimoserve.api.auth import require_principal
-from mimoserve.api.body import read_json_model
+from mimoserve.api.body import read_json_body
 from mimoserve.api.sse import sse_frames
 from mimoserve.chat.relay import PreparedRelay, RelayService
 from mimoserve.chat.service import ChatService
@@ -44,11 +44,11 @@ async def create_chat_completion(request: Request) -> Response:
     relay: RelayService = request.app.state.relay
     body: ChatCompletionRequest | None = None
     try:
-        body = await read_json_model(
+        body, raw = await read_json_body(
             request, ChatCompletionRequest, request.app.state.settings.max_body_bytes
         )
         if relay.serves(body.model):
-            relayed = relay.prepare(body, principal)
+            relayed = relay.prepare(body, principal, raw)
         else:
             chat = service.prepare(body, principal)
     except MimoError as exc:

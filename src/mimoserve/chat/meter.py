@@ -64,16 +64,17 @@ class RequestMeter:
         self._completion_tokens += tokens
         if self._ttft is None:
             self._ttft = time.perf_counter() - self._start
-            self._metrics.ttft.labels(self._model).observe(self._ttft)
+            m = self._metrics
+            m.child(m.ttft, self._model).observe(self._ttft)
 
     def finished(self, reason: str, usage: TokenUsage) -> None:
         m, model = self._metrics, self._model
         latency = time.perf_counter() - self._start
-        m.request_success.labels(model, reason).inc()
-        m.prompt_tokens.labels(model).inc(usage.prompt_tokens)
-        m.generation_tokens.labels(model).inc(usage.completion_tokens)
-        m.cached_tokens.labels(model).inc(usage.cached_tokens)
-        m.e2e_latency.labels(model).observe(latency)
+        m.child(m.request_success, model, reason).inc()
+        m.child(m.prompt_tokens, model).inc(usage.prompt_tokens)
+        m.child(m.generation_tokens, model).inc(usage.completion_tokens)
+        m.child(m.cached_tokens, model).inc(usage.cached_tokens)
+        m.child(m.e2e_latency, model).observe(latency)
         self._record(200, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
                      usage.reasoning_tokens, reason)  # fmt: skip
 
@@ -96,7 +97,7 @@ class RequestMeter:
         self._done = True
         if self.ticket is not None:
             self.ticket.settle(prompt + completion)
-        self._metrics.requests.labels(self._model, str(status)).inc()
+        self._metrics.child(self._metrics.requests, self._model, str(status)).inc()
         if self._ledger is not None:
             self._ledger.record(
                 UsageRecord(

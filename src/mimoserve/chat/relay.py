@@ -26,7 +26,11 @@ from mimoserve.backends.upstream.replicas import Replica
 from mimoserve.chat.media import MediaLimits, check_media
 from mimoserve.chat.meter import RequestMeter, admit
 from mimoserve.errors import InvalidRequestError, MimoError, PermissionDeniedError
-from mimoserve.limits.admission import AdmissionPolicy, estimate_tokens
+from mimoserve.limits.admission import (
+    AdmissionPolicy,
+    estimate_tokens,
+    estimate_tokens_from_body,
+)
 from mimoserve.limits.limiter import Limiter
 from mimoserve.metering.ledger import UsageLedger
 from mimoserve.metering.metrics import Metrics
@@ -44,6 +48,7 @@ class PreparedRelay:
     completion_id: str
     created: int
     reserve_tokens: int
+    raw: bytes | None = None  # the body as the client sent it
 
     @property
     def model(self) -> str:
@@ -55,7 +60,7 @@ class PreparedRelay:
         return bool(options and options.include_usage)
 
     def body_for(self, replica: Replica) -> dict[str, Any]:
-        return wire.request_body(self.request, replica.spec, self.model)
+        return wire.request_body(self.request, replica.spec, self.model, self.raw)
 
 
 def _usage(raw: Mapping[str, Any]) -> TokenUsage:
@@ -121,7 +126,9 @@ class RelayService:
         if self._session is not None:
             await self._session.close()
 
-    def prepare(self, request: ChatCompletionRequest, principal: Principal) -> PreparedRelay:
+    def prepare(
+        self, request: ChatCompletionRequest, principal: Principal, raw: bytes | None = None
+    ) -> PreparedRelay:
         upstream = self.models[request.model]
         if principal.allowed_models is not None and request.model not in principal.allowed_models:
             raise PermissionDeniedError(
@@ -138,8 +145,12 @@ class RelayService:
             principal=principal,
             completion_id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
-            reserve_tokens=estimate_tokens(request, self._policy.completion_reserve),
-        )
+            reserve_tokens=(
+                estimate_tokens(request, self._policy.completion_reserve) if raw is None
+                else estimate_tokens_from_body(len(raw), request, self._policy.completion_reserve)
+            ),
+            raw=raw,
+        )  # fmt: skip
 
     async def _metered(self, relay: PreparedRelay) -> RequestMeter:
         meter = RequestMeter(self._metrics, self._ledger, relay.model, relay.principal,

@@ -23,3 +23,11 @@ def estimate_tokens(request: ChatCompletionRequest, completion_reserve: int) -> 
     prompt_chars = len(request.model_dump_json(include={"messages", "tools"}))
     completion = request.max_completion_tokens or request.max_tokens or completion_reserve
     return math.ceil(prompt_chars / _CHARS_PER_TOKEN) + completion
+
+
+def estimate_tokens_from_body(
+    body_bytes: int, request: ChatCompletionRequest, completion_reserve: int
+) -> int:
+    """`estimate_tokens` from the raw body's size, for the relay, which has it at hand."""
+    completion = request.max_completion_tokens or request.max_tokens or completion_reserve
+    return math.ceil(body_bytes / _CHARS_PER_TOKEN) + completion

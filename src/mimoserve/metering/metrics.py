@@ -4,12 +4,14 @@ thing is measured, so dashboards built for vLLM carry over."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
 
+_Labelled = Counter | Gauge | Histogram
 # (model) -> (running, waiting)
 LoadProbe = Callable[[], dict[str, tuple[int, int]]]
 
@@ -18,6 +20,7 @@ class Metrics:
     def __init__(self, load_probe: LoadProbe | None = None) -> None:
         self.registry = CollectorRegistry()
         self._load_probe = load_probe
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "mimoserve:requests", "Chat requests by model and HTTP status", ["model", "status"],
@@ -60,6 +63,16 @@ class Metrics:
             "mimoserve:num_requests_waiting", "Requests queued for the engine", ["model"],
             registry=r,
         )  # fmt: skip
+
+    def child(self, metric: _Labelled, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered: prometheus_client builds and locks on
+        every call, which on a busy relay was a few percent of each request. Labels are
+        bounded (served model ids, status codes, finish reasons), so is this cache."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def render(self) -> bytes:
         if self._load_probe is not None:

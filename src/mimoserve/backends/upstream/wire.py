@@ -37,9 +37,14 @@ class UpstreamFailure(MimoError):
 
 
 def request_body(
-    request: ChatCompletionRequest, spec: UpstreamSpec, model_id: str
+    request: ChatCompletionRequest, spec: UpstreamSpec, model_id: str, raw: bytes | None = None
 ) -> dict[str, Any]:
-    body = request.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    """The engine's body: the client's own JSON when at hand (already validated as
+    `request`; parsing it again is cheaper than dumping the model), else the model's."""
+    body = (
+        json.loads(raw) if raw is not None
+        else request.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    )  # fmt: skip
     for unknown in request.model_extra or ():
         body.pop(unknown, None)  # ignored (and logged) as on the embedded path
     body["model"] = spec.model or model_id
