@@ -47,15 +47,17 @@ async def create_chat_completion(request: Request) -> Response:
         body, raw = await read_json_body(
             request, ChatCompletionRequest, request.app.state.settings.max_body_bytes
         )
-        if relay.serves(body.model):
-            relayed = relay.prepare(body, principal, raw)
-        else:
-            chat = service.prepare(body, principal)
+        # Models on upstream engines go through the relay, the rest to the embedded engine.
+        prepared = (
+            relay.prepare(body, principal, raw) if relay.serves(body.model)
+            else service.prepare(body, principal)
+        )  # fmt: skip
     except MimoError as exc:
         service.record_refusal(principal, body.model if body else None, exc.status_code)
         raise
-    if relay.serves(body.model):
-        return await _relay(request, relay, relayed)
+    if isinstance(prepared, PreparedRelay):
+        return await _relay(request, relay, prepared)
+    chat = prepared
     if body.stream:
         # Waiting for the first event can mean waiting for a free slot: a client that
         # leaves meanwhile gives up its place in the queue.
