@@ -49,6 +49,10 @@ class Settings(BaseSettings):
         default=16, ge=0, description="Requests that may wait for a busy engine before 503"
     )
     access_log: bool = Field(default=False, description="Log every request line (uvicorn's)")
+    opentelemetry: bool = Field(
+        default=False,
+        description="FastAPI's OpenTelemetry spans/metrics/logs (exporters from OTEL_* env)",
+    )
     max_body_bytes: int = Field(
         default=1 << 20, ge=1024, description="Largest accepted request body (413 above it)"
     )

@@ -87,3 +87,20 @@ async def test_engine_load_gauges(client: httpx.AsyncClient, backend: ScriptedBa
     text = await metrics(client)
     assert sample(text, "mimoserve:num_requests_running", model="mimo-v2-flash") == 3
     assert sample(text, "mimoserve:num_requests_waiting", model="mimo-v2-pro") == 2
+
+
+def test_fastapi_telemetry_is_off_unless_asked_for() -> None:
+    import inspect
+
+    from fastapi import FastAPI
+
+    from mimoserve.app import _telemetry_options
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        assert _telemetry_options(False) == {}  # an older FastAPI has nothing to turn off
+        return
+    off = _telemetry_options(False)["telemetry"]
+    assert not any(off.values())
+    native = getattr(FastAPI(**_telemetry_options(False)), "_native_telemetry", None)
+    assert native is None or native.enabled() is False
+    assert _telemetry_options(True) == {}
