@@ -187,6 +187,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, help="waiting requests before 503 (default 16)")
     serve.add_argument("--access-log", action="store_true", default=None,
                        help="log every request (the usage ledger records them anyway)")  # fmt: skip
+    serve.add_argument("--opentelemetry", action="store_true", default=None,
+                       help="FastAPI OpenTelemetry (exporters from OTEL_* variables)")  # fmt: skip
     serve.add_argument("--redis-url", help="redis://... for rate limits shared by replicas")
     serve.add_argument("--max-body-bytes", type=int, help="request body limit (default 1 MiB)")
     serve.set_defaults(handler=cmd_serve)
