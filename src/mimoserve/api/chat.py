@@ -7,12 +7,12 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mimoserve.api.auth import require_principal
 from mimoserve.api.body import read_json_body
-from mimoserve.api.sse import sse_frames
+from mimoserve.api.sse import EventStreamResponse, sse_frames
 from mimoserve.chat.relay import PreparedRelay, RelayService
 from mimoserve.chat.service import ChatService
 from mimoserve.errors import ClientDisconnected, MimoError
@@ -62,26 +62,16 @@ async def create_chat_completion(request: Request) -> Response:
         # Waiting for the first event can mean waiting for a free slot: a client that
         # leaves meanwhile gives up its place in the queue.
         chunks = await _until_disconnect(request, service.open_stream(chat))
-        return StreamingResponse(
-            sse_frames(chunks),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return EventStreamResponse(sse_frames(chunks))
     completion = await _until_disconnect(request, service.complete(chat))
     return JSONResponse(completion.model_dump(mode="json"))
 
 
-async def _relay(
-    request: Request, relay: RelayService, prepared: PreparedRelay
-) -> JSONResponse | StreamingResponse:
+async def _relay(request: Request, relay: RelayService, prepared: PreparedRelay) -> Response:
     # A client that leaves cancels the work, which closes the upstream connection.
     if prepared.request.stream:
         chunks = await _until_disconnect(request, relay.open_stream(prepared))
-        return StreamingResponse(
-            sse_frames(chunks),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return EventStreamResponse(sse_frames(chunks))
     return JSONResponse(await _until_disconnect(request, relay.complete(prepared)))
 
 

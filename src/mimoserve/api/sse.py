@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from mimoserve.api.errors import error_body
 from mimoserve.errors import EngineError, MimoError
@@ -46,3 +50,51 @@ async def sse_frames(
     finally:
         await chunks.aclose()
     yield DONE
+
+
+class EventStreamResponse(Response):
+    """An SSE response that stops the moment its client disconnects.
+
+    Starlette's StreamingResponse does the same with an anyio task group per response
+    (on uvicorn, whose ASGI spec version is 2.3); here one plain task watches
+    `receive()` and cancels the streaming task on `http.disconnect`, which closes the
+    chunk generator (and, for a relayed stream, the engine's connection) at once.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, frames: AsyncIterator[bytes]) -> None:
+        # Not Response.__init__: it would announce a Content-Length for an empty body.
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._frames = frames
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        streaming = asyncio.current_task()
+        assert streaming is not None
+        client_left = False
+
+        async def watch() -> None:
+            nonlocal client_left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            client_left = True
+            streaming.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})  # fmt: skip
+            async for payload in self._frames:
+                await send({"type": "http.response.body", "body": payload, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not client_left:
+                raise  # cancelled from outside (shutdown): not ours to swallow
+            streaming.uncancel()
+        finally:
+            watcher.cancel()
+            aclose = getattr(self._frames, "aclose", None)
+            if aclose is not None:
+                await aclose()
