@@ -6,9 +6,9 @@ mimoserve, and through LiteLLM's proxy, measured in one run on 127.0.0.1.
 Needs `wrk` (Debian: apt-get install wrk) for the non-streaming load; installs
 LiteLLM's proxy (`litellm[proxy]`) into ~/.cache/mimoserve/bench/litellm-venv on first
 use. Every server runs one worker. Non-streaming: wrk at concurrency 1, 8 and 32
-(latency p50/p99 and requests/s). Streaming: an asyncio client that opens a
-connection per request and times the first `data:` line (time to first byte) and the
-whole answer. "added" is the target's figure minus the direct one, from the same run.
+(latency p50/p99 and requests/s). Streaming: an asyncio client with one keep-alive
+connection per concurrent stream (as SDKs keep them) that times the first `data:` line
+(time to first byte). "added" is the target's figure minus the direct one, from the same run.
 Writes bench/GATEWAY.md.
 """
 
@@ -91,20 +91,33 @@ def wrk(server: Server, concurrency: int, duration: int, workdir: Path) -> Figur
 # ---- streaming: time to first byte ---------------------------------------------------------
 
 
-async def _one_stream(host: str, port: int, request: bytes) -> tuple[float, bool]:
-    start = time.perf_counter()
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(request)
-    await writer.drain()
-    first: float | None = None
-    seen = b""
-    while chunk := await reader.read(65536):
-        seen += chunk
-        if first is None and b"data:" in seen:
-            first = time.perf_counter() - start
-    writer.close()
-    ok = b" 200 " in seen[:20] and b"[DONE]" in seen
-    return (first if first is not None else time.perf_counter() - start), ok
+class _Connection:
+    """One keep-alive HTTP/1.1 connection, as SDK clients keep them: requests go out one
+    after another, and an answer ends with `[DONE]` and the last (empty) chunk."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def stream(self, request: bytes) -> tuple[float, bool]:
+        start = time.perf_counter()
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        writer.write(request)
+        first: float | None = None
+        seen = b""
+        while not (b"[DONE]" in seen and seen.endswith(b"0\r\n\r\n")):
+            chunk = await reader.read(65536)
+            if not chunk:  # the server closed the connection: open a new one next time
+                writer.close()
+                self.streams = None
+                break
+            seen += chunk
+            if first is None and b"data:" in seen:
+                first = time.perf_counter() - start
+        ok = b" 200 " in seen[:20] and b"[DONE]" in seen
+        return (first if first is not None else time.perf_counter() - start), ok
 
 
 async def _streams(server: Server, concurrency: int, duration: float) -> Figures:
@@ -112,15 +125,16 @@ async def _streams(server: Server, concurrency: int, duration: float) -> Figures
     extra = "".join(f"{k}: {v}\r\n" for k, v in server.headers.items())
     request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
                f"Content-Type: application/json\r\nContent-Length: {len(STREAM_BODY)}\r\n"
-               f"Connection: close\r\n{extra}\r\n{STREAM_BODY}").encode()  # fmt: skip
+               f"{extra}\r\n{STREAM_BODY}").encode()  # fmt: skip
     ttfb: list[float] = []
     errors = 0
     until = time.perf_counter() + duration
 
     async def worker() -> None:
         nonlocal errors
+        connection = _Connection(host, int(port))
         while time.perf_counter() < until:
-            first, ok = await _one_stream(host, int(port), request)
+            first, ok = await connection.stream(request)
             ttfb.append(first)
             errors += not ok
 
