@@ -73,14 +73,15 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         streaming = asyncio.current_task()
         assert streaming is not None
-        client_left = False
+        client_left = finished = False
 
         async def watch() -> None:
             nonlocal client_left
             while (await receive())["type"] != "http.disconnect":
                 pass
-            client_left = True
-            streaming.cancel()
+            if not finished:  # a client that closes after the last byte changes nothing
+                client_left = True
+                streaming.cancel()
 
         watcher = asyncio.ensure_future(watch())
         try:
@@ -90,11 +91,17 @@ class EventStreamResponse(Response):
                 await send({"type": "http.response.body", "body": payload, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
+            # The watcher's cancel always surfaces at one of the awaits above, so it is
+            # caught here and nothing is pending once this block ends.
             if not client_left:
                 raise  # cancelled from outside (shutdown): not ours to swallow
             streaming.uncancel()
         finally:
+            finished = True
             watcher.cancel()
-            aclose = getattr(self._frames, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await self._close_frames()  # the generator chain, and an engine connection
+
+    async def _close_frames(self) -> None:
+        aclose = getattr(self._frames, "aclose", None)
+        if aclose is not None:
+            await aclose()
