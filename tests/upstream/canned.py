@@ -86,8 +86,8 @@ def build_app(c: Canned) -> Starlette:
         body = await request.json()
         c.requests.append(body)
         c.headers.append(dict(request.headers))
-        if c.delay_s:
-            await _sleep_or_notice_disconnect(request, c, c.delay_s)
+        if c.delay_s and not await _sleep_or_notice_disconnect(request, c, c.delay_s):
+            return Response(status_code=499)  # nobody is listening any more
         if c.mode == "status":
             return JSONResponse(c.error_body, status_code=c.status)
         if c.mode == "garbage":
@@ -110,13 +110,15 @@ def build_app(c: Canned) -> Starlette:
                              Route("/v1/chat/completions", chat, methods=["POST"])])  # fmt: skip
 
 
-async def _sleep_or_notice_disconnect(request: Request, c: Canned, seconds: float) -> None:
+async def _sleep_or_notice_disconnect(request: Request, c: Canned, seconds: float) -> bool:
+    """Waits `seconds`; False (and counted) if the caller hung up meanwhile."""
     until = time.monotonic() + seconds
     while time.monotonic() < until:
         if await request.is_disconnected():
             c.cancelled += 1
-            raise asyncio.CancelledError
+            return False
         await asyncio.sleep(0.02)
+    return True
 
 
 async def _stream(request: Request, c: Canned, model: str, include_usage: bool

@@ -167,17 +167,17 @@ class UpstreamModel:
         last: MimoError | None = None
         for _ in range(min(MAX_ATTEMPTS, len(self.pool.replicas))):
             replica = self._next(tried, last)
-            ok = False
+            done = blamed = False  # a client that leaves (CancelledError) blames no replica
             response: aiohttp.ClientResponse | None = None
             try:
                 response = await self._post(replica, body_for(replica))
                 raw = await response.read()
+                done = True  # the body is read: the connection can go back to the pool
                 if response.status != 200:
                     error = error_from_status(response.status, raw)
-                    ok = not isinstance(error, UpstreamFailure)
-                    if ok:
+                    if not isinstance(error, UpstreamFailure):
                         raise error  # the client's own mistake: no retry
-                    last = error
+                    blamed, last = True, error
                     continue
                 try:
                     data = json.loads(raw)
@@ -186,22 +186,24 @@ class UpstreamModel:
                 except ValueError:
                     log.warning("upstream %s sent a body that is not a chat completion",
                                 replica.name)  # fmt: skip
+                    blamed = True
                     last = UpstreamFailure("The model engine sent a malformed answer.",
                                            code="upstream_malformed")  # fmt: skip
                     continue
-                ok = True
                 return data
             except TimeoutError as exc:
+                blamed = True
                 raise UpstreamTimeout(
                     "The model engine did not answer in time.", retry_after_s=1
                 ) from exc
             except _TRANSPORT_ERRORS as exc:
+                blamed = True
                 log.warning("upstream %s unreachable: %r", replica.name, exc)
                 last = UpstreamFailure("The model engine is unreachable.")
             finally:
-                if response is not None and not ok:
-                    response.close()  # cancelled or failed: drop the connection
-                self.pool.release(replica, ok=ok)
+                if response is not None and not done:
+                    response.close()  # cancelled or failed mid-answer: drop the connection
+                self.pool.release(replica, ok=not blamed)
         assert last is not None
         raise last
 
