@@ -1,8 +1,8 @@
 """Real PostgreSQL and Redis servers for the tests, started on 127.0.0.1 in temp folders.
 
-The binaries come from Debian's packages (`scripts/test` installs them when missing).
+The binaries come from Debian's packages (`.ci/run` installs them when missing).
 Without them a test that needs a server is skipped, unless MIMOSERVE_REQUIRE_SERVICES=1
-(set by `scripts/test`, so CI fails instead of passing without them).
+(set by `.ci/run`, so CI fails instead of passing without them).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 
 
 def _missing(what: str) -> None:
-    message = f"{what} is not installed (run scripts/test, which installs it)"
+    message = f"{what} is not installed (run .ci/run, which installs it)"
     if os.environ.get("MIMOSERVE_REQUIRE_SERVICES") == "1":
         pytest.fail(message)
     pytest.skip(message)
