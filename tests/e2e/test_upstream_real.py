@@ -9,52 +9,23 @@ machine's two cores instead of spinning against each other; the gateway loads no
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 
-from tests.e2e.server import running_server
+from tests.e2e.server import running_process, running_server
 from tests.services import free_port
 from tests.upstream.conftest import running_gateway
 
 ONE_CORE = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
 HI: Any = [{"role": "user", "content": "Say hello."}]
-
-
-@contextmanager
-def process(args: list[str], ready_url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **ONE_CORE})  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(ready_url, timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_gateway_in_front_of_mimoserve_and_llama_cpp_server(
@@ -66,7 +37,8 @@ def test_gateway_in_front_of_mimoserve_and_llama_cpp_server(
                     "--port", str(port), "--model_alias", "smollm2"]  # fmt: skip
     with running_server(tmp_path / "engine", "--n-threads", "1", "--n-ctx", "2048",
                         env=ONE_CORE) as engine, \
-            process(llama_server, f"http://127.0.0.1:{port}/v1/models", tmp_path / "llama.log"):  # fmt: skip
+            running_process(llama_server, f"http://127.0.0.1:{port}/v1/models",
+                            tmp_path / "llama.log", ONE_CORE):  # fmt: skip
         registry = tmp_path / "fleet.toml"
         registry.write_text(f"""
 [models.mimo-v2-flash]
