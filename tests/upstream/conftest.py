@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
 
 from mimoserve.app import create_app
 from mimoserve.auth.keys import KeyStore
@@ -61,8 +60,3 @@ def registry_for(*urls: str, kind: str = "vllm", model_id: str = "mimo-v2-flash"
         for url in urls
     )
     return f'[models.{model_id}]\nbackend = "upstream"\nupstream_timeout_s = 3\n{extra}\n{replicas}'
-
-
-@pytest.fixture
-def gateway_factory(tmp_path: Path) -> Callable[..., object]:
-    return lambda toml, **kw: running_gateway(tmp_path, toml, **kw)

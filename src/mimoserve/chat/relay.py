@@ -28,6 +28,7 @@ from mimoserve.chat.meter import RequestMeter, admit
 from mimoserve.errors import InvalidRequestError, MimoError, PermissionDeniedError
 from mimoserve.limits.admission import (
     AdmissionPolicy,
+    estimate_prompt_tokens,
     estimate_tokens,
     estimate_tokens_from_body,
 )
@@ -73,8 +74,7 @@ def _usage(raw: Mapping[str, Any]) -> TokenUsage:
 
 
 def _estimated_usage(request: ChatCompletionRequest, completion_chars: int) -> dict[str, Any]:
-    prompt = estimate_tokens(request, 0) - (request.max_completion_tokens or request.max_tokens
-                                            or 0)  # fmt: skip
+    prompt = estimate_prompt_tokens(request)
     completion = math.ceil(completion_chars / _CHARS_PER_TOKEN)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,

@@ -19,15 +19,21 @@ class AdmissionPolicy:
     completion_reserve: int = 512  # when a request sets no max_completion_tokens
 
 
+def estimate_prompt_tokens(request: ChatCompletionRequest) -> int:
+    return math.ceil(len(request.model_dump_json(include={"messages", "tools"})) / _CHARS_PER_TOKEN)
+
+
+def _completion_tokens(request: ChatCompletionRequest, completion_reserve: int) -> int:
+    return request.max_completion_tokens or request.max_tokens or completion_reserve
+
+
 def estimate_tokens(request: ChatCompletionRequest, completion_reserve: int) -> int:
-    prompt_chars = len(request.model_dump_json(include={"messages", "tools"}))
-    completion = request.max_completion_tokens or request.max_tokens or completion_reserve
-    return math.ceil(prompt_chars / _CHARS_PER_TOKEN) + completion
+    return estimate_prompt_tokens(request) + _completion_tokens(request, completion_reserve)
 
 
 def estimate_tokens_from_body(
     body_bytes: int, request: ChatCompletionRequest, completion_reserve: int
 ) -> int:
     """`estimate_tokens` from the raw body's size, for the relay, which has it at hand."""
-    completion = request.max_completion_tokens or request.max_tokens or completion_reserve
-    return math.ceil(body_bytes / _CHARS_PER_TOKEN) + completion
+    prompt = math.ceil(body_bytes / _CHARS_PER_TOKEN)
+    return prompt + _completion_tokens(request, completion_reserve)
