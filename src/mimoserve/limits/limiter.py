@@ -30,6 +30,52 @@ class RateLimitedError(MimoError):
         super().__init__(message, headers={"Retry-After": str(seconds)})
 
 
+@dataclass(frozen=True)
+class Charge:
+    """One bucket a request draws from, whichever limiter keeps the buckets."""
+
+    name: tuple[str, str, str, str]  # (scope, owner, model, "rpm" | "tpm")
+    capacity: int
+    cost: int
+    describes: str  # for the 429's message
+
+    @property
+    def is_tokens(self) -> bool:
+        return self.name[3] == "tpm"
+
+
+def charges(
+    *, account_id: str, key_id: str, model: str, account_limits: Limits, key_limits: Limits,
+    tokens: int,
+) -> list[Charge]:  # fmt: skip
+    """The buckets a request draws from: requests and tokens per minute for its account
+    and model, and for its key when the key has limits of its own."""
+    found = []
+    for scope, owner, limits in (("account", account_id, account_limits),
+                                 ("key", key_id, key_limits)):  # fmt: skip
+        if limits.rpm is not None:
+            found.append(Charge((scope, owner, model, "rpm"), limits.rpm, 1,
+                                f"requests per minute for {model} ({limits.rpm})"))  # fmt: skip
+        if limits.tpm is not None:
+            # A request larger than the whole budget is let through alone, into debt.
+            found.append(Charge((scope, owner, model, "tpm"), limits.tpm, min(tokens, limits.tpm),
+                                f"tokens per minute for {model} ({limits.tpm})"))  # fmt: skip
+    return found
+
+
+def too_many_in_flight(limit: int) -> RateLimitedError:
+    return RateLimitedError(
+        f"Too many concurrent requests for this key (limit {limit}).", retry_after_s=1
+    )
+
+
+def short_of(charge: Charge, wait_s: float) -> RateLimitedError:
+    return RateLimitedError(
+        f"Rate limit reached: {charge.describes}. Retry after the indicated time.",
+        retry_after_s=wait_s,
+    )
+
+
 class Admission(Protocol):
     """An admitted request's hold on its limits."""
 
@@ -143,31 +189,19 @@ class RateLimiter:
         if effective.max_concurrent is not None and (
             self._in_flight.get(key_id, 0) >= effective.max_concurrent
         ):
-            raise RateLimitedError(
-                f"Too many concurrent requests for this key (limit {effective.max_concurrent}).",
-                retry_after_s=1,
-            )
-        checks: list[tuple[_Bucket, float, str]] = []
-        token_charges: list[tuple[_Bucket, float]] = []
-        for scope, limits in (("account", account_limits), ("key", key_limits)):
-            owner = account_id if scope == "account" else key_id
-            if limits.rpm is not None:
-                bucket = self._bucket((scope, owner, model, "rpm"), limits.rpm, now)
-                checks.append((bucket, 1.0, f"requests per minute for {model} ({limits.rpm})"))
-            if limits.tpm is not None:
-                bucket = self._bucket((scope, owner, model, "tpm"), limits.tpm, now)
-                # A request larger than the whole budget is let through alone, into debt.
-                cost = float(min(tokens, limits.tpm))
-                checks.append((bucket, cost, f"tokens per minute for {model} ({limits.tpm})"))
-                token_charges.append((bucket, cost))
-        for bucket, cost, what in checks:
-            if bucket.level < cost:
-                raise RateLimitedError(
-                    f"Rate limit reached: {what}. Retry after the indicated time.",
-                    retry_after_s=bucket.wait_for(cost),
-                )
-        for bucket, cost, _ in checks:
-            bucket.level -= cost
+            raise too_many_in_flight(effective.max_concurrent)
+        checks = [
+            (self._bucket(charge.name, charge.capacity, now), charge)
+            for charge in charges(account_id=account_id, key_id=key_id, model=model,
+                                  account_limits=account_limits, key_limits=key_limits,
+                                  tokens=tokens)
+        ]  # fmt: skip
+        for bucket, charge in checks:
+            if bucket.level < charge.cost:
+                raise short_of(charge, bucket.wait_for(charge.cost))
+        for bucket, charge in checks:
+            bucket.level -= charge.cost
+        token_charges = [(bucket, float(c.cost)) for bucket, c in checks if c.is_tokens]
         self._in_flight[key_id] = self._in_flight.get(key_id, 0) + 1
         return Ticket(self, key_id, token_charges, tokens)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from mimoserve.limits.limiter import RateLimitedError
+from mimoserve.limits.limiter import charges, short_of, too_many_in_flight
 from mimoserve.limits.policy import Limits
 from mimoserve.store.base import StoreError
 
@@ -137,44 +137,34 @@ class RedisRateLimiter:
         key_limits: Limits, tokens: int,
     ) -> RedisTicket:  # fmt: skip
         effective = account_limits.overridden_by(key_limits)
-        buckets: list[tuple[str, int, int, str]] = []  # key, capacity, cost, what
-        for scope, owner, limits in (("account", account_id, account_limits),
-                                     ("key", key_id, key_limits)):  # fmt: skip
-            base = f"{self._prefix}:{scope}:{owner}:{model}"
-            if limits.rpm is not None:
-                buckets.append((f"{base}:rpm", limits.rpm, 1,
-                                f"requests per minute for {model} ({limits.rpm})"))  # fmt: skip
-            if limits.tpm is not None:
-                # A request larger than the whole budget is let through alone, into debt.
-                buckets.append((f"{base}:tpm", limits.tpm, min(tokens, limits.tpm),
-                                f"tokens per minute for {model} ({limits.tpm})"))  # fmt: skip
+        found = charges(
+            account_id=account_id, key_id=key_id, model=model,
+            account_limits=account_limits, key_limits=key_limits, tokens=tokens,
+        )  # fmt: skip
+        keys = [f"{self._prefix}:{':'.join(charge.name)}" for charge in found]
         ticket = secrets.token_hex(8)
         slots = self._slots_key(key_id)
         args: list[str | int | float] = [
-            self._now(), len(buckets),
+            self._now(), len(found),
             -1 if effective.max_concurrent is None else effective.max_concurrent,
             ticket, self._lease_s,
         ]  # fmt: skip
-        for _, capacity, cost, _ in buckets:
-            args += [capacity, cost]
+        for charge in found:
+            args += [charge.capacity, charge.cost]
         try:
-            result = await self._admit(keys=[b[0] for b in buckets] + [slots], args=args)
+            result = await self._admit(keys=[*keys, slots], args=args)
         except RedisError as exc:
             raise StoreError(f"redis: {exc}") from exc
         if int(result[0]) != 1:
             if int(result[1]) == -1:
-                raise RateLimitedError(
-                    "Too many concurrent requests for this key "
-                    f"(limit {effective.max_concurrent}).",
-                    retry_after_s=1,
-                )
-            what = buckets[int(result[1]) - 1][3]
-            raise RateLimitedError(
-                f"Rate limit reached: {what}. Retry after the indicated time.",
-                retry_after_s=float(result[2]),
-            )
-        token_buckets = [(key, cap, cost) for key, cap, cost, what in buckets
-                         if key.endswith(":tpm")]  # fmt: skip
+                assert effective.max_concurrent is not None
+                raise too_many_in_flight(effective.max_concurrent)
+            raise short_of(found[int(result[1]) - 1], float(result[2]))
+        token_buckets = [
+            (key, charge.capacity, charge.cost)
+            for key, charge in zip(keys, found, strict=True)
+            if charge.is_tokens
+        ]
         return RedisTicket(self, ticket, slots, token_buckets, tokens)
 
     def _settle_later(self, ticket: RedisTicket, used_tokens: int) -> None:
