@@ -41,6 +41,7 @@ class ScriptedBackend:
     requests: list[GenerationRequest] = field(default_factory=list)
     closed_streams: int = 0
     closed: bool = False
+    healthy: bool = True
 
     def enqueue(self, pieces: list[str], **options: object) -> Script:
         script = Script(pieces, **options)  # type: ignore[arg-type]

@@ -61,7 +61,10 @@ def create_app(
                   **_telemetry_options(settings.opentelemetry))  # fmt: skip
     app.state.settings = settings
     app.state.keys = keys
-    metrics = Metrics(load_probe=lambda: chat_service.engine_load())
+    metrics = Metrics(
+        load_probe=lambda: chat_service.engine_load(),
+        ledger_probe=(lambda: (ledger.pending, ledger.set_aside_total)) if ledger else None,
+    )
     policy = AdmissionPolicy(settings.default_limits, settings.completion_reserve_tokens)
     rate_limiter = limiter or RateLimiter()
     relay = RelayService(upstreams or {}, metrics, ledger, rate_limiter, policy)

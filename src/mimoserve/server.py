@@ -17,6 +17,7 @@ from mimoserve.backends.upstream.client import build_upstreams
 from mimoserve.config import Settings
 from mimoserve.limits.limiter import Limiter, RateLimiter
 from mimoserve.limits.redis_limiter import RedisRateLimiter
+from mimoserve.metering.journal import UsageJournal, adopt_orphans
 from mimoserve.metering.ledger import UsageLedger
 from mimoserve.registry import ModelRegistry
 from mimoserve.store.usage import SqlUsageStore
@@ -54,6 +55,15 @@ def build_backends(settings: Settings, registry: ModelRegistry) -> dict[str, Bac
     return by_model
 
 
+def open_ledger(settings: Settings, usage: SqlUsageStore) -> UsageLedger:
+    """The ledger with its crash journal; records a killed process left are taken over."""
+    folder = settings.home / "journal"
+    journal = UsageJournal(folder)
+    ledger = UsageLedger(usage, journal=journal)
+    adopt_orphans(folder, ledger.adopt, own=journal.path)
+    return ledger
+
+
 def ensure_first_key(keys: KeyStore, announce: Callable[[IssuedKey], None]) -> None:
     if keys.count_active() == 0:
         announce(keys.create("default"))
@@ -77,6 +87,6 @@ def build_server_app(
     limiter: Limiter = RedisRateLimiter(settings.redis_url) if settings.redis_url else RateLimiter()
     return create_app(
         settings, registry=registry, backends=backends, keys=keys,
-        ledger=UsageLedger(usage), admin=admin, usage=usage, limiter=limiter,
+        ledger=open_ledger(settings, usage), admin=admin, usage=usage, limiter=limiter,
         upstreams=build_upstreams(registry.entries()),
     )  # fmt: skip

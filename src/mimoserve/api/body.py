@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from mimoserve.errors import InvalidRequestError, PayloadTooLargeError
+from mimoserve.parsing.safe_json import NOT_JSON, loads_or_not_json
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -82,8 +82,6 @@ async def read_json_body(request: Request, model: type[ModelT], limit: int) -> t
     try:
         return model.model_validate_json(body), body
     except ValidationError as exc:
-        try:
-            data = json.loads(body)
-        except ValueError:
-            data = None
-        raise validation_message(exc, data) from None
+        # Only to name the offending parameter; nesting too deep for json is no JSON here.
+        data = loads_or_not_json(body.decode("utf-8", "replace"))
+        raise validation_message(exc, None if data is NOT_JSON else data) from None

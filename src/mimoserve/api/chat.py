@@ -17,25 +17,40 @@ from mimoserve.chat.relay import PreparedRelay, RelayService
 from mimoserve.chat.service import ChatService
 from mimoserve.errors import ClientDisconnected, MimoError
 from mimoserve.protocol.chat import ChatCompletionRequest
+from mimoserve.streams import OwnedStream
 
 T = TypeVar("T")
 _DISCONNECT_POLL_S = 0.1
 
 
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Runs `work`, cancelling it as soon as the client goes away (non-streaming requests)."""
+    """Runs `work`, cancelling it as soon as the client goes away.
+
+    If `work` finished just as the client left, its result is not handed on: a stream
+    it opened is closed here, so what the stream holds (admission, slot) is released.
+    """
     task = asyncio.ensure_future(work)
+    handed_on = False
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
             if done:
-                return task.result()
+                result = task.result()
+                handed_on = True
+                return result
             if await request.is_disconnected():
                 raise ClientDisconnected()
     finally:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        elif (
+            not handed_on
+            and not task.cancelled()
+            and task.exception() is None
+            and isinstance(stream := task.result(), OwnedStream)
+        ):
+            await stream.aclose()
 
 
 async def create_chat_completion(request: Request) -> Response:

@@ -26,7 +26,10 @@ async def ready(request: Request) -> JSONResponse:
     """Models are loaded (they are before the app starts), the store and the limits answer."""
     keys: KeyStore = request.app.state.keys
     limiter: Limiter = request.app.state.limiter
-    checks = {"store": "ok", "limits": "ok"}
+    checks = {"store": "ok", "limits": "ok", "engines": "ok"}
+    down = request.app.state.chat.engines_down()
+    if down:
+        checks["engines"] = "down: " + ", ".join(down)
     try:
         await asyncio.to_thread(keys.count_active)
     except Exception:
@@ -35,7 +38,7 @@ async def ready(request: Request) -> JSONResponse:
         await limiter.ping()
     except Exception:
         checks["limits"] = "unreachable"
-    if "unreachable" in checks.values():
+    if any(value != "ok" for value in checks.values()):
         return JSONResponse({"status": "unavailable", **checks}, status_code=503)
     return JSONResponse({"status": "ready", **checks})
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.responses import Response
@@ -14,6 +14,7 @@ from starlette.types import Receive, Scope, Send
 from mimoserve.api.errors import error_body
 from mimoserve.errors import EngineError, MimoError
 from mimoserve.protocol.chat import ChatCompletionChunk
+from mimoserve.streams import ClosableStream, OwnedStream
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +25,16 @@ def frame(payload: str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-async def sse_frames(
-    chunks: AsyncGenerator[ChatCompletionChunk, None] | AsyncGenerator[list[dict[str, Any]], None],
-) -> AsyncIterator[bytes]:
+def sse_frames(
+    chunks: ClosableStream[ChatCompletionChunk] | ClosableStream[list[dict[str, Any]]],
+) -> OwnedStream[bytes]:
+    """The SSE frames of a chunk stream; closing them closes the chunks, read or not."""
+    return OwnedStream(_frames(chunks), chunks.aclose)
+
+
+async def _frames(
+    chunks: ClosableStream[ChatCompletionChunk] | ClosableStream[list[dict[str, Any]]],
+) -> AsyncGenerator[bytes, None]:
     """Once bytes have been sent the status code is fixed: errors become an error event.
 
     Chunks are models (the embedded engine) or batches of plain dicts already in the
@@ -63,7 +71,7 @@ class EventStreamResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, frames: AsyncIterator[bytes]) -> None:
+    def __init__(self, frames: OwnedStream[bytes]) -> None:
         # Not Response.__init__: it would announce a Content-Length for an empty body.
         self.status_code = 200
         self.background = None
@@ -102,6 +110,4 @@ class EventStreamResponse(Response):
             await self._close_frames()  # the generator chain, and an engine connection
 
     async def _close_frames(self) -> None:
-        aclose = getattr(self._frames, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await self._frames.aclose()

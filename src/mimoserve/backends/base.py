@@ -144,4 +144,9 @@ class Backend(ServedModel, Protocol):
         """(requests generating now, requests waiting for the engine)."""
         ...
 
+    @property
+    def healthy(self) -> bool:
+        """False once the engine can no longer generate (requests get 503 at once)."""
+        ...
+
     async def close(self) -> None: ...

@@ -78,10 +78,14 @@ class RequestMeter:
         self._record(200, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
                      usage.reasoning_tokens, reason)  # fmt: skip
 
-    def failed(self, error: MimoError) -> None:
+    def failed(self, error: Exception) -> None:
+        """Any failure: an API error with its status, anything else as the 500 it becomes
+        (recorded as such, not as a client that left)."""
+        status = error.status_code if isinstance(error, MimoError) else 500
+        code = (error.code if isinstance(error, MimoError) else None) or "internal_error"
         if self._ttft is not None:
-            self._metrics.aborted.labels(self._model, error.code or "error").inc()
-        self._record(error.status_code, self._prompt_tokens, self._completion_tokens,
+            self._metrics.aborted.labels(self._model, code).inc()
+        self._record(status, self._prompt_tokens, self._completion_tokens,
                      self._cached_tokens, 0, None)  # fmt: skip
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from mimoserve.parsing.bare_json import BareJsonCalls, parse_bare_calls
 from mimoserve.parsing.events import ContentText, ParsedEvent, ToolCallParsed
 from mimoserve.parsing.output import OutputFormat, OutputParser
+from mimoserve.parsing.safe_json import loads_or_not_json
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,7 @@ class OutputAssembler:
     def _finish_forced(self) -> list[ParsedEvent]:
         text, self._held = self._held, ""
         if self._plan.forced_name is not None:
-            try:
-                arguments = json.loads(text)
-            except json.JSONDecodeError:
-                arguments = None
+            arguments = loads_or_not_json(text)
             if isinstance(arguments, dict):
                 dumped = json.dumps(arguments, ensure_ascii=False)
                 return [ToolCallParsed(self._plan.forced_name, dumped)]

@@ -25,7 +25,7 @@ from mimoserve.backends.upstream.client import UpstreamModel, new_session
 from mimoserve.backends.upstream.replicas import Replica
 from mimoserve.chat.media import MediaLimits, check_media
 from mimoserve.chat.meter import RequestMeter, admit
-from mimoserve.errors import InvalidRequestError, MimoError, PermissionDeniedError
+from mimoserve.errors import InvalidRequestError, PermissionDeniedError
 from mimoserve.limits.admission import (
     AdmissionPolicy,
     estimate_prompt_tokens,
@@ -36,6 +36,7 @@ from mimoserve.limits.limiter import Limiter
 from mimoserve.metering.ledger import UsageLedger
 from mimoserve.metering.metrics import Metrics
 from mimoserve.protocol.chat import ChatCompletionRequest
+from mimoserve.streams import ClosableStream, OwnedStream
 
 log = logging.getLogger(__name__)
 _CHARS_PER_TOKEN = 4  # for estimates only, when an engine reports no usage
@@ -160,7 +161,7 @@ class RelayService:
                 self._limiter, self._policy, self._metrics, relay.principal, relay.model,
                 relay.reserve_tokens,
             )  # fmt: skip
-        except MimoError as exc:
+        except Exception as exc:
             meter.failed(exc)
             raise
         return meter
@@ -187,28 +188,28 @@ class RelayService:
             reason = body["choices"][0]["finish_reason"] if body["choices"] else "stop"
             meter.finished(reason, tokens)
             return body
-        except MimoError as exc:
+        except Exception as exc:
             meter.failed(exc)
             raise
         finally:
             meter.close()
 
-    async def open_stream(self, relay: PreparedRelay) -> AsyncGenerator[list[dict[str, Any]], None]:
+    async def open_stream(self, relay: PreparedRelay) -> OwnedStream[list[dict[str, Any]]]:
         """Returns once the engine's first chunk arrived (failures before it are HTTP errors)."""
         meter = await self._metered(relay)
         try:
             events = await relay.upstream.open_stream(relay.body_for)
-        except MimoError as exc:
+        except Exception as exc:
             meter.failed(exc)
             meter.close()
             raise
         except BaseException:
             meter.close()
             raise
-        return self._chunks(relay, meter, events)
+        return OwnedStream(self._chunks(relay, meter, events), meter.close, events.aclose)
 
     async def _chunks(
-        self, relay: PreparedRelay, meter: RequestMeter, batches: AsyncGenerator[list[Any], None]
+        self, relay: PreparedRelay, meter: RequestMeter, batches: ClosableStream[list[Any]]
     ) -> AsyncGenerator[list[dict[str, Any]], None]:
         """Mapped chunks, in the batches they arrived in (one write each, see sse.py)."""
         usage: dict[str, Any] | None = None
@@ -247,7 +248,7 @@ class RelayService:
             tokens = _usage(usage)
             meter.started(tokens.prompt_tokens, tokens.cached_tokens)
             meter.finished(reason, tokens)
-        except MimoError as exc:
+        except Exception as exc:
             meter.failed(exc)
             raise
         finally:

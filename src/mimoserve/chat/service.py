@@ -23,7 +23,6 @@ from mimoserve.chat.meter import RequestMeter, admit
 from mimoserve.chat.output import OutputAssembler, OutputPlan
 from mimoserve.errors import (
     EngineError,
-    MimoError,
     ModelNotFoundError,
     PermissionDeniedError,
 )
@@ -51,6 +50,7 @@ from mimoserve.protocol.chat import (
 )
 from mimoserve.protocol.messages import FunctionCall, ToolCall
 from mimoserve.registry import ModelRegistry
+from mimoserve.streams import OwnedStream
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,9 @@ class ChatService:
         self._ledger = ledger
         self._limiter: Limiter = limiter or RateLimiter()
         self._policy = policy or AdmissionPolicy()
+
+    def engines_down(self) -> list[str]:
+        return sorted(model for model, backend in self._backends.items() if not backend.healthy)
 
     def engine_load(self) -> dict[str, tuple[int, int]]:
         return {model: backend.load() for model, backend in self._backends.items()}
@@ -186,7 +189,7 @@ class ChatService:
                              chat.completion_id)  # fmt: skip
         try:
             watch.ticket = await self._admit(chat)
-        except MimoError as exc:
+        except Exception as exc:
             watch.failed(exc)
             raise
         events = chat.backend.generate(chat.generation)
@@ -206,7 +209,7 @@ class ChatService:
                 yield event
                 return
             raise EngineError("the engine ended without finishing the answer")
-        except MimoError as exc:
+        except Exception as exc:
             watch.failed(exc)
             raise
         finally:
@@ -249,7 +252,7 @@ class ChatService:
             usage=to_usage(finished.usage),
         )
 
-    async def open_stream(self, chat: PreparedChat) -> AsyncGenerator[ChatCompletionChunk, None]:
+    async def open_stream(self, chat: PreparedChat) -> OwnedStream[ChatCompletionChunk]:
         """Starts generating and waits for the first event before returning the chunk stream."""
         stream = self._parsed(chat)
         try:
@@ -257,7 +260,9 @@ class ChatService:
         except BaseException:
             await stream.aclose()
             raise
-        return self._chunks(chat, first, stream)
+        # Closing the chunks closes the generation (admission, slot, ledger record) even
+        # if the client left before the first chunk was read.
+        return OwnedStream(self._chunks(chat, first, stream), stream.aclose)
 
     async def _chunks(
         self, chat: PreparedChat, first: ParsedEvent | Finished, stream: ParsedStream

@@ -14,12 +14,17 @@ _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
 _Labelled = Counter | Gauge | Histogram
 # (model) -> (running, waiting)
 LoadProbe = Callable[[], dict[str, tuple[int, int]]]
+# () -> (usage records waiting to be written, records the store refused and set aside)
+LedgerProbe = Callable[[], tuple[int, int]]
 
 
 class Metrics:
-    def __init__(self, load_probe: LoadProbe | None = None) -> None:
+    def __init__(
+        self, load_probe: LoadProbe | None = None, ledger_probe: LedgerProbe | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         self._load_probe = load_probe
+        self._ledger_probe = ledger_probe
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
@@ -63,6 +68,14 @@ class Metrics:
             "mimoserve:num_requests_waiting", "Requests queued for the engine", ["model"],
             registry=r,
         )  # fmt: skip
+        self.ledger_pending = Gauge(
+            "mimoserve:usage_records_pending", "Usage records not yet in the database",
+            registry=r,
+        )  # fmt: skip
+        self.ledger_set_aside = Gauge(
+            "mimoserve:usage_records_set_aside", "Usage records the database refused (logged)",
+            registry=r,
+        )  # fmt: skip
 
     def child(self, metric: _Labelled, *labels: str) -> Any:
         """`metric.labels(*labels)`, remembered: prometheus_client builds and locks on
@@ -79,4 +92,8 @@ class Metrics:
             for model, (running, waiting) in self._load_probe().items():
                 self.running.labels(model).set(running)
                 self.waiting.labels(model).set(waiting)
+        if self._ledger_probe is not None:
+            pending, set_aside = self._ledger_probe()
+            self.ledger_pending.set(pending)
+            self.ledger_set_aside.set(set_aside)
         return generate_latest(self.registry)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from mimoserve.parsing.events import ToolCallParsed
+from mimoserve.parsing.safe_json import NOT_JSON, loads_or_not_json
 
 ToolFormat = Literal["hermes", "mimo_xml"]
 
@@ -30,21 +31,14 @@ def parse_json_call(data: Any, tools: ToolSchemas) -> ToolCallParsed | None:
     name = data.get("name")
     arguments = data.get("arguments", data.get("parameters", {}))
     if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            return None
+        arguments = loads_or_not_json(arguments)
     if not isinstance(name, str) or name not in tools or not isinstance(arguments, dict):
         return None
     return ToolCallParsed(name=name, arguments=_dump(arguments))
 
 
 def parse_hermes(body: str, tools: ToolSchemas) -> ToolCallParsed | None:
-    try:
-        data = json.loads(body)
-    except json.JSONDecodeError:
-        return None
-    return parse_json_call(data, tools)
+    return parse_json_call(loads_or_not_json(body), tools)
 
 
 _FUNCTION = re.compile(r"^\s*<function=([^>\s]+)>(.*)</function>\s*$", re.DOTALL)
@@ -77,10 +71,9 @@ def convert_parameter(value: str, schema: Mapping[str, Any]) -> Any:
         else:
             return int(number) if number.is_integer() and "." not in text else number
     if kinds & {"object", "array", None}:
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            pass
+        parsed = loads_or_not_json(text)
+        if parsed is not NOT_JSON:
+            return parsed
     return value
 
 

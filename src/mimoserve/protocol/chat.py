@@ -7,10 +7,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from mimoserve.protocol.messages import Message, Tool, ToolCall
+from mimoserve.protocol.wire import WireModel
 
+_Strict = WireModel
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+# A stop string is matched against every generated piece; longer ones are not stops.
+MAX_STOP_CHARS = 256
 
 
 class StreamOptions(_Strict):
@@ -57,7 +59,7 @@ ResponseFormat = Annotated[
 ]
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(WireModel):
     # Unknown top-level fields are kept (to be logged) rather than rejected.
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -69,9 +71,11 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, ge=0, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(
-        default=None, max_length=16
-    )
+    stop: (
+        Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+        | list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]]
+        | None
+    ) = Field(default=None, max_length=16)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = None

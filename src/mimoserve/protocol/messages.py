@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, Field
 
-
-class _Wire(BaseModel):
-    # Strict: a string where a number belongs is a 400, not silently coerced.
-    # Unknown fields inside messages are tolerated (clients add their own).
-    model_config = ConfigDict(strict=True, extra="ignore")
+from mimoserve.protocol.wire import WireModel as _Wire
 
 
 class TextPart(_Wire):

@@ -69,6 +69,10 @@ MIGRATIONS: tuple[str, ...] = (
         created_at DOUBLE PRECISION NOT NULL
     );
     """,
+    """
+    ALTER TABLE usage_records ADD COLUMN record_id TEXT;
+    CREATE UNIQUE INDEX usage_records_record_id ON usage_records (record_id);
+    """,
 )
 _MIGRATION_LOCK = 0x6D696D6F  # any constant shared by every replica
 

@@ -67,6 +67,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE usage_records ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
     """,
+    # Every record carries a unique id, so a record replayed from the crash journal
+    # after it had already been written is not counted twice.
+    """
+    ALTER TABLE usage_records ADD COLUMN record_id TEXT;
+    CREATE UNIQUE INDEX usage_records_record_id ON usage_records (record_id);
+    """,
 )
 
 

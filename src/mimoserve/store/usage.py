@@ -43,12 +43,17 @@ class SqlUsageStore:
         self._db = db
 
     def insert_usage(self, records: Sequence[UsageRecord]) -> None:
+        """Writes the records; one already written (same `record_id`) is skipped."""
         placeholders = ",".join("?" for _ in _COLUMNS)
+        columns = ",".join(_COLUMNS)
+        insert = (
+            f"INSERT OR IGNORE INTO usage_records ({columns}) VALUES ({placeholders})"
+            if self._db.dialect == "sqlite"
+            else f"INSERT INTO usage_records ({columns}) VALUES ({placeholders})"
+            " ON CONFLICT (record_id) DO NOTHING"
+        )
         with self._db.transaction() as conn:
-            conn.executemany(
-                f"INSERT INTO usage_records ({','.join(_COLUMNS)}) VALUES ({placeholders})",
-                [_VALUES(record) for record in records],
-            )
+            conn.executemany(insert, [_VALUES(record) for record in records])
 
     def records(self, since: float = 0.0) -> list[UsageRecord]:
         with self._db.transaction() as conn:

@@ -21,7 +21,7 @@ from mimoserve.backends.base import (
 from mimoserve.backends.llamacpp.grammar import build_grammar
 from mimoserve.backends.llamacpp.model import EngineConfig, LoadedModel
 from mimoserve.backends.llamacpp.native import NativeContext
-from mimoserve.backends.llamacpp.scheduler import Scheduler
+from mimoserve.backends.llamacpp.scheduler import Scheduler, engine_down
 from mimoserve.backends.llamacpp.sequence import FORCED_CLOSE, THINK_OPEN, DecodeJob
 from mimoserve.backends.llamacpp.template import TemplateError, inline_reasoning
 from mimoserve.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
@@ -105,7 +105,7 @@ class LlamaCppBackend:
         if thinking == "prompted":
             messages = tuple(inline_reasoning(m) for m in messages)
         try:
-            prompt = self._model.template.render(
+            prompt = self._model.template.render_guarded(
                 messages, tools=request.tools, enable_thinking=thinking == "native"
             )
         except TemplateError as exc:
@@ -122,13 +122,33 @@ class LlamaCppBackend:
             )
         return tokens
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+    def _prepare(self, request: GenerationRequest) -> tuple[list[int], str | None]:
+        """Template, tokenizer and grammar compiler: CPU work that runs off the event loop."""
         prompt = self._prompt_tokens(request)
-        grammar = build_grammar(request.constraint, self._model.weights)
+        return prompt, build_grammar(request.constraint, self._model.weights)
+
+    @property
+    def healthy(self) -> bool:
+        return self._scheduler.alive
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        # Cheap refusals first: a full queue or a dead engine must not cost a 1 MiB
+        # tokenization or 128 grammar compilations.
+        if not self._scheduler.alive:
+            raise engine_down()
         if self._admitted >= self._max_admitted:
             raise OverloadedError(
                 "The engine is busy and its queue is full; retry shortly.", retry_after_s=2
             )
+        self._admitted += 1
+        try:
+            async for event in self._run(request):
+                yield event
+        finally:
+            self._admitted -= 1
+
+    async def _run(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        prompt, grammar = await asyncio.to_thread(self._prepare, request)
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
         mailbox = self._mailbox_for(asyncio.get_running_loop())
 
@@ -140,10 +160,11 @@ class LlamaCppBackend:
             sampling=request.sampling,
             emit=emit,
             grammar=grammar,
-            in_think=request.thinking.mode == "prompted",
+            # A grammar shapes the output from its first token; the engine must never
+            # write text the grammar has not accepted (see sequence.py).
+            in_think=request.thinking.mode == "prompted" and grammar is None,
             think_budget=request.thinking.budget,
         )
-        self._admitted += 1
         try:
             self._scheduler.submit(job)
             while True:
@@ -156,7 +177,6 @@ class LlamaCppBackend:
         finally:
             job.cancelled.set()
             self._scheduler.wake()
-            self._admitted -= 1
 
     def _mailbox_for(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
         if self._mailbox is None or self._mailbox.loop is not loop:

@@ -10,6 +10,7 @@ from typing import Any
 
 import llama_cpp
 
+from mimoserve.backends.llamacpp.control_text import GuardedPrompt
 from mimoserve.backends.llamacpp.native import NativeModel, silence_llama_logs
 from mimoserve.backends.llamacpp.template import CHATML_FALLBACK, ChatTemplate
 
@@ -44,12 +45,13 @@ class LoadedModel:
         metadata: dict[str, str] = self.vocab_handle.metadata
         self.template_source = metadata.get("tokenizer.chat_template") or CHATML_FALLBACK
         self.bos_text = self._special_text(self.vocab_handle.token_bos())
+        self.weights = NativeModel(config.model_path)
         self.template = ChatTemplate(
             self.template_source,
             bos_token=self.bos_text,
             eos_token=self._special_text(self.vocab_handle.token_eos()),
+            control_texts=self._control_texts(),
         )
-        self.weights = NativeModel(config.model_path)
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.weights.vocab))
         self.end_tokens = [t for t in range(self.weights.n_vocab) if self.is_end_of_generation(t)]
 
@@ -62,12 +64,26 @@ class LoadedModel:
     def supports_tools(self) -> bool:
         return "tools" in self.template_source
 
-    def tokenize_prompt(self, prompt: str) -> list[int]:
+    def _control_texts(self) -> list[str]:
+        """The texts of the vocabulary's control tokens (`<|im_start|>`, `<|endoftext|>`...)."""
+        vocab = self.weights.vocab
+        control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+        return [
+            self._special_text(token)
+            for token in range(self.weights.n_vocab)
+            if llama_cpp.llama_vocab_get_attr(vocab, token) & control
+        ]
+
+    def tokenize_prompt(self, prompt: GuardedPrompt) -> list[int]:
+        """Template text with its control markers parsed; escaped client text as plain text."""
         # A template that writes the BOS token itself must not get a second one.
-        add_bos = self._add_bos and not (self.bos_text and prompt.startswith(self.bos_text))
-        tokens: list[int] = self.vocab_handle.tokenize(
-            prompt.encode(), add_bos=add_bos, special=True
-        )
+        text = prompt.text
+        add_bos = self._add_bos and not (self.bos_text and text.startswith(self.bos_text))
+        tokens: list[int] = []
+        for index, segment in enumerate(prompt.segments):
+            tokens += self.vocab_handle.tokenize(
+                segment.text.encode(), add_bos=add_bos and index == 0, special=segment.control
+            )
         return tokens
 
     def tokenize_text(self, text: str) -> list[int]:

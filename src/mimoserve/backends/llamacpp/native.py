@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from mimoserve.backends.base import SamplingParams
 
@@ -119,7 +120,14 @@ class Batch:
 
 
 class Sampler:
-    """One sequence's sampler chain: its own grammar, penalties, cuts, temperature, seed."""
+    """One sequence's sampler chain: its own grammar, penalties, cuts, temperature, seed.
+
+    The grammar is kept out of the chain. llama.cpp aborts the whole process (a C++
+    exception through ctypes) when a grammar is handed a token it rejects, which happens
+    when the only token a grammar allows is the end of generation and that token is
+    banned (`ignore_eos`): every candidate is then -inf and the chain picks one anyway.
+    With the grammar applied by hand, the sampler sees that nothing is left and says so.
+    """
 
     def __init__(
         self, model: NativeModel, sampling: SamplingParams, *, seed: int, grammar: str | None
@@ -127,17 +135,26 @@ class Sampler:
         self.ptr: Any = llama_cpp.llama_sampler_chain_init(
             llama_cpp.llama_sampler_chain_default_params()
         )
+        self._grammar: Any = None
+        self._candidates: _Candidates | None = None
         try:
-            self._build(model, sampling, seed, grammar)
+            if grammar is not None:
+                self._grammar = llama_cpp.llama_sampler_init_grammar(
+                    model.vocab, grammar.encode(), b"root"
+                )
+                if not self._grammar:
+                    raise ValueError("llama.cpp refused the grammar")
+                self._candidates = _Candidates(model.n_vocab)
+            self._build(model, sampling, seed)
         except ValueError:
             self.close()
             raise
 
-    def _build(
-        self, model: NativeModel, sampling: SamplingParams, seed: int, grammar: str | None
-    ) -> None:
-        if grammar is not None:
-            self._add(llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root"))
+    @property
+    def constrained(self) -> bool:
+        return self._grammar is not None
+
+    def _build(self, model: NativeModel, sampling: SamplingParams, seed: int) -> None:
         if sampling.frequency_penalty or sampling.presence_penalty:
             self._add(
                 llama_cpp.llama_sampler_init_penalties(
@@ -163,13 +180,78 @@ class Sampler:
         llama_cpp.llama_sampler_chain_add(self.ptr, sampler)
 
     def sample(self, context: NativeContext, batch_index: int) -> int:
-        # llama_sampler_sample also accepts the token into the chain (grammar, penalties).
+        """Free text: llama_sampler_sample also accepts the token into the chain."""
+        assert self._grammar is None, "constrained sequences use sample_constrained"
         return int(llama_cpp.llama_sampler_sample(self.ptr, context.ptr, batch_index))
+
+    def sample_constrained(
+        self, context: NativeContext, batch_index: int, banned: list[int]
+    ) -> int | None:
+        """A token the grammar accepts and that is not banned, or None when there is none
+        (the grammar is complete and only the banned end of generation could follow)."""
+        candidates = self._candidates
+        assert candidates is not None and self._grammar is not None
+        logits = llama_cpp.llama_get_logits_ith(context.ptr, batch_index)
+        candidates.load(logits, banned)
+        llama_cpp.llama_sampler_apply(self._grammar, candidates.ref)
+        if not candidates.any_left():
+            return None
+        llama_cpp.llama_sampler_apply(self.ptr, candidates.ref)
+        token = candidates.selected_token()
+        # Only now, with a token the grammar allowed, is it accepted (grammar, penalties).
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(self.ptr, token)
+        return token
 
     def close(self) -> None:
         if self.ptr:
             llama_cpp.llama_sampler_free(self.ptr)
             self.ptr = None
+        if self._grammar:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None
+
+
+class _Candidates:
+    """A reusable llama_token_data_array over the whole vocabulary, filled from logits."""
+
+    def __init__(self, n_vocab: int) -> None:
+        self._n = n_vocab
+        self._data = np.zeros(
+            n_vocab, dtype=np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)])
+        )
+        self._ids = np.arange(n_vocab, dtype=np.intc)
+        self._array = llama_cpp.llama_token_data_array(
+            data=self._data.ctypes.data_as(llama_cpp.llama_token_data_p),
+            size=n_vocab,
+            selected=-1,
+            sorted=False,
+        )
+        self.ref = ctypes.byref(self._array)
+
+    def load(self, logits: Any, banned: list[int]) -> None:
+        self._data["id"] = self._ids
+        self._data["logit"] = np.ctypeslib.as_array(logits, shape=(self._n,))
+        self._data["p"] = 0.0
+        if banned:
+            self._data["logit"][banned] = _NEG_INF
+        # Samplers may shrink or re-point the array: reset it every time.
+        self._array.data = self._data.ctypes.data_as(llama_cpp.llama_token_data_p)  # type: ignore[assignment]
+        self._array.size = self._n
+        self._array.selected = -1
+        self._array.sorted = False
+
+    def any_left(self) -> bool:
+        # The grammar marks rejected tokens -inf in place, in our buffer.
+        if ctypes.cast(self._array.data, ctypes.c_void_p).value != self._data.ctypes.data:
+            raise RuntimeError("the grammar sampler moved the candidate array")
+        return bool(np.isfinite(self._data["logit"][: int(self._array.size)]).any())
+
+    def selected_token(self) -> int:
+        selected = int(self._array.selected)
+        if not 0 <= selected < int(self._array.size):
+            raise RuntimeError("the sampler chain selected no token")
+        return int(self._array.data[selected].id)
 
 
 def grammar_compiles(model: NativeModel, grammar: str) -> bool:

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 from mimoserve.backends.base import Finished, Started, TextDelta, TokenUsage
 from mimoserve.backends.llamacpp.native import Batch, NativeContext, NativeModel, Sampler
-from mimoserve.backends.llamacpp.sequence import DecodeJob, SequenceOutput
-from mimoserve.errors import EngineError
+from mimoserve.backends.llamacpp.sequence import DecodeJob, SequenceOutput, Step
+from mimoserve.errors import EngineError, OverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,21 @@ class Scheduler:
         self._waiting: deque[DecodeJob] = deque()
         self._lock = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="llamacpp-scheduler", daemon=True)
+        self._dead = False  # the thread ended on an unexpected error: nothing will run again
+        self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self._thread.start()
 
     # ---- called from the event loop --------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        return not self._dead and not self._stopping and self._thread.is_alive()
+
     def submit(self, job: DecodeJob) -> None:
         with self._lock:
+            if self._dead:
+                job.emit(engine_down())
+                return
             self._waiting.append(job)
             self._lock.notify()
 
@@ -105,6 +113,23 @@ class Scheduler:
         self._batch.close()
 
     # ---- the scheduler thread --------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            # Whatever killed the loop, no job may wait forever: every waiting and running
+            # request gets a 503 now, and new ones are refused at once (`alive`).
+            log.exception("the scheduler thread died; the engine is down")
+            with self._lock:
+                self._dead = True
+                waiting, self._waiting = list(self._waiting), deque()
+            for job in waiting:
+                job.emit(engine_down())
+            for slot in self._slots:
+                if slot.running is not None:
+                    slot.running.job.emit(engine_down())
+                    slot.running = None
 
     def _loop(self) -> None:
         while True:
@@ -210,10 +235,18 @@ class Scheduler:
 
     def _advance(self, running: Running) -> None:
         output = running.output
-        if output.must_not_end or running.job.sampling.ignore_eos:
-            self._ctx.ban_tokens(running.batch_index, self._end_tokens)
-        token = running.sampler.sample(self._ctx, running.batch_index)
-        step = output.on_token(token)
+        sampler = running.sampler
+        end_banned = output.must_not_end or running.job.sampling.ignore_eos
+        token: int | None
+        if sampler.constrained:
+            banned = self._end_tokens if end_banned else []
+            token = sampler.sample_constrained(self._ctx, running.batch_index, banned)
+        else:
+            if end_banned:
+                self._ctx.ban_tokens(running.batch_index, self._end_tokens)
+            token = sampler.sample(self._ctx, running.batch_index)
+        # None: the grammar is complete and accepts only the (banned) end: the answer is.
+        step = Step(finished="stop") if token is None else output.on_token(token)
         job = running.job
         if step.text:
             job.emit(TextDelta(step.text, output.completion_tokens - running.reported))
@@ -231,6 +264,7 @@ class Scheduler:
             job.emit(Finished(step.finished, usage))
             self._release(running)
             return
+        assert token is not None  # a None token always finishes
         running.pending = ([] if self._is_end(token) else [token]) + list(step.inject)
 
     def _fail_all(self, reason: str) -> None:
@@ -240,6 +274,14 @@ class Scheduler:
             self._ctx.forget(running.slot.seq_id)
             running.slot.cached = []
             self._release(running)
+
+
+def engine_down() -> OverloadedError:
+    return OverloadedError(
+        "The engine has stopped; the server must be restarted.",
+        retry_after_s=30,
+        code="engine_unavailable",
+    )
 
 
 def _random_seed() -> int:

@@ -108,6 +108,9 @@ class SequenceOutput:
         # Prompted thinking promises reasoning *and* an answer: small models often close
         # the think block and stop, so ending the turn is forbidden until an answer starts.
         self._require_answer = job.in_think
+        # Under a grammar every token must be one the grammar accepted: the engine never
+        # writes `</think>` itself, so `<think>` inside a JSON string is just text.
+        self._track_reasoning = job.grammar is None
 
     @property
     def must_not_end(self) -> bool:
@@ -119,7 +122,8 @@ class SequenceOutput:
         text = ""
         if not ended:
             piece = self._utf8.feed(self._token_bytes(token))
-            self.reasoning.observe(piece)
+            if self._track_reasoning:
+                self.reasoning.observe(piece)
             text = self._stops.feed(piece)
             if self._stops.stopped:
                 return Step(text, "stop")

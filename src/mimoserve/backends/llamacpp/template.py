@@ -18,6 +18,8 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mimoserve.backends.base import PromptMessage
+from mimoserve.backends.llamacpp.control_text import ControlTextGuard, GuardedPrompt
+from mimoserve.parsing.safe_json import NOT_JSON, loads_or_not_json
 
 
 class TemplateError(Exception):
@@ -38,14 +40,14 @@ def _strftime_now(fmt: str) -> str:
 
 def _arguments_as_object(arguments: str) -> Any:
     # Templates print `arguments | tojson`; a JSON string would come out double-encoded.
-    try:
-        return json.loads(arguments)
-    except json.JSONDecodeError:
-        return arguments
+    parsed = loads_or_not_json(arguments)
+    return arguments if parsed is NOT_JSON else parsed
 
 
 def to_template_message(message: PromptMessage) -> dict[str, Any]:
-    data: dict[str, Any] = {"role": message.role, "content": message.content}
+    # Null content (an assistant turn of only tool calls, or of nothing) is rendered as
+    # empty text: templates concatenate `content` with strings, and None made that a 500.
+    data: dict[str, Any] = {"role": message.role, "content": message.content or ""}
     if message.reasoning_content:
         data["reasoning_content"] = message.reasoning_content
     if message.tool_calls:
@@ -76,7 +78,14 @@ def inline_reasoning(message: PromptMessage) -> PromptMessage:
 
 
 class ChatTemplate:
-    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "") -> None:
+    def __init__(
+        self,
+        source: str,
+        *,
+        bos_token: str = "",
+        eos_token: str = "",
+        control_texts: Sequence[str] = (),
+    ) -> None:
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
         )
@@ -89,6 +98,7 @@ class ChatTemplate:
             raise TemplateError(f"the model's chat template does not compile: {exc}") from exc
         self._bos_token = bos_token
         self._eos_token = eos_token
+        self._control = ControlTextGuard.pattern_for(control_texts)
 
     def render(
         self,
@@ -98,10 +108,28 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         enable_thinking: bool = False,
     ) -> str:
+        return self.render_guarded(
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+        ).text
+
+    def render_guarded(
+        self,
+        messages: Sequence[PromptMessage],
+        *,
+        tools: Sequence[dict[str, Any]] = (),
+        add_generation_prompt: bool = True,
+        enable_thinking: bool = False,
+    ) -> GuardedPrompt:
+        """The prompt in segments: template text, and client text that holds control-token
+        markers, which must be tokenized as plain text (see control_text.py)."""
+        guard = ControlTextGuard(self._control)
         try:
-            return self._template.render(
-                messages=[to_template_message(m) for m in messages],
-                tools=list(tools) or None,
+            rendered = self._template.render(
+                messages=guard.escape([to_template_message(m) for m in messages]),
+                tools=guard.escape(list(tools)) or None,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._bos_token,
                 eos_token=self._eos_token,
@@ -111,6 +139,11 @@ class ChatTemplate:
             raise
         except jinja2.TemplateError as exc:
             raise TemplateError(f"the chat template failed: {exc}") from exc
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+            # Model-supplied templates assume well-formed turns; whatever they trip over in
+            # a client's conversation is that conversation's fault: a 400, never a 500.
+            raise TemplateError(f"the chat template cannot render these messages: {exc}") from exc
+        return guard.split(rendered)
 
 
 # A plain ChatML template for GGUFs that carry none.

@@ -28,6 +28,7 @@ from mimoserve.backends.upstream.replicas import Replica, ReplicaPool
 from mimoserve.backends.upstream.wire import UpstreamFailure, error_from_status
 from mimoserve.errors import MimoError
 from mimoserve.registry import ModelEntry
+from mimoserve.streams import OwnedStream
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class UpstreamModel:
         assert last is not None
         raise last
 
-    async def open_stream(self, body_for: BodyFor) -> AsyncGenerator[list[Any], None]:
+    async def open_stream(self, body_for: BodyFor) -> OwnedStream[list[Any]]:
         """Yields the engine's parsed chunks in the batches they arrived in; returns only
         once the first batch is there."""
         tried: set[int] = set()
@@ -227,7 +228,8 @@ class UpstreamModel:
                 else:
                     events = _sse_data(response)
                     first = await anext(events)
-                    return self._relay(replica, response, events, first)
+                    lease = _Lease(self.pool, replica, response)
+                    return OwnedStream(self._relay(lease, events, first), lease.abandon)
             except TimeoutError as exc:
                 if response is not None:
                     response.close()
@@ -248,9 +250,9 @@ class UpstreamModel:
         raise last
 
     async def _relay(
-        self, replica: Replica, response: aiohttp.ClientResponse,
-        events: AsyncGenerator[list[Any], None], first: list[Any],
+        self, lease: _Lease, events: AsyncGenerator[list[Any], None], first: list[Any],
     ) -> AsyncGenerator[list[Any], None]:  # fmt: skip
+        replica = lease.replica
         failed = False  # a client that leaves (GeneratorExit) is not the replica's fault
         finished = False
         try:
@@ -267,12 +269,30 @@ class UpstreamModel:
             raise UpstreamFailure("The model engine broke off the answer.",
                                   code="upstream_stream_broken") from exc  # fmt: skip
         finally:
-            if finished:
-                response.release()  # read to the end: the connection can be reused
-            else:
-                # Closing mid-stream drops the connection: the engine aborts the generation.
-                response.close()
-            self.pool.release(replica, ok=not failed)
+            lease.end(finished=finished, ok=not failed)
+
+
+class _Lease:
+    """A replica's outstanding slot and its open response, released exactly once."""
+
+    def __init__(self, pool: ReplicaPool, replica: Replica, response: aiohttp.ClientResponse):
+        self.pool, self.replica, self._response = pool, replica, response
+        self._ended = False
+
+    def end(self, *, finished: bool, ok: bool) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if finished:
+            self._response.release()  # read to the end: the connection can be reused
+        else:
+            # Closing mid-stream drops the connection: the engine aborts the generation.
+            self._response.close()
+        self.pool.release(self.replica, ok=ok)
+
+    def abandon(self) -> None:
+        """The client left before reading: not the replica's fault."""
+        self.end(finished=False, ok=True)
 
 
 async def _sse_data(response: aiohttp.ClientResponse) -> AsyncGenerator[list[Any], None]:

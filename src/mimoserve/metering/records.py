@@ -1,0 +1,49 @@
+"""One usage record per request, and what makes its strings safe for any database."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+_MAX_TEXT = 256
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    key_id: str
+    model: str
+    status: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+    latency_s: float = 0.0
+    ttft_s: float | None = None
+    finish_reason: str | None = None
+    created_at: float = field(default_factory=time.time)
+    account_id: str = "default"
+    request_id: str = ""  # the completion id the client saw (empty for refusals)
+    record_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # unique per record
+
+
+def safe_text(text: str) -> str:
+    """Text every database stores: PostgreSQL refuses NUL characters and both refuse
+    lone surrogates (valid in a JSON string, not in UTF-8); long text is cut."""
+    text = text[:_MAX_TEXT]
+    if text.isprintable() and text.isascii():
+        return text  # the common case, checked in C
+    text = text.replace("\x00", "\ufffd")
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def sanitized(record: UsageRecord) -> UsageRecord:
+    """The record with every string field made safe (clients choose some of them)."""
+    changes: dict[str, Any] = {
+        f.name: safe_text(value)
+        for f in dataclasses.fields(record)
+        if isinstance(value := getattr(record, f.name), str) and safe_text(value) != value
+    }
+    return dataclasses.replace(record, **changes) if changes else record
