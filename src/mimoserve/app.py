@@ -18,8 +18,10 @@ from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
 from mimoserve.backends.base import Backend
 from mimoserve.backends.upstream.client import UpstreamModel
+from mimoserve.chat.media import MediaLimits
 from mimoserve.chat.relay import RelayService
 from mimoserve.chat.service import ChatService
+from mimoserve.chat.url_guard import UrlAllowList
 from mimoserve.config import Settings
 from mimoserve.limits.admission import AdmissionPolicy
 from mimoserve.limits.limiter import Limiter, RateLimiter
@@ -67,7 +69,8 @@ def create_app(
     )
     policy = AdmissionPolicy(settings.default_limits, settings.completion_reserve_tokens)
     rate_limiter = limiter or RateLimiter()
-    relay = RelayService(upstreams or {}, metrics, ledger, rate_limiter, policy)
+    media = MediaLimits(url_allow=UrlAllowList.parse(settings.media_url_allow.split(",")))
+    relay = RelayService(upstreams or {}, metrics, ledger, rate_limiter, policy, media)
     chat_service = ChatService(
         registry, backends, metrics, ledger, rate_limiter, policy, relayed=relay.models
     )

@@ -191,6 +191,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="FastAPI OpenTelemetry (exporters from OTEL_* variables)")  # fmt: skip
     serve.add_argument("--redis-url", help="redis://... for rate limits shared by replicas")
     serve.add_argument("--max-body-bytes", type=int, help="request body limit (default 1 MiB)")
+    serve.add_argument("--media-url-allow", help="internal hosts/networks (a,10.0.0.0/8) that "
+                       "relayed media URLs may name (default: public addresses only)")  # fmt: skip
     serve.set_defaults(handler=cmd_serve)
 
     keys = commands.add_parser("keys", help="manage API keys")

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         default=1 << 20, ge=1024, description="Largest accepted request body (413 above it)"
     )
 
+    media_url_allow: str = Field(
+        default="",
+        description="Comma-separated hosts and networks (10.0.0.0/8) that relayed media URLs "
+        "may point at although they are internal; by default only public addresses",
+    )
+
     database_url: str | None = Field(
         default=None,
         description="postgresql://... shared by replicas; SQLite in <home> when unset",

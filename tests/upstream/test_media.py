@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from mimoserve.chat.media import MediaLimits, check_media
+from mimoserve.chat.url_guard import UrlAllowList, refuse_internal_urls
 from mimoserve.errors import InvalidRequestError
 from mimoserve.protocol.chat import ChatCompletionRequest
 
@@ -63,3 +64,48 @@ def test_model_without_the_modality_names_part_and_model() -> None:
         check_media(request(image(PNG), model="mimo-v2-flash"), frozenset({"text"}), MediaLimits())
     message = refused.value.message
     assert "messages[0].content[1]" in message and "mimo-v2-flash" in message and "image" in message
+
+
+def hosts_of(*urls: str) -> tuple[str, ...]:
+    found = check_media(request(*(image(u) for u in urls)), ALL, MediaLimits())
+    return tuple(url.host for url in found)
+
+
+@pytest.mark.parametrize("url", [
+    "https://127.0.0.1/a.png",
+    "https://localhost/a.png",
+    "https://169.254.169.254/latest/meta-data/",  # cloud metadata
+    "https://10.1.2.3/a.png",
+    "https://192.168.0.1/a.png",
+    "https://[::1]/a.png",
+    "https://[::ffff:127.0.0.1]/a.png",
+    "https://[fe80::1]/a.png",
+    "https://100.64.0.1/a.png",  # carrier-grade NAT
+    "https://0.0.0.0/a.png",
+])  # fmt: skip
+async def test_urls_into_the_internal_network_are_refused(url: str) -> None:
+    urls = check_media(request(image(url)), ALL, MediaLimits())
+    with pytest.raises(InvalidRequestError) as refused:
+        await refuse_internal_urls(urls, UrlAllowList())
+    assert refused.value.status_code == 400 and refused.value.param == "messages.0.content.1"
+
+
+async def test_public_addresses_and_allowed_internal_ones_pass() -> None:
+    await refuse_internal_urls(check_media(request(image("https://93.184.216.34/a.png")), ALL,
+                                           MediaLimits()), UrlAllowList())  # fmt: skip
+    allow = UrlAllowList.parse(["localhost", "10.0.0.0/8"])
+    internal = request(image("https://localhost/a.png"), image("https://10.9.9.9/b.png"))
+    await refuse_internal_urls(check_media(internal, ALL, MediaLimits()), allow)
+    with pytest.raises(InvalidRequestError):
+        await refuse_internal_urls(check_media(request(image("https://192.168.1.1/")), ALL,
+                                               MediaLimits()), allow)  # fmt: skip
+
+
+async def test_an_unresolvable_host_is_refused() -> None:
+    urls = check_media(request(image("https://no-such-host.invalid/a.png")), ALL, MediaLimits())
+    with pytest.raises(InvalidRequestError, match="cannot be resolved"):
+        await refuse_internal_urls(urls, UrlAllowList())
+
+
+def test_data_urls_have_no_host_to_check() -> None:
+    assert hosts_of(PNG, "https://example.com/x.png") == ("example.com",)

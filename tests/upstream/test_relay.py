@@ -246,7 +246,7 @@ def test_models_keys_limits_and_media_apply_to_relayed_models(tmp_path: Path) ->
             }
             image = {"role": "user", "content": [
                 {"type": "text", "text": "what is it?"},
-                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}  # fmt: skip
+                {"type": "image_url", "image_url": {"url": "https://93.184.216.34/cat.png"}}]}  # fmt: skip
             ok = client.post(
                 "/v1/chat/completions", json={"model": "mimo-v2-omni", "messages": [image]}
             )
@@ -254,7 +254,7 @@ def test_models_keys_limits_and_media_apply_to_relayed_models(tmp_path: Path) ->
             forwarded = engine.requests[-1]["messages"][0]["content"][1]
             assert forwarded == {
                 "type": "image_url",
-                "image_url": {"url": "https://example.com/cat.png"},
+                "image_url": {"url": "https://93.184.216.34/cat.png"},
             }
             refused = client.post(
                 "/v1/chat/completions", json={"model": "mimo-v2-flash", "messages": [image]}
@@ -274,3 +274,34 @@ def test_models_keys_limits_and_media_apply_to_relayed_models(tmp_path: Path) ->
             statuses = [client.post("/v1/chat/completions", json=CHAT, headers=headers).status_code
                         for _ in range(3)]  # fmt: skip
             assert statuses == [200, 200, 429]
+
+
+def test_a_relayed_stream_closed_before_its_first_read_gives_back_its_replica(
+    tmp_path: Path,
+) -> None:
+    """The client left the moment the stream opened: the replica's outstanding count, the
+    engine connection and the metering must all come back although nothing was read."""
+    import asyncio
+
+    from mimoserve.backends.upstream.client import UpstreamModel, new_session
+    from mimoserve.registry import ModelRegistry
+
+    engine = Canned()
+    with serve_in_thread(engine) as url:
+        entry = ModelRegistry.from_toml(registry_for(url)).get("mimo-v2-flash")
+        assert entry is not None
+
+        async def scenario() -> int:
+            session = new_session()
+            model = UpstreamModel(entry, session)
+            try:
+                body = {**CHAT, "model": "XiaomiMiMo/MiMo-V2-Flash", "stream": True}
+                for _ in range(3):
+                    stream = await model.open_stream(lambda replica: body)
+                    assert model.pool.replicas[0].outstanding == 1
+                    await stream.aclose()  # never read
+                return model.pool.replicas[0].outstanding
+            finally:
+                await session.close()
+
+        assert asyncio.run(scenario()) == 0

@@ -1,8 +1,9 @@
 """Checks image, audio and video parts before they are forwarded to an engine.
 
-The server never fetches a client's URL itself (no SSRF): a URL is checked for its
-form and scheme only and handed to the engine as it came. Inline data must be a
-well-formed base64 data URL of the right media type, within a size limit per kind.
+The server never fetches a client's URL itself: a URL is checked for its form and
+scheme here, and its host for internal addresses in url_guard.py (engines fetch them).
+Inline data must be a well-formed base64 data URL of the right media type, within a
+size limit per kind.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import base64
 import binascii
 import re
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from mimoserve.chat.url_guard import MediaUrl, UrlAllowList
 from mimoserve.errors import InvalidRequestError
 from mimoserve.protocol.chat import ChatCompletionRequest
 from mimoserve.protocol.messages import AudioPart, ImagePart, VideoPart
@@ -31,6 +33,7 @@ class MediaLimits:
     audio_bytes: int = 25 << 20
     video_bytes: int = 50 << 20
     url_schemes: frozenset[str] = frozenset({"https"})
+    url_allow: UrlAllowList = field(default_factory=UrlAllowList)
 
 
 def _decoded_size(data: str, where: str, param: str) -> int:
@@ -44,7 +47,9 @@ def _decoded_size(data: str, where: str, param: str) -> int:
 def _check_source(
     value: str, *, kind: str, limit: int, schemes: frozenset[str], where: str, param: str,
     bare_base64: bool = False,
-) -> None:  # fmt: skip
+) -> str | None:  # fmt: skip
+    """The URL's host when the source is a URL (checked later, off the loop), else None."""
+
     def refuse(why: str) -> InvalidRequestError:
         return InvalidRequestError(f"{where}: {why}", param=param, code="invalid_media")
 
@@ -64,20 +69,22 @@ def _check_source(
             raise refuse(f"URLs must use {allowed} (or send the data inline as a data URL).")
         if not parts.hostname or parts.username or parts.password:
             raise refuse("the URL needs a host and must not carry credentials.")
-        return
+        return parts.hostname
     elif bare_base64:
         size = _decoded_size(value, where, param)
     else:
         raise refuse("expected an https URL or a base64 data URL.")
     if size > limit:
         raise refuse(f"{size} bytes of {kind} is over the limit of {limit}.")
+    return None
 
 
 def check_media(
     request: ChatCompletionRequest, modalities: Collection[str], limits: MediaLimits
-) -> None:
+) -> tuple[MediaUrl, ...]:
     """Raises a 400 naming the part and the model for media the model cannot take or
-    that is malformed; returns quietly for text-only requests."""
+    that is malformed; returns the URLs whose hosts `refuse_internal_urls` must check."""
+    urls: list[MediaUrl] = []
     for index, message in enumerate(request.messages):
         content = message.content
         if content is None or isinstance(content, str):
@@ -101,5 +108,8 @@ def check_media(
                     param=param,
                     code="unsupported_content",
                 )
-            _check_source(source, kind=kind, limit=limit, schemes=limits.url_schemes,
-                          where=where, param=param, bare_base64=kind == "audio")  # fmt: skip
+            host = _check_source(source, kind=kind, limit=limit, schemes=limits.url_schemes,
+                                 where=where, param=param, bare_base64=kind == "audio")  # fmt: skip
+            if host is not None:
+                urls.append(MediaUrl(host, where, param))
+    return tuple(urls)

@@ -25,6 +25,7 @@ from mimoserve.backends.upstream.client import UpstreamModel, new_session
 from mimoserve.backends.upstream.replicas import Replica
 from mimoserve.chat.media import MediaLimits, check_media
 from mimoserve.chat.meter import RequestMeter, admit
+from mimoserve.chat.url_guard import MediaUrl, refuse_internal_urls
 from mimoserve.errors import InvalidRequestError, PermissionDeniedError
 from mimoserve.limits.admission import (
     AdmissionPolicy,
@@ -51,6 +52,7 @@ class PreparedRelay:
     created: int
     reserve_tokens: int
     raw: bytes | None = None  # the body as the client sent it
+    media_urls: tuple[MediaUrl, ...] = ()  # hosts checked for internal addresses
 
     @property
     def model(self) -> str:
@@ -139,8 +141,9 @@ class RelayService:
             raise InvalidRequestError("logprobs are not supported", param="logprobs")
         if request.model_extra:
             log.info("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
-        check_media(request, upstream.entry.input_modalities, self._media_limits)
+        media_urls = check_media(request, upstream.entry.input_modalities, self._media_limits)
         return PreparedRelay(
+            media_urls=media_urls,
             request=request,
             upstream=upstream,
             principal=principal,
@@ -157,6 +160,8 @@ class RelayService:
         meter = RequestMeter(self._metrics, self._ledger, relay.model, relay.principal,
                              relay.completion_id)  # fmt: skip
         try:
+            # Resolving hosts waits on DNS: here, off the synchronous prepare step.
+            await refuse_internal_urls(relay.media_urls, self._media_limits.url_allow)
             meter.ticket = await admit(
                 self._limiter, self._policy, self._metrics, relay.principal, relay.model,
                 relay.reserve_tokens,
