@@ -14,6 +14,7 @@ from mimoserve.api import admin as admin_api
 from mimoserve.api import chat, health, models
 from mimoserve.api.dashboard import DashboardFiles
 from mimoserve.api.errors import install_error_handlers
+from mimoserve.api.openapi import install_openapi
 from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
 from mimoserve.backends.base import Backend
@@ -81,6 +82,7 @@ def create_app(
     app.state.admin = admin
     app.state.usage = usage
     install_error_handlers(app)
+    install_openapi(app, [entry.id for entry in registry.entries()])
     if admin is not None and usage is not None:
         app.include_router(admin_api.router)
         app.mount("/dashboard", DashboardFiles(), name="dashboard")

@@ -1,0 +1,160 @@
+"""The served OpenAPI document: FastAPI's, plus the chat route and the real error shape.
+
+The chat route is a plain Starlette route (see api/chat.py), which FastAPI does not
+describe, so its operation is registered here from the same pydantic models that
+validate it. Every operation documents the contract's error body for the statuses the
+server really answers with (400 where FastAPI would say 422). Optional fields are
+marked nullable, as OpenAI's schema has them and as the server accepts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from mimoserve.protocol.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ErrorBody,
+)
+
+_REF = "#/components/schemas/{model}"
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+_ERRORS = {
+    "400": "Invalid request (names the parameter)",
+    "401": "Missing, invalid, expired or revoked key",
+    "403": "The key may not use this model",
+    "404": "Unknown model or route",
+    "413": "Request body over the limit",
+    "429": "Rate limit reached (Retry-After)",
+    "503": "Busy, store or engine unavailable (Retry-After)",
+}
+_PUBLIC_ERRORS = ("400", "401", "403", "404", "413", "429", "503")
+
+
+def _nullable_optionals(schema: Any) -> Any:
+    """Properties that are not required also accept null (OpenAI's convention)."""
+    if isinstance(schema, list):
+        return [_nullable_optionals(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _nullable_optionals(value) for key, value in schema.items()}
+    properties = out.get("properties")
+    if isinstance(properties, dict):
+        required = set(out.get("required", ()))
+        for name, prop in properties.items():
+            if name not in required and not _accepts_null(prop):
+                properties[name] = {"anyOf": [prop, {"type": "null"}]}
+    return out
+
+
+def _accepts_null(schema: dict[str, Any]) -> bool:
+    if schema.get("type") == "null":
+        return True
+    return any(_accepts_null(s) for s in schema.get("anyOf", ()) if isinstance(s, dict))
+
+
+def _register(components: dict[str, Any], model: type[BaseModel], *, request: bool) -> None:
+    schema = model.model_json_schema(
+        ref_template=_REF, mode="validation" if request else "serialization"
+    )
+    if request:
+        schema = _nullable_optionals(schema)
+    for name, definition in schema.pop("$defs", {}).items():
+        components.setdefault(name, definition)
+    components[model.__name__] = schema
+
+
+def _chat_operation() -> dict[str, Any]:
+    return {
+        "summary": "Create a chat completion",
+        "operationId": "create_chat_completion",
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}
+                }
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "The completion, or with `stream` a server-sent event stream "
+                "of ChatCompletionChunk objects ending with `data: [DONE]`",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
+                    # Each event: `data: <ChatCompletionChunk JSON>`, the last `data: [DONE]`.
+                    "text/event-stream": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"data": {"type": "string"}},
+                            "required": ["data"],
+                        }
+                    },
+                },
+            },
+            **{code: _error(code) for code in _PUBLIC_ERRORS},
+        },
+        "security": [{"ApiKey": []}, {"Bearer": []}],
+    }
+
+
+def _error(code: str) -> dict[str, Any]:
+    return {
+        "description": _ERRORS[code],
+        "content": {"application/json": {"schema": _ERROR_REF}},
+    }
+
+
+def _document_errors(paths: dict[str, Any]) -> None:
+    for path, item in paths.items():
+        for operation in item.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)  # validation errors are answered with 400
+            public = not path.startswith("/admin")
+            codes: tuple[str, ...] = _PUBLIC_ERRORS if public else ("400", "401", "404", "503")
+            if path in ("/health", "/metrics"):
+                codes = ()
+            elif path == "/ready":
+                codes = ("503",)
+            for code in codes:
+                responses.setdefault(code, _error(code))
+
+
+def install_openapi(app: FastAPI, model_ids: Sequence[str] = ()) -> None:
+    """`model_ids`: the ids this server serves, listed in the document as `model`'s values
+    (any other id is a 404), so generated requests can reach the core of the API."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        document = build()
+        components = document.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        _register(schemas, ChatCompletionRequest, request=True)
+        if model_ids:
+            model = schemas["ChatCompletionRequest"]["properties"]["model"]
+            model["enum"] = list(model_ids)
+        for model in (ChatCompletion, ChatCompletionChunk, ErrorBody):
+            _register(schemas, model, request=False)
+        components.setdefault("securitySchemes", {}).update(
+            {
+                "ApiKey": {"type": "apiKey", "in": "header", "name": "api-key"},
+                "Bearer": {"type": "http", "scheme": "bearer"},
+            }
+        )
+        paths = document.setdefault("paths", {})
+        paths["/v1/chat/completions"] = {"post": _chat_operation()}
+        _document_errors(paths)
+        metrics = paths.get("/metrics", {}).get("get", {}).get("responses", {}).get("200")
+        if metrics is not None:  # Prometheus text format, not JSON
+            metrics["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
