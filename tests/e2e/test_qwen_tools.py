@@ -165,3 +165,61 @@ def test_stream_and_non_stream_are_the_same_answer(
     whole = _run(qwen, False, **request)
     streamed = _run(qwen, True, **request)
     assert streamed == whole
+
+
+CONSTRAINTS: dict[str, dict[str, Any]] = {
+    "json_object": {"response_format": {"type": "json_object"}, "tools": None},
+    "json_schema": {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "weather", "schema": WEATHER_SCHEMA}}, "tools": None},
+    "required_tool": {"tool_choice": "required"},
+    "named_tool": {"tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+}  # fmt: skip
+END_RULES: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "ignore_eos": {"extra_body": {"ignore_eos": True}},
+    "thinking_guard": {"extra_body": {"thinking": {"type": "enabled", "budget_tokens": 8}}},
+    "stop": {"stop": ["}", '"']},
+}
+
+
+def test_engine_torture_every_constraint_with_every_end_rule(
+    qwen: openai.OpenAI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Every constraint x every rule touching the end token x tiny/huge budgets x stream
+    and not: each request is answered, the grammar's output is never broken by the engine,
+    and the server stays up (a grammar handed a rejected token aborted the process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [
+        (constraint, rule, budget, stream)
+        for constraint in CONSTRAINTS for rule in END_RULES
+        for budget in (1, 100_000) for stream in (False, True)
+    ]  # fmt: skip
+
+    def run(case: tuple[str, str, int, bool]) -> tuple[tuple[str, str, int, bool], dict[str, Any]]:
+        constraint, rule, budget, stream = case
+        request = {"temperature": 0, "max_completion_tokens": budget,
+                   "messages": [{"role": "user", "content": "Return {}"}],
+                   **CONSTRAINTS[constraint], **END_RULES[rule]}  # fmt: skip
+        if request.get("tools", TOOLS) is None:
+            request.pop("tools")
+        return case, _run(qwen, stream, **request)
+
+    with ThreadPoolExecutor(4) as pool:  # four at a time: they share decode batches
+        results = list(pool.map(run, cases))
+    for (constraint, rule, budget, _), result in results:
+        assert result["finish"] in ("stop", "length", "tool_calls"), (constraint, rule, result)
+        if budget == 1:
+            assert result["finish"] in ("length", "stop"), result
+            continue
+        if rule == "stop" or result["finish"] == "length":
+            continue  # cut where the stop or the context ends: no completeness to check
+        if constraint.endswith("tool"):
+            _assert_valid_call(result, "get_time" if constraint == "named_tool" else None)
+        else:
+            answer = json.loads(result["content"])
+            assert isinstance(answer, dict), result
+            if constraint == "json_schema":
+                jsonschema.validate(answer, WEATHER_SCHEMA)
+    models = qwen.models.list()
+    assert models.data  # the server is still up and answering
