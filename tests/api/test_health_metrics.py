@@ -104,3 +104,13 @@ def test_fastapi_telemetry_is_off_unless_asked_for() -> None:
     native = getattr(FastAPI(**_telemetry_options(False)), "_native_telemetry", None)
     assert native is None or native.enabled() is False
     assert _telemetry_options(True) == {}
+
+
+async def test_ready_reports_a_dead_engine(
+    client: httpx.AsyncClient, backend: ScriptedBackend
+) -> None:
+    assert (await client.get("/ready")).json()["engines"] == "ok"
+    backend.healthy = False
+    response = await client.get("/ready")
+    assert response.status_code == 503
+    assert response.json()["engines"].startswith("down: ")

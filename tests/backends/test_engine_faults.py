@@ -157,3 +157,38 @@ def test_a_dead_scheduler_fails_requests_fast_and_says_so(
             await anext(engine.generate(REQUEST))
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_full_queue_refuses_before_any_prompt_work_and_work_runs_off_the_loop(
+    engine: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    model = engine._model
+    render = model.template.render_guarded
+    threads: list[threading.Thread] = []
+
+    def counting_render(*args: object, **kwargs: object) -> object:
+        threads.append(threading.current_thread())
+        return render(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model.template, "render_guarded", counting_render)
+
+    async def scenario() -> None:
+        loop_thread = threading.current_thread()
+        long = GenerationRequest(REQUEST.messages, SamplingParams(temperature=0, max_tokens=200))
+        running = engine.generate(long)
+        await anext(running)
+        waiting = engine.generate(REQUEST)
+        waiter = asyncio.ensure_future(anext(waiting))
+        await asyncio.sleep(0.05)
+        assert len(threads) == 2 and loop_thread not in threads  # rendered on a worker
+        with pytest.raises(OverloadedError):
+            await anext(engine.generate(REQUEST))
+        assert len(threads) == 2, "a refused request rendered its prompt first"
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        await waiting.aclose()
+        await running.aclose()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

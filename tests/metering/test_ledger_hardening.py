@@ -128,3 +128,16 @@ def test_record_fields_round_trip_through_the_journal(tmp_path: Path) -> None:
     journal.append(record)
     assert read_journal(journal.path) == [record]
     journal.close(remove=True)
+
+
+async def test_set_aside_records_show_in_metrics() -> None:
+    from mimoserve.metering.metrics import Metrics
+
+    ledger = UsageLedger(PickyStore())
+    metrics = Metrics(ledger_probe=lambda: (ledger.pending, ledger.set_aside_total))
+    ledger.record(rec(1, "poison"))
+    ledger.record(rec(2))
+    await ledger.flush()
+    text = metrics.render().decode()
+    assert "mimoserve:usage_records_set_aside 1.0" in text
+    assert "mimoserve:usage_records_pending 0.0" in text
