@@ -18,11 +18,11 @@ from pathlib import Path
 import llama_cpp
 
 from mimoserve.backends.base import (
+    ContentDelta,
     Finished,
     GenerationRequest,
     PromptMessage,
     SamplingParams,
-    TextDelta,
 )
 from mimoserve.backends.llamacpp.backend import LlamaCppBackend
 from mimoserve.backends.llamacpp.model import EngineConfig
@@ -66,7 +66,7 @@ async def engine_run(backend: LlamaCppBackend) -> float:
     request = GenerationRequest(MESSAGES, SamplingParams(temperature=0, max_tokens=TOKENS))
     first: float | None = None
     async for event in backend.generate(request):
-        if isinstance(event, TextDelta) and first is None:
+        if isinstance(event, ContentDelta) and first is None:
             first = time.perf_counter()
         if isinstance(event, Finished):
             assert first is not None

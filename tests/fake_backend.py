@@ -9,14 +9,17 @@ from dataclasses import dataclass, field
 
 from mimoserve.backends.base import (
     Capabilities,
+    ChatRequest,
     Finished,
     FinishReason,
     GenerationEvent,
     GenerationRequest,
+    Progress,
     Started,
-    TextDelta,
     TokenUsage,
 )
+from mimoserve.backends.structured import StructuredOutput
+from mimoserve.backends.text_request import to_generation_request
 from mimoserve.errors import MimoError
 
 
@@ -48,19 +51,28 @@ class ScriptedBackend:
         self.scripts.append(script)
         return script
 
+    def prepare(self, chat: ChatRequest) -> GenerationRequest:
+        # A text engine, like the embedded one: the same request, the same parsers.
+        return to_generation_request(chat.request, self.capabilities, chat.entry)
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         self.requests.append(request)
         script = self.scripts.popleft() if self.scripts else Script(["ok"])
         if script.refuse_with is not None:
             raise script.refuse_with
+        output = StructuredOutput(request.plan)
         try:
             yield Started(script.prompt_tokens, script.cached_tokens)
             for piece in script.pieces:
                 if script.delay_s:
                     await asyncio.sleep(script.delay_s)
-                yield TextDelta(piece, tokens=1)
+                yield Progress(1)
+                for event in output.feed(piece):
+                    yield event
             if script.fail_with is not None:
                 raise script.fail_with
+            for event in output.finish():
+                yield event
             usage = TokenUsage(script.prompt_tokens, len(script.pieces), script.cached_tokens)
             yield Finished(script.reason, usage)
         finally:

@@ -19,10 +19,10 @@ from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
 from mimoserve.backends.base import Backend
 from mimoserve.backends.upstream.client import UpstreamModel
-from mimoserve.chat.media import MediaLimits
-from mimoserve.chat.relay import RelayService
+from mimoserve.backends.upstream.fleet import UpstreamFleet
+from mimoserve.backends.upstream.media import MediaLimits
+from mimoserve.backends.upstream.url_guard import UrlAllowList
 from mimoserve.chat.service import ChatService
-from mimoserve.chat.url_guard import UrlAllowList
 from mimoserve.config import Settings
 from mimoserve.limits.admission import AdmissionPolicy
 from mimoserve.limits.limiter import Limiter, RateLimiter
@@ -50,9 +50,9 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if ledger is not None:
             ledger.start()
-        relay.start()  # active health checks of upstream replicas
+        fleet.start()  # active health checks of upstream replicas
         yield
-        await relay.close()
+        await fleet.close()
         # Several ids may share one backend: close each once.
         for backend in {id(b): b for b in backends.values()}.values():
             await backend.close()
@@ -71,11 +71,10 @@ def create_app(
     policy = AdmissionPolicy(settings.default_limits, settings.completion_reserve_tokens)
     rate_limiter = limiter or RateLimiter()
     media = MediaLimits(url_allow=UrlAllowList.parse(settings.media_url_allow.split(",")))
-    relay = RelayService(upstreams or {}, metrics, ledger, rate_limiter, policy, media)
+    fleet = UpstreamFleet(upstreams or {}, media)
     chat_service = ChatService(
-        registry, backends, metrics, ledger, rate_limiter, policy, relayed=relay.models
+        registry, {**backends, **fleet.backends}, metrics, ledger, rate_limiter, policy
     )
-    app.state.relay = relay
     app.state.metrics = metrics
     app.state.limiter = rate_limiter
     app.state.chat = chat_service

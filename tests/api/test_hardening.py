@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from mimoserve.api.openai_chat import to_chunks
 from mimoserve.api.sse import EventStreamResponse, sse_frames
 from mimoserve.auth.keys import KeyStore
 from mimoserve.chat.service import ChatService
@@ -17,6 +18,7 @@ from mimoserve.limits.policy import Limits
 from mimoserve.metering.ledger import UsageLedger
 from mimoserve.protocol.chat import ChatCompletionRequest
 from mimoserve.registry import ModelRegistry
+from mimoserve.streams import OwnedStream
 from tests.api.test_usage_records import BODY, URL, MemoryStore
 from tests.api.test_validation import assert_error
 from tests.conftest import REGISTRY
@@ -112,8 +114,11 @@ async def test_a_stream_dropped_before_its_first_byte_releases_its_slot(
 
     for _ in range(3):  # with a leak, the second stream is refused (429)
         backend.enqueue(["a", "b"])
-        chunks = await service.open_stream(service.prepare(request, principal))
-        response = EventStreamResponse(sse_frames(chunks))
+        chat = service.prepare(request, principal)
+        events = await service.open_stream(chat)
+        response = EventStreamResponse(
+            sse_frames(OwnedStream(to_chunks(chat, events), events.aclose))
+        )
         with contextlib.suppress(OSError):
             await response({"type": "http"}, never_disconnects, gone)
     assert backend.closed_streams == 3

@@ -102,14 +102,31 @@ async def test_streamed_tool_calls_reassemble_to_the_non_streamed_answer(
     assert [(c["name"], c["arguments"]) for c in rebuilt["calls"]] == [
         (c["function"]["name"], c["function"]["arguments"]) for c in whole["message"]["tool_calls"]
     ]
-    assert [e["choices"][0]["delta"]["tool_calls"][0]["index"]
-            for e in events if e["choices"] and "tool_calls" in e["choices"][0]["delta"]] == [0, 0, 1, 1]  # fmt: skip
+    # Arguments stream as they are written: the id and name first, then pieces, call by call.
+    deltas = [e["choices"][0]["delta"]["tool_calls"][0]
+              for e in events if e["choices"] and "tool_calls" in e["choices"][0]["delta"]]  # fmt: skip
+    indices = [d["index"] for d in deltas]
+    assert indices == sorted(indices) and set(indices) == {0, 1}
+    firsts = [d for i, d in enumerate(deltas) if i == 0 or deltas[i - 1]["index"] != d["index"]]
+    assert all(d["id"].startswith("call_") and d["function"]["name"] for d in firsts)
+    assert len(deltas) > 4, "the weather call's arguments came in several pieces"
 
 
-async def test_malformed_call_is_returned_as_content(
+async def test_a_call_left_malformed_still_has_arguments_that_parse(
     client: httpx.AsyncClient, backend: ScriptedBackend
 ) -> None:
+    # Its head named a declared tool, so it was streaming: what the model left open is
+    # closed, and the concatenated arguments parse.
     backend.enqueue(['<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>'])
+    choice = (await client.post(URL, json=payload(tools=[WEATHER]))).json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]) == {"city": None}
+
+
+async def test_a_body_that_is_not_a_streamable_call_is_returned_as_content(
+    client: httpx.AsyncClient, backend: ScriptedBackend
+) -> None:
+    backend.enqueue(['<tool_call>{"arguments": {"city": </tool_call>'])
     choice = (await client.post(URL, json=payload(tools=[WEATHER]))).json()["choices"][0]
     assert choice["finish_reason"] == "stop"
     assert choice["message"]["content"].startswith("<tool_call>{")
@@ -174,14 +191,15 @@ async def test_required_tool_choice_constrains_to_any_declared_call(
     assert data["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "search"
 
 
-async def test_forced_call_cut_short_is_returned_as_text(
+async def test_forced_call_cut_short_ends_with_length_and_arguments_that_parse(
     client: httpx.AsyncClient, backend: ScriptedBackend
 ) -> None:
     backend.enqueue(['{"city": "Os'], reason="length")
     choice = {"type": "function", "function": {"name": "get_weather"}}
     data = (await client.post(URL, json=payload(tools=[WEATHER], tool_choice=choice))).json()
     assert data["choices"][0]["finish_reason"] == "length"
-    assert data["choices"][0]["message"]["content"] == '{"city": "Os'
+    [call] = data["choices"][0]["message"]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"city": "Os"}
 
 
 async def test_tool_choice_none_sends_no_tools_and_parses_none(

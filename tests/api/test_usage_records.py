@@ -9,6 +9,7 @@ import pytest
 
 from mimoserve.app import create_app
 from mimoserve.auth.keys import KeyStore, Principal
+from mimoserve.backends.base import ContentDelta
 from mimoserve.chat.service import ChatService
 from mimoserve.config import Settings
 from mimoserve.errors import EngineError
@@ -99,10 +100,10 @@ async def test_abandoned_generation_is_recorded_with_what_it_consumed(
     backend.enqueue(["one", "two", "three", "four"], prompt_tokens=30)
     request = ChatCompletionRequest.model_validate({**BODY, "stream": True})
     chat = service.prepare(request, Principal(key_id="key1", key_name="k"))
-    chunks = await service.open_stream(chat)
-    received = [await anext(chunks) for _ in range(3)]  # role, "one", "two"
-    assert received[-1].choices[0].delta.content == "two"
-    await chunks.aclose()  # the client went away
+    events = await service.open_stream(chat)
+    received = [await anext(events) for _ in range(5)]  # started, progress, one, progress, two
+    assert received[-1] == ContentDelta("two")
+    await events.aclose()  # the client went away
     await ledger.close()
     [record] = store.records
     assert (record.status, record.prompt_tokens, record.key_id) == (499, 30, "key1")

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from mimoserve.backends.base import (
+    ContentDelta,
     Finished,
     GenerationEvent,
     GenerationRequest,
     OutputConstraint,
     PromptMessage,
     SamplingParams,
-    TextDelta,
 )
 from mimoserve.backends.llamacpp.backend import LlamaCppBackend
 from mimoserve.backends.llamacpp.model import EngineConfig
@@ -122,7 +122,7 @@ def test_a_complete_grammar_ends_the_answer_when_the_end_token_is_banned(
     events = asyncio.run(asyncio.wait_for(run(), 120))
     finished = events[-1]
     assert isinstance(finished, Finished) and finished.reason == "stop"
-    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    text = "".join(e.text for e in events if isinstance(e, ContentDelta))
     json.loads(text)
     assert finished.usage.completion_tokens < 300
 

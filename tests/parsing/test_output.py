@@ -57,8 +57,14 @@ CASES: list[tuple[str, OutputFormat, list[ParsedEvent]]] = [
     ('<think>I should call it <tool_call>{"name": "search", "arguments": {"q": "x"}}</tool_call>'
      "</think>Done.", HERMES,
      [ReasoningText("I should call it "), call("search", q="x"), ContentText("Done.")]),
+    # A call that streamed its head is a call: what the model left open is closed.
     ('Before <tool_call>{"name": "search", "arguments": {"q": </tool_call> after', HERMES,
-     [ContentText('Before <tool_call>{"name": "search", "arguments": {"q": </tool_call>after')]),
+     [ContentText("Before "), call("search", q=None), ContentText("after")]),
+    ('<tool_call>{"name": "search", "arguments": {"q": \'x\'}}</tool_call>', HERMES,
+     [call("search", q=None)]),
+    # Not the streamable head (arguments first): parsed whole, malformed -> text.
+    ('<tool_call>{"arguments": {"q": 1, "name": "search"</tool_call>', HERMES,
+     [ContentText('<tool_call>{"arguments": {"q": 1, "name": "search"</tool_call>')]),
     ('<tool_call>{"name": "nope", "arguments": {}}</tool_call>', HERMES,
      [ContentText('<tool_call>{"name": "nope", "arguments": {}}</tool_call>')]),
     ('<tool_call>{"name": "search", "arguments": {"q": "cut"}}', HERMES, [call("search", q="cut")]),

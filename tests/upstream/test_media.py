@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 
-from mimoserve.chat.media import MediaLimits, check_media
-from mimoserve.chat.url_guard import UrlAllowList, refuse_internal_urls
+from mimoserve.backends.upstream.media import MediaLimits, check_media
+from mimoserve.backends.upstream.url_guard import UrlAllowList, refuse_internal_urls
 from mimoserve.errors import InvalidRequestError
 from mimoserve.protocol.chat import ChatCompletionRequest
 

@@ -203,8 +203,8 @@ def test_client_disconnect_closes_the_upstream_request(tmp_path: Path) -> None:
         while engine.cancelled == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert engine.cancelled == 1, "the engine saw the stream closed"
-        relay = gw.app_state.relay  # type: ignore[attr-defined]
-        assert relay.models["mimo-v2-flash"].pool.replicas[0].failures == 0
+        backend = gw.app_state.chat._backend_for("mimo-v2-flash")  # type: ignore[attr-defined]
+        assert backend.model.pool.replicas[0].failures == 0
 
         slow = Canned(delay_s=5)
         with serve_in_thread(slow) as slow_url:
@@ -227,8 +227,8 @@ def test_client_disconnect_closes_the_upstream_request(tmp_path: Path) -> None:
                 assert slow.cancelled == 1, "a non-streaming request is closed upstream too"
                 assert [r.status for r in wait_for_records(gw2, 1)] == [499]
                 # A client that leaves is not the replica's fault: its breaker stays closed.
-                relay = gw2.app_state.relay  # type: ignore[attr-defined]
-                assert relay.models["mimo-v2-pro"].pool.replicas[0].failures == 0
+                backend = gw2.app_state.chat._backend_for("mimo-v2-pro")  # type: ignore[attr-defined]
+                assert backend.model.pool.replicas[0].failures == 0
 
 
 def test_models_keys_limits_and_media_apply_to_relayed_models(tmp_path: Path) -> None:

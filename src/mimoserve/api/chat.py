@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions."""
+"""POST /v1/chat/completions: the OpenAI chat completions door."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from starlette.routing import Route
 
 from mimoserve.api.auth import require_principal
 from mimoserve.api.body import read_json_body
+from mimoserve.api.openai_chat import to_chunks, to_completion
 from mimoserve.api.sse import EventStreamResponse, sse_frames
-from mimoserve.chat.relay import PreparedRelay, RelayService
 from mimoserve.chat.service import ChatService
 from mimoserve.errors import ClientDisconnected, MimoError
 from mimoserve.protocol.chat import ChatCompletionRequest
@@ -56,38 +56,22 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
 async def create_chat_completion(request: Request) -> Response:
     principal = await require_principal(request)
     service: ChatService = request.app.state.chat
-    relay: RelayService = request.app.state.relay
     body: ChatCompletionRequest | None = None
     try:
         body, raw = await read_json_body(
             request, ChatCompletionRequest, request.app.state.settings.max_body_bytes
         )
-        # Models on upstream engines go through the relay, the rest to the embedded engine.
-        prepared = (
-            relay.prepare(body, principal, raw) if relay.serves(body.model)
-            else service.prepare(body, principal)
-        )  # fmt: skip
+        chat = service.prepare(body, principal, raw)
     except MimoError as exc:
         service.record_refusal(principal, body.model if body else None, exc.status_code)
         raise
-    if isinstance(prepared, PreparedRelay):
-        return await _relay(request, relay, prepared)
-    chat = prepared
     if body.stream:
-        # Waiting for the first event can mean waiting for a free slot: a client that
-        # leaves meanwhile gives up its place in the queue.
-        chunks = await _until_disconnect(request, service.open_stream(chat))
-        return EventStreamResponse(sse_frames(chunks))
-    completion = await _until_disconnect(request, service.complete(chat))
-    return JSONResponse(completion.model_dump(mode="json"))
-
-
-async def _relay(request: Request, relay: RelayService, prepared: PreparedRelay) -> Response:
-    # A client that leaves cancels the work, which closes the upstream connection.
-    if prepared.request.stream:
-        chunks = await _until_disconnect(request, relay.open_stream(prepared))
-        return EventStreamResponse(sse_frames(chunks))
-    return JSONResponse(await _until_disconnect(request, relay.complete(prepared)))
+        # Waiting for the engine to take the request can mean waiting for a free slot: a
+        # client that leaves meanwhile gives up its place in the queue.
+        events = await _until_disconnect(request, service.open_stream(chat))
+        return EventStreamResponse(sse_frames(OwnedStream(to_chunks(chat, events), events.aclose)))
+    answer = await _until_disconnect(request, service.complete(chat))
+    return JSONResponse(to_completion(chat, answer).model_dump(mode="json"))
 
 
 # A plain Starlette route, not a FastAPI one: FastAPI's per-request dependency solving

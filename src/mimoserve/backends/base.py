@@ -1,7 +1,10 @@
 """The backend interface: generate a stream of typed events, declare capabilities.
 
-The API and chat layers know only this module. The embedded llama.cpp engine and,
-later, a batching scheduler or an OpenAI-compatible upstream implement it.
+The chat core and the front doors know only this module. Every backend (the embedded
+llama.cpp engine, upstream OpenAI-compatible engines) yields the same events:
+`Started`, then reasoning and content deltas and tool calls (started, argument pieces,
+ended) as they are generated, `Progress` for the tokens they cost, and one `Finished`
+with the usage. No event knows a wire format.
 """
 
 from __future__ import annotations
@@ -10,7 +13,11 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-FinishReason = Literal["stop", "length"]
+from mimoserve.parsing.assembler import OutputPlan
+from mimoserve.protocol.chat import ChatCompletionRequest
+from mimoserve.registry import ModelEntry
+
+FinishReason = Literal["stop", "length", "content_filter"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,8 @@ class GenerationRequest:
     tools: tuple[dict[str, Any], ...] = ()
     constraint: OutputConstraint | None = None
     thinking: Thinking = field(default_factory=Thinking)
+    # How the engine's text becomes events: think blocks, tool-call formats, forced calls.
+    plan: OutputPlan = field(default_factory=OutputPlan)
 
 
 @dataclass(frozen=True)
@@ -86,11 +95,41 @@ class Started:
 
 
 @dataclass(frozen=True)
-class TextDelta:
+class ReasoningDelta:
     text: str
-    # Completion tokens this piece accounts for (held-back text arrives with a later piece),
-    # so a generation cut short still knows what it consumed.
-    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ContentDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallStarted:
+    index: int  # 0, 1, ... in the order calls start
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a call's arguments; a call's pieces concatenated are one JSON object."""
+
+    index: int
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolCallEnded:
+    index: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Completion tokens generated since the last `Progress` (text may still be held
+    back), so a generation cut short still knows what it consumed."""
+
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -107,7 +146,8 @@ class Finished:
     usage: TokenUsage
 
 
-GenerationEvent = Started | TextDelta | Finished
+OutputEvent = ReasoningDelta | ContentDelta | ToolCallStarted | ToolCallDelta | ToolCallEnded
+GenerationEvent = Started | OutputEvent | Progress | Finished
 
 
 @dataclass(frozen=True)
@@ -128,15 +168,33 @@ class ServedModel(Protocol):
     def weights_name(self) -> str: ...
 
 
+@dataclass(frozen=True)
+class ChatRequest:
+    """The one internal request: every front door builds it, every backend prepares its
+    engine's request from it. Its body is the validated chat completion request, the
+    platform's canonical form (other doors translate into it); `raw` is that body as the
+    client sent it, when the client spoke this format (an upstream engine gets it as is)."""
+
+    request: ChatCompletionRequest
+    entry: ModelEntry
+    raw: bytes | None = None
+
+
 class Backend(ServedModel, Protocol):
     """Serves one set of weights; several public model ids may share one backend."""
 
-    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
-        """Yields `Started` (optional, first), text deltas, then exactly one `Finished`.
+    def prepare(self, chat: ChatRequest) -> Any:
+        """The engine's request, checked: what the engine cannot do is a 400 here,
+        before the request is admitted against any limit."""
+        ...
+
+    def generate(self, prepared: Any) -> AsyncGenerator[GenerationEvent, None]:
+        """Yields `Started` first, then output events and `Progress`, then exactly one
+        `Finished`.
 
         Errors that concern the request itself (prompt too long, queue full) are raised
-        before the first event, so callers can still answer with a plain HTTP error.
-        Closing the iterator early cancels the generation within one token.
+        before `Started`, so callers can still answer with a plain HTTP error. Closing
+        the iterator early cancels the generation within one token.
         """
         ...
 

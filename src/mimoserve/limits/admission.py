@@ -19,21 +19,21 @@ class AdmissionPolicy:
     completion_reserve: int = 512  # when a request sets no max_completion_tokens
 
 
-def estimate_prompt_tokens(request: ChatCompletionRequest) -> int:
-    return math.ceil(len(request.model_dump_json(include={"messages", "tools"})) / _CHARS_PER_TOKEN)
+def estimate_prompt_tokens(request: ChatCompletionRequest, raw: bytes | None = None) -> int:
+    """Until an engine counts them: from the body's size (the raw body when at hand,
+    measuring it costs nothing; else the messages and tools)."""
+    size = (
+        len(raw) if raw is not None else len(request.model_dump_json(include={"messages", "tools"}))
+    )
+    return math.ceil(size / _CHARS_PER_TOKEN)
 
 
 def _completion_tokens(request: ChatCompletionRequest, completion_reserve: int) -> int:
     return request.max_completion_tokens or request.max_tokens or completion_reserve
 
 
-def estimate_tokens(request: ChatCompletionRequest, completion_reserve: int) -> int:
-    return estimate_prompt_tokens(request) + _completion_tokens(request, completion_reserve)
-
-
-def estimate_tokens_from_body(
-    body_bytes: int, request: ChatCompletionRequest, completion_reserve: int
+def estimate_tokens(
+    request: ChatCompletionRequest, completion_reserve: int, raw: bytes | None = None
 ) -> int:
-    """`estimate_tokens` from the raw body's size, for the relay, which has it at hand."""
-    prompt = math.ceil(body_bytes / _CHARS_PER_TOKEN)
-    return prompt + _completion_tokens(request, completion_reserve)
+    """What admission reserves against token limits, on every path: prompt plus budget."""
+    return estimate_prompt_tokens(request, raw) + _completion_tokens(request, completion_reserve)

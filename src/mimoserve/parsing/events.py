@@ -23,4 +23,25 @@ class ToolCallParsed:
     arguments: str
 
 
-ParsedEvent = ReasoningText | ContentText | ToolCallParsed
+@dataclass(frozen=True)
+class ToolCallStart:
+    """A call has begun; its arguments follow as `ToolCallArgs` pieces, then `ToolCallEnd`."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolCallArgs:
+    """A piece of the call's arguments; the pieces concatenated are one JSON object."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallEnd:
+    pass
+
+
+ParsedEvent = (
+    ReasoningText | ContentText | ToolCallParsed | ToolCallStart | ToolCallArgs | ToolCallEnd
+)

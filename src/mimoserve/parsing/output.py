@@ -1,16 +1,28 @@
 """Splits raw model text into reasoning, content and tool calls, incrementally.
 
 One state machine handles `<think>...</think>` and `<tool_call>...</tool_call>`, so a
-tool call written inside the think block is still returned as a call. A call's body is
-held until its closing tag and parsed whole: a malformed call comes back as text of
-the channel it was written in, never lost and never half-streamed.
+tool call written inside the think block is still returned as a call. A Hermes call
+whose head names a declared tool streams its arguments as they are written (see
+call_stream.py: the pieces always concatenate to JSON that parses). Any other body (MiMo
+XML, an unknown name, another key order) is held until its closing tag and parsed
+whole: a malformed one comes back as text of the channel it was written in, never lost.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from mimoserve.parsing.events import ContentText, ParsedEvent, ReasoningText, ToolCallParsed
+from mimoserve.parsing.call_stream import EnvelopeStream
+from mimoserve.parsing.events import (
+    ContentText,
+    ParsedEvent,
+    ReasoningText,
+    ToolCallArgs,
+    ToolCallEnd,
+    ToolCallParsed,
+    ToolCallStart,
+)
 from mimoserve.parsing.tool_formats import ToolFormat, ToolSchemas, parse_tool_body
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -38,7 +50,7 @@ class OutputParser:
         self._tools = tools
         self._in_think = fmt.think and fmt.start_in_think
         self._in_call = False
-        self._call_body = ""
+        self._call: EnvelopeStream | None = None
         self._pending = ""
         # Whitespace right after a tag is layout, not text (e.g. "</think>\n\n").
         self._skip_space = True
@@ -62,8 +74,8 @@ class OutputParser:
                 return []
             self._skip_space = False
         if self._in_call:
-            self._call_body += text
-            return []
+            assert self._call is not None
+            return list(self._call.feed(text))
         return [ReasoningText(text) if self._in_think else ContentText(text)]
 
     def _tag(self, tag: str) -> list[ParsedEvent]:
@@ -73,16 +85,28 @@ class OutputParser:
         elif tag == THINK_CLOSE:
             self._in_think = False
         elif tag == CALL_OPEN:
-            self._in_call, self._call_body = True, ""
+            self._in_call, self._call = True, EnvelopeStream(self._streamable_tools())
         else:
             events = self._close_call(CALL_CLOSE)
         # A call's body keeps its layout; elsewhere whitespace after a tag is dropped.
         self._skip_space = tag != CALL_OPEN
         return events
 
+    def _streamable_tools(self) -> frozenset[str]:
+        # MiMo XML converts parameters by schema at the end: only Hermes JSON streams.
+        return frozenset(self._tools) if self._fmt.tool_format == "hermes" else frozenset()
+
+    @property
+    def in_think(self) -> bool:
+        return self._in_think
+
     def _close_call(self, closing: str) -> list[ParsedEvent]:
         self._in_call = False
-        body, self._call_body = self._call_body, ""
+        call_stream, self._call = self._call, None
+        assert call_stream is not None
+        if call_stream.started:
+            return list(call_stream.finish())
+        body = call_stream.body
         call = parse_tool_body(self._fmt.tool_format or "hermes", body, self._tools)
         if call is not None:
             return [call]
@@ -117,9 +141,22 @@ class OutputParser:
 
 
 def merge_text(events: list[ParsedEvent]) -> list[ParsedEvent]:
-    """Joins neighbouring text events of one kind (splitting must not change the merged form)."""
+    """Joins neighbouring text events of one kind, and a streamed call's pieces into one
+    `ToolCallParsed` (splitting must not change the merged form)."""
     merged: list[ParsedEvent] = []
+    streaming: tuple[str, list[str]] | None = None
     for event in events:
+        if isinstance(event, ToolCallStart):
+            streaming = (event.name, [])
+            continue
+        if isinstance(event, ToolCallArgs) and streaming is not None:
+            streaming[1].append(event.text)
+            continue
+        if isinstance(event, ToolCallEnd) and streaming is not None:
+            arguments = json.dumps(json.loads("".join(streaming[1])), ensure_ascii=False)
+            merged.append(ToolCallParsed(streaming[0], arguments))
+            streaming = None
+            continue
         last = merged[-1] if merged else None
         if isinstance(event, ReasoningText) and isinstance(last, ReasoningText):
             merged[-1] = ReasoningText(last.text + event.text)

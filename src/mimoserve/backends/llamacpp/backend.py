@@ -14,16 +14,25 @@ from typing import Any
 
 from mimoserve.backends.base import (
     Capabilities,
+    ChatRequest,
     Finished,
     GenerationEvent,
     GenerationRequest,
+    Progress,
 )
 from mimoserve.backends.llamacpp.grammar import build_grammar
 from mimoserve.backends.llamacpp.model import EngineConfig, LoadedModel
 from mimoserve.backends.llamacpp.native import NativeContext
 from mimoserve.backends.llamacpp.scheduler import Scheduler, engine_down
-from mimoserve.backends.llamacpp.sequence import FORCED_CLOSE, THINK_OPEN, DecodeJob
+from mimoserve.backends.llamacpp.sequence import (
+    FORCED_CLOSE,
+    THINK_OPEN,
+    DecodeJob,
+    EngineEvent,
+    Generated,
+)
 from mimoserve.backends.llamacpp.template import TemplateError, inline_reasoning
+from mimoserve.backends.text_request import to_generation_request
 from mimoserve.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
 
 
@@ -37,11 +46,11 @@ class Mailbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._items: list[tuple[asyncio.Queue[GenerationEvent | BaseException], Any]] = []
+        self._items: list[tuple[asyncio.Queue[EngineEvent | BaseException], Any]] = []
         self._lock = threading.Lock()
         self._scheduled = False
 
-    def post(self, queue: asyncio.Queue[GenerationEvent | BaseException], event: Any) -> None:
+    def post(self, queue: asyncio.Queue[EngineEvent | BaseException], event: Any) -> None:
         with self._lock:
             self._items.append((queue, event))
             if self._scheduled:
@@ -99,6 +108,9 @@ class LlamaCppBackend:
     def weights_name(self) -> str:
         return self._weights_name
 
+    def prepare(self, chat: ChatRequest) -> GenerationRequest:
+        return to_generation_request(chat.request, self._capabilities, chat.entry)
+
     def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
         thinking = request.thinking.mode
         messages = request.messages
@@ -149,10 +161,10 @@ class LlamaCppBackend:
 
     async def _run(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         prompt, grammar = await asyncio.to_thread(self._prepare, request)
-        events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
+        events: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
         mailbox = self._mailbox_for(asyncio.get_running_loop())
 
-        def emit(event: GenerationEvent | BaseException) -> None:
+        def emit(event: EngineEvent | BaseException) -> None:
             mailbox.post(events, event)
 
         job = DecodeJob(
@@ -164,6 +176,7 @@ class LlamaCppBackend:
             # write text the grammar has not accepted (see sequence.py).
             in_think=request.thinking.mode == "prompted" and grammar is None,
             think_budget=request.thinking.budget,
+            plan=request.plan,
         )
         try:
             self._scheduler.submit(job)
@@ -171,6 +184,11 @@ class LlamaCppBackend:
                 event = await events.get()
                 if isinstance(event, BaseException):
                     raise event
+                if isinstance(event, Generated):
+                    yield Progress(event.tokens)
+                    for output in event.events:
+                        yield output
+                    continue
                 yield event
                 if isinstance(event, Finished):
                     return

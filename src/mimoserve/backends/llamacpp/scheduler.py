@@ -16,9 +16,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mimoserve.backends.base import Finished, Started, TextDelta, TokenUsage
+from mimoserve.backends.base import Finished, Started, TokenUsage
 from mimoserve.backends.llamacpp.native import Batch, NativeContext, NativeModel, Sampler
-from mimoserve.backends.llamacpp.sequence import DecodeJob, SequenceOutput, Step
+from mimoserve.backends.llamacpp.sequence import DecodeJob, Generated, SequenceOutput, Step
 from mimoserve.errors import EngineError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -248,18 +248,17 @@ class Scheduler:
         # None: the grammar is complete and accepts only the (banned) end: the answer is.
         step = Step(finished="stop") if token is None else output.on_token(token)
         job = running.job
-        if step.text:
-            job.emit(TextDelta(step.text, output.completion_tokens - running.reported))
-            running.reported = output.completion_tokens
+        events = step.events
         if step.finished is not None:
-            tail = output.flush()
-            if tail:
-                job.emit(TextDelta(tail, output.completion_tokens - running.reported))
+            events += tuple(output.flush())
+        job.emit(Generated(events, output.completion_tokens - running.reported))
+        running.reported = output.completion_tokens
+        if step.finished is not None:
             usage = TokenUsage(
                 prompt_tokens=len(job.prompt),
                 completion_tokens=output.completion_tokens,
                 cached_tokens=running.reused,
-                reasoning_tokens=output.reasoning.tokens,
+                reasoning_tokens=output.reasoning_tokens,
             )
             job.emit(Finished(step.finished, usage))
             self._release(running)

@@ -11,14 +11,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mimoserve.backends.base import (
+    Finished,
     FinishReason,
-    GenerationEvent,
+    OutputEvent,
     SamplingParams,
+    Started,
 )
+from mimoserve.backends.structured import StructuredOutput
+from mimoserve.parsing.assembler import OutputPlan
 from mimoserve.parsing.stop import StopMatcher
 from mimoserve.parsing.utf8 import Utf8Stream
 
-Emit = Callable[[GenerationEvent | BaseException], None]
+
+@dataclass(frozen=True)
+class Generated:
+    """One step's output for one sequence: its events and the tokens they cost."""
+
+    events: tuple[OutputEvent, ...]
+    tokens: int
+
+
+EngineEvent = Started | Generated | Finished
+Emit = Callable[[EngineEvent | BaseException], None]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # What the engine writes when a think block must be closed for the model.
@@ -31,6 +45,7 @@ class DecodeJob:
     sampling: SamplingParams
     emit: Emit
     grammar: str | None = None  # GBNF, or None for free text
+    plan: OutputPlan = field(default_factory=OutputPlan)  # how the text becomes events
     # Reasoning: already inside <think> when the prompt opened it; closed at the budget.
     in_think: bool = False
     think_budget: int | None = None
@@ -38,56 +53,22 @@ class DecodeJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
-class ReasoningTracker:
-    """Follows <think> ... </think> in the generated text to count reasoning tokens."""
-
-    def __init__(self, in_think: bool, budget: int | None) -> None:
-        self.active = in_think
-        self.tokens = 0
-        self.closed = False  # a think block was open and has been closed
-        self.answered = False  # non-blank text followed the closed block
-        self._budget = budget
-        self._tail = ""
-
-    def observe(self, text: str) -> None:
-        if self.active:
-            self.tokens += 1
-        elif self.closed and text.strip() and THINK_CLOSE not in self._tail + text:
-            self.answered = True
-        window = self._tail + text
-        tag = THINK_CLOSE if self.active else THINK_OPEN
-        if tag in window:
-            self.active = not self.active
-            self.closed = self.closed or not self.active
-            window = window[window.index(tag) + len(tag) :]
-        self._tail = window[-len(THINK_CLOSE) :]
-
-    @property
-    def over_budget(self) -> bool:
-        return self.active and self._budget is not None and self.tokens >= self._budget
-
-    @property
-    def answer_pending(self) -> bool:
-        """Reasoning is over but no answer has been written yet."""
-        return self.closed and not self.active and not self.answered
-
-    def force_close(self) -> None:
-        self.active = False
-        self.closed = True
-        self._tail = ""
-
-
 @dataclass(frozen=True)
 class Step:
     """What one sampled token leads to."""
 
-    text: str = ""
+    events: tuple[OutputEvent, ...] = ()
     finished: FinishReason | None = None
     inject: tuple[int, ...] = ()  # tokens the engine writes next, before sampling again
 
 
 class SequenceOutput:
-    """Turns sampled tokens into text and decides when the sequence ends."""
+    """Turns sampled tokens into events and decides when the sequence ends.
+
+    The parsers run here, beside the sampler: the one `<think>` state that splits
+    reasoning from the answer also drives the thinking budget and the rule that a turn
+    may not end inside the think block or before an answer follows it.
+    """
 
     def __init__(
         self,
@@ -103,44 +84,53 @@ class SequenceOutput:
         self._forced_close = forced_close
         self._utf8 = Utf8Stream()
         self._stops = StopMatcher(job.sampling.stop)
-        self.reasoning = ReasoningTracker(job.in_think, job.think_budget)
+        self.output = StructuredOutput(job.plan)
+        self._budget = job.think_budget
+        self.reasoning_tokens = 0
         self.completion_tokens = 0
+        self._think_closed = False
         # Prompted thinking promises reasoning *and* an answer: small models often close
         # the think block and stop, so ending the turn is forbidden until an answer starts.
         self._require_answer = job.in_think
-        # Under a grammar every token must be one the grammar accepted: the engine never
-        # writes `</think>` itself, so `<think>` inside a JSON string is just text.
-        self._track_reasoning = job.grammar is None
 
     @property
     def must_not_end(self) -> bool:
-        return self._require_answer and self.reasoning.answer_pending
+        return self._require_answer and self._think_closed and not self.output.answered
+
+    def _over_budget(self) -> bool:
+        return self._budget is not None and self.reasoning_tokens >= self._budget
+
+    def _feed(self, text: str) -> list[OutputEvent]:
+        was_thinking = self.output.in_think
+        events = self.output.feed(self._stops.feed(text))
+        if was_thinking and not self.output.in_think:
+            self._think_closed = True
+        return events
 
     def on_token(self, token: int) -> Step:
         self.completion_tokens += 1
+        if self.output.in_think:
+            self.reasoning_tokens += 1
         ended = self._is_end(token)
-        text = ""
+        events: list[OutputEvent] = []
         if not ended:
-            piece = self._utf8.feed(self._token_bytes(token))
-            if self._track_reasoning:
-                self.reasoning.observe(piece)
-            text = self._stops.feed(piece)
+            events = self._feed(self._utf8.feed(self._token_bytes(token)))
             if self._stops.stopped:
-                return Step(text, "stop")
+                return Step(tuple(events), "stop")
             if self.completion_tokens >= self._limit:
-                return Step(text, "length")
-        reasoning = self.reasoning
-        must_close = reasoning.active and (ended or reasoning.over_budget)
+                return Step(tuple(events), "length")
+        must_close = self.output.in_think and (ended or self._over_budget())
         if must_close and self.completion_tokens + len(self._forced_close) < self._limit:
             # The model left its think block open: write `</think>` for it, go on.
             self.completion_tokens += len(self._forced_close)
-            reasoning.force_close()
-            text += self._stops.feed(FORCED_CLOSE)
-            return Step(text, inject=tuple(self._forced_close))
+            events += self._feed(FORCED_CLOSE)
+            return Step(tuple(events), inject=tuple(self._forced_close))
         if ended:
-            return Step(text, "stop")
-        return Step(text)
+            return Step(tuple(events), "stop")
+        return Step(tuple(events))
 
-    def flush(self) -> str:
-        """Text held back (partial characters, possible stop prefixes) at the end."""
-        return self._stops.feed(self._utf8.finish()) + self._stops.finish()
+    def flush(self) -> list[OutputEvent]:
+        """At the end: text held back (partial characters, possible stop prefixes, partial
+        tags) and whatever the parsers still hold (a bare JSON answer, an open call)."""
+        tail = self._stops.feed(self._utf8.finish()) + self._stops.finish()
+        return self.output.feed(tail) + self.output.finish()

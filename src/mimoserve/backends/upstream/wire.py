@@ -171,7 +171,7 @@ def chunk(data: Any, *, completion_id: str, model: str, created: int) -> dict[st
     if not isinstance(data, dict):
         raise ValueError("not a chunk")
     if "error" in data or data.get("object") == "error":
-        raise UpstreamFailure(f"the engine failed mid-stream: {_error_message(data)}",
+        raise UpstreamFailure(f"the engine failed mid-stream: {error_message(data)}",
                               code="upstream_error")  # fmt: skip
     raw_choices = data.get("choices") or []
     if not isinstance(raw_choices, list):
@@ -193,7 +193,7 @@ def chunk(data: Any, *, completion_id: str, model: str, created: int) -> dict[st
     return out
 
 
-def _error_message(body: Any) -> str:
+def error_message(body: Any) -> str:
     message: Any = None
     if isinstance(body, dict):
         error = body.get("error")
@@ -221,7 +221,7 @@ def error_from_status(status: int, raw: bytes) -> MimoError:
         body: Any = json.loads(raw)
     except ValueError:
         body = raw.decode("utf-8", "replace")
-    message = _error_message(body)
+    message = error_message(body)
     if status in (400, 413, 422):
         return InvalidRequestError(f"The model engine refused the request: {message}",
                                    code="upstream_bad_request")  # fmt: skip

@@ -1,4 +1,6 @@
-"""Wire request -> backend request: normalised messages, sampling, constraints."""
+"""The internal chat request -> the request of an engine that generates text (the
+embedded llama.cpp engine): normalised messages, sampling, constraints, thinking, and
+the plan that turns the engine's text into events."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from mimoserve.backends.base import (
     SamplingParams,
     Thinking,
 )
-from mimoserve.chat.output import OutputPlan
 from mimoserve.errors import InvalidRequestError
+from mimoserve.parsing.assembler import OutputPlan
 from mimoserve.parsing.output import OutputFormat
 from mimoserve.protocol.chat import (
     ChatCompletionRequest,
@@ -179,9 +181,7 @@ def _thinking(request: ChatCompletionRequest, entry: ModelEntry, constrained: bo
 
 def to_generation_request(
     request: ChatCompletionRequest, capabilities: Capabilities, entry: ModelEntry
-) -> tuple[GenerationRequest, OutputPlan]:
-    if request.logprobs:
-        raise InvalidRequestError("logprobs are not supported", param="logprobs")
+) -> GenerationRequest:
     _check_tools(request)
     messages = tuple(
         to_prompt_message(message, index, request.model)
@@ -197,17 +197,11 @@ def to_generation_request(
     )
     thinking = _thinking(request, entry, constrained=constraint is not None)
     tools = tuple(t.model_dump(exclude_none=True) for t in request.tools or ()) if use_tools else ()
-    generation = GenerationRequest(
-        messages=messages,
-        sampling=_sampling(request),
-        tools=tools,
-        constraint=constraint,
-        thinking=thinking,
-    )
     choice = request.tool_choice
     plan = OutputPlan(
         fmt=OutputFormat(
-            think=entry.reasoning_parser == "think",
+            # Under a grammar the output is JSON: a `<think>` inside a string is text.
+            think=entry.reasoning_parser == "think" and constraint is None,
             start_in_think=thinking.mode == "prompted",
             tool_format=entry.tool_parser if use_tools else None,
         ),
@@ -216,4 +210,11 @@ def to_generation_request(
         forced_name=choice.function.name if isinstance(choice, NamedToolChoice) else None,
         forced_any=use_tools and choice == "required",
     )
-    return generation, plan
+    return GenerationRequest(
+        messages=messages,
+        sampling=_sampling(request),
+        tools=tools,
+        constraint=constraint,
+        thinking=thinking,
+        plan=plan,
+    )

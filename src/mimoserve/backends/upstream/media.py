@@ -15,7 +15,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from mimoserve.chat.url_guard import MediaUrl, UrlAllowList
+from mimoserve.backends.upstream.url_guard import MediaUrl, UrlAllowList
 from mimoserve.errors import InvalidRequestError
 from mimoserve.protocol.chat import ChatCompletionRequest
 from mimoserve.protocol.messages import AudioPart, ImagePart, VideoPart

@@ -1,0 +1,98 @@
+"""A fleet of OpenAI-compatible engines (vLLM, SGLang, llama.cpp, OpenAI) as a backend.
+
+The request goes to the engine almost as the client sent it (wire.py); the engine's
+structured deltas come back as the same events every backend yields (events.py).
+Failures before the first chunk fail over to another replica (client.py); after it,
+they end the answer with an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from mimoserve.backends.base import Capabilities, ChatRequest, GenerationEvent, Started
+from mimoserve.backends.upstream import wire
+from mimoserve.backends.upstream.client import UpstreamModel
+from mimoserve.backends.upstream.events import AnswerMapper
+from mimoserve.backends.upstream.media import MediaLimits, check_media
+from mimoserve.backends.upstream.replicas import Replica
+from mimoserve.backends.upstream.url_guard import MediaUrl, refuse_internal_urls
+from mimoserve.limits.admission import estimate_prompt_tokens
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    chat: ChatRequest
+    media_urls: tuple[MediaUrl, ...]  # hosts still to check for internal addresses
+
+    def body_for(self, replica: Replica) -> dict[str, Any]:
+        chat = self.chat
+        return wire.request_body(chat.request, replica.spec, chat.request.model, chat.raw)
+
+
+class UpstreamBackend:
+    def __init__(self, model: UpstreamModel, media: MediaLimits | None = None) -> None:
+        self.model = model
+        self._media = media or MediaLimits()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.model.capabilities
+
+    @property
+    def weights_name(self) -> str:
+        return self.model.weights_name
+
+    @property
+    def healthy(self) -> bool:
+        return True  # replicas come and go; the circuit breakers answer for them
+
+    def load(self) -> tuple[int, int]:
+        return sum(replica.outstanding for replica in self.model.pool.replicas), 0
+
+    def start(self, session: aiohttp.ClientSession) -> None:
+        self.model.use_session(session)
+        self.model.start()
+
+    async def close(self) -> None:
+        await self.model.close()
+
+    def prepare(self, chat: ChatRequest) -> UpstreamRequest:
+        urls = check_media(chat.request, self.model.entry.input_modalities, self._media)
+        return UpstreamRequest(chat, urls)
+
+    async def generate(self, prepared: UpstreamRequest) -> AsyncGenerator[GenerationEvent, None]:
+        # Resolving hosts waits on DNS: here, off the synchronous prepare step.
+        await refuse_internal_urls(prepared.media_urls, self._media.url_allow)
+        mapper = AnswerMapper(estimate_prompt_tokens(prepared.chat.request, prepared.chat.raw))
+        if not prepared.chat.request.stream:
+            data = await self.model.complete(prepared.body_for)
+            yield Started(0)
+            for event in _mapped(mapper.completion, data, "answer"):
+                yield event
+        else:
+            stream = await self.model.open_stream(prepared.body_for)
+            try:
+                yield Started(0)
+                async for batch in stream:
+                    for raw in batch:
+                        for event in _mapped(mapper.chunk, raw, "chunk"):
+                            yield event
+            finally:
+                await stream.aclose()
+        for event in mapper.finish():
+            yield event
+
+
+def _mapped(mapping: Any, data: Any, what: str) -> list[GenerationEvent]:
+    try:
+        events: list[GenerationEvent] = mapping(data)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise wire.UpstreamFailure(
+            f"The model engine sent a malformed {what}.", code="upstream_malformed"
+        ) from exc
+    return events

@@ -1,0 +1,60 @@
+"""A whole answer, assembled from the events: what a non-streaming reply is made of."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mimoserve.backends.base import (
+    ContentDelta,
+    Finished,
+    GenerationEvent,
+    ReasoningDelta,
+    TokenUsage,
+    ToolCallDelta,
+    ToolCallStarted,
+)
+
+AnswerFinish = Literal["stop", "length", "tool_calls", "content_filter"]
+
+
+def answer_finish(finished: Finished, has_calls: bool) -> AnswerFinish:
+    """An answer that ends normally with calls ends *for* the calls."""
+    return "tool_calls" if has_calls and finished.reason == "stop" else finished.reason
+
+
+@dataclass
+class AnsweredCall:
+    id: str
+    name: str
+    arguments: str = ""
+
+
+@dataclass
+class Answer:
+    reasoning: list[str] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)
+    calls: list[AnsweredCall] = field(default_factory=list)
+    finished: Finished | None = None
+
+    def add(self, event: GenerationEvent) -> None:
+        if isinstance(event, ReasoningDelta):
+            self.reasoning.append(event.text)
+        elif isinstance(event, ContentDelta):
+            self.content.append(event.text)
+        elif isinstance(event, ToolCallStarted):
+            self.calls.append(AnsweredCall(event.id, event.name))
+        elif isinstance(event, ToolCallDelta):
+            self.calls[event.index].arguments += event.arguments
+        elif isinstance(event, Finished):
+            self.finished = event
+
+    @property
+    def finish_reason(self) -> AnswerFinish:
+        assert self.finished is not None
+        return answer_finish(self.finished, bool(self.calls))
+
+    @property
+    def usage(self) -> TokenUsage:
+        assert self.finished is not None
+        return self.finished.usage

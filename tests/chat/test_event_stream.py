@@ -1,0 +1,159 @@
+"""One event stream for every backend: however the engine's output is split, the events
+reassemble to the same answer, for a text engine (the embedded one's parsers) and for an
+upstream engine's structured deltas alike. And a forced call streams from its start."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mimoserve.app import create_app
+from mimoserve.auth.keys import KeyStore
+from mimoserve.backends.base import (
+    ContentDelta,
+    Finished,
+    GenerationEvent,
+    ReasoningDelta,
+    ToolCallDelta,
+    ToolCallEnded,
+    ToolCallStarted,
+)
+from mimoserve.backends.structured import StructuredOutput
+from mimoserve.backends.upstream.events import AnswerMapper
+from mimoserve.config import Settings
+from mimoserve.parsing.assembler import OutputPlan
+from mimoserve.parsing.output import OutputFormat
+from mimoserve.registry import ModelRegistry
+from tests.conftest import REGISTRY
+from tests.fake_backend import ScriptedBackend
+from tests.services import uvicorn_in_thread
+
+TOOLS: dict[str, Any] = {"get_weather": {"type": "object", "properties": {
+    "city": {"type": "string"}, "days": {"type": "integer"}}}, "search": {"type": "object"}}  # fmt: skip
+HERMES = OutputPlan(OutputFormat(think=True, start_in_think=True, tool_format="hermes"), TOOLS)
+MIMO = OutputPlan(OutputFormat(think=True, tool_format="mimo_xml"), TOOLS)
+REASONING, CONTENT = "I need the weather, then a search.", "Here you go."
+CALLS = [("get_weather", {"city": "Oslo", "days": 3}), ("search", {"q": "北京 <x>"})]
+HERMES_TEXT = (
+    f"{REASONING}</think>\n\n{CONTENT}"
+    + "".join(f'<tool_call>\n{{"name": "{n}", "arguments": {json.dumps(a, ensure_ascii=False)}}}\n</tool_call>'
+              for n, a in CALLS)
+)  # fmt: skip
+MIMO_TEXT = (
+    f"<think>{REASONING}</think>{CONTENT}"
+    "<tool_call><function=get_weather><parameter=city>Oslo</parameter>"
+    "<parameter=days>3</parameter></function></tool_call>"
+    '<tool_call><function=search><parameter=q>北京 <x></parameter></function></tool_call>'
+)  # fmt: skip
+EXPECTED = {"reasoning": REASONING, "content": CONTENT, "calls": CALLS, "ended": [0, 1]}
+
+
+def reassembled(events: list[GenerationEvent]) -> dict[str, Any]:
+    reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
+    content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+    starts = [e for e in events if isinstance(e, ToolCallStarted)]
+    assert [s.index for s in starts] == list(range(len(starts)))
+    arguments = ["".join(e.arguments for e in events if isinstance(e, ToolCallDelta) and e.index == s.index)
+                 for s in starts]  # fmt: skip
+    return {"reasoning": reasoning.strip(), "content": content.strip(),
+            "calls": [(s.name, json.loads(a)) for s, a in zip(starts, arguments, strict=True)],
+            "ended": [e.index for e in events if isinstance(e, ToolCallEnded)]}  # fmt: skip
+
+
+def pieces_of(text: str, cuts: list[int]) -> list[str]:
+    bounds = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def text_engine(plan: OutputPlan, pieces: list[str]) -> list[GenerationEvent]:
+    output = StructuredOutput(plan)
+    events: list[GenerationEvent] = []
+    for piece in pieces:
+        events += output.feed(piece)
+    return events + output.finish()
+
+
+def upstream_chunks(cuts: list[int]) -> list[dict[str, Any]]:
+    """The same answer as an engine with its own parsers streams it: structured deltas,
+    each field cut where `cuts` says."""
+    chunks: list[dict[str, Any]] = [{"choices": [{"delta": {"role": "assistant"}}]}]
+    for piece in pieces_of(REASONING, cuts):
+        chunks.append({"choices": [{"delta": {"reasoning": piece}}]})
+    for piece in pieces_of(CONTENT, cuts):
+        chunks.append({"choices": [{"delta": {"content": piece}}]})
+    for index, (name, arguments) in enumerate(CALLS):
+        chunks.append({"choices": [{"delta": {"tool_calls": [
+            {"index": index, "id": f"engine_{index}", "type": "function", "function": {"name": name}}]}}]})  # fmt: skip
+        for piece in pieces_of(json.dumps(arguments, ensure_ascii=False), cuts):
+            chunks.append({"choices": [{"delta": {"tool_calls": [
+                {"index": index, "function": {"arguments": piece}}]}}]})  # fmt: skip
+    chunks.append({"choices": [{"delta": {}, "finish_reason": "tool_calls"}]})
+    chunks.append({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 9}})
+    return chunks
+
+
+@settings(max_examples=200)
+@given(cuts=st.lists(st.integers(0, 10_000), max_size=12))
+def test_every_split_gives_the_same_answer_on_every_backend(cuts: list[int]) -> None:
+    assert reassembled(text_engine(HERMES, pieces_of(HERMES_TEXT, cuts))) == EXPECTED
+    assert reassembled(text_engine(MIMO, pieces_of(MIMO_TEXT, cuts))) == EXPECTED
+    mapper = AnswerMapper(estimated_prompt_tokens=0)
+    events = [e for chunk in upstream_chunks(cuts) for e in mapper.chunk(chunk)] + mapper.finish()
+    assert reassembled(events) == EXPECTED
+    finished = events[-1]
+    assert isinstance(finished, Finished) and finished.reason == "stop"
+    assert finished.usage.completion_tokens == 9
+
+
+def test_hermes_calls_stream_their_arguments_before_the_call_closes() -> None:
+    output = StructuredOutput(HERMES)
+    output.feed(f"{REASONING}</think>")
+    events = output.feed('<tool_call>{"name": "get_weather", "arguments": {"city": "Os')
+    assert isinstance(events[0], ToolCallStarted) and events[0].name == "get_weather"
+    assert events[1:] == [ToolCallDelta(0, '{"city": "Os')]
+
+
+def test_a_forced_call_stream_starts_before_generation_ends(
+    tmp_path: Path, keys: KeyStore, api_key: str
+) -> None:
+    """Headers, the role chunk and the call's id, name and first arguments arrive while the
+    engine is still generating (they used to wait for the whole call)."""
+    backend = ScriptedBackend()
+    registry = ModelRegistry.from_toml(REGISTRY)
+    app = create_app(Settings(home=tmp_path), registry=registry, keys=keys,
+                     backends={e.id: backend for e in registry.entries()})  # fmt: skip
+    pieces = ['{"city": ', '"Oslo"', ', "days"', ": 3}"]
+    backend.enqueue(pieces, delay_s=0.5)  # two seconds of generation in all
+    tool = {
+        "type": "function",
+        "function": {"name": "get_weather", "parameters": TOOLS["get_weather"]},
+    }
+    body = {"model": "mimo-v2-flash", "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [tool], "stream": True,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}  # fmt: skip
+    with uvicorn_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        start = time.monotonic()
+        with http.stream("POST", "/v1/chat/completions", json=body,
+                         headers={"api-key": api_key}) as response:  # fmt: skip
+            headers_at = time.monotonic() - start
+            arrivals: list[tuple[float, dict[str, Any]]] = []
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    arrivals.append((time.monotonic() - start, json.loads(line[6:])))
+    assert headers_at < 0.4  # before the first piece was even generated
+    calls = [(t, c["choices"][0]["delta"]["tool_calls"][0]) for t, c in arrivals
+             if c["choices"] and "tool_calls" in c["choices"][0]["delta"]]  # fmt: skip
+    first_at, first = calls[0]
+    assert first["function"]["name"] == "get_weather" and first_at < 1.2
+    assert calls[1][0] < 1.2 and calls[1][1]["function"]["arguments"] == '{"city": '
+    done_at = arrivals[-1][0]
+    assert done_at > 1.8  # the answer really took the whole generation
+    arguments = "".join(c["function"].get("arguments", "") for _, c in calls)
+    assert json.loads(arguments) == {"city": "Oslo", "days": 3}
