@@ -6,6 +6,7 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mimoserve.backends.base import (
     Capabilities,
@@ -20,7 +21,12 @@ from mimoserve.backends.base import (
 )
 from mimoserve.backends.structured import StructuredOutput
 from mimoserve.backends.text_request import to_generation_request
+from mimoserve.config import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 from mimoserve.errors import MimoError
+from mimoserve.store.base import Database
 
 
 @dataclass
@@ -83,3 +89,27 @@ class ScriptedBackend:
 
     async def close(self) -> None:
         self.closed = True
+
+
+def fake_app(settings: Settings, database: Database, backend: ScriptedBackend) -> FastAPI:
+    """The real app, with its ledger, admin API and usage store on `database`, and every
+    model of the test registry served by `backend`."""
+    from mimoserve.app import create_app
+    from mimoserve.auth.admin import AdminCredential
+    from mimoserve.auth.keys import KeyStore
+    from mimoserve.metering.ledger import UsageLedger
+    from mimoserve.registry import ModelRegistry
+    from mimoserve.store.usage import SqlUsageStore
+    from tests.conftest import REGISTRY
+
+    registry = ModelRegistry.from_toml(REGISTRY)
+    usage = SqlUsageStore(database)
+    return create_app(
+        settings,
+        registry=registry,
+        backends={entry.id: backend for entry in registry.entries()},
+        keys=KeyStore(database),
+        ledger=UsageLedger(usage),
+        admin=AdminCredential(database),
+        usage=usage,
+    )

@@ -8,16 +8,11 @@ from pathlib import Path
 
 import uvicorn
 
-from mimoserve.app import create_app
 from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
 from mimoserve.config import Settings
-from mimoserve.metering.ledger import UsageLedger
-from mimoserve.registry import ModelRegistry
 from mimoserve.store.sqlite import SqliteDatabase
-from mimoserve.store.usage import SqlUsageStore
-from tests.conftest import REGISTRY
-from tests.fake_backend import ScriptedBackend
+from tests.fake_backend import ScriptedBackend, fake_app
 
 
 def main() -> None:
@@ -27,18 +22,7 @@ def main() -> None:
     keys = KeyStore(database)
     print(keys.create("fuzz").secret, flush=True)
     print(AdminCredential(database).ensure(), flush=True)
-    registry = ModelRegistry.from_toml(REGISTRY)
-    backend = ScriptedBackend()
-    usage = SqlUsageStore(database)
-    app = create_app(
-        settings,
-        registry=registry,
-        backends={entry.id: backend for entry in registry.entries()},
-        keys=keys,
-        ledger=UsageLedger(usage),
-        admin=AdminCredential(database),
-        usage=usage,
-    )
+    app = fake_app(settings, database, ScriptedBackend())
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 

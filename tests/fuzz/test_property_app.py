@@ -12,16 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from mimoserve.app import create_app
-from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
 from mimoserve.config import Settings
-from mimoserve.metering.ledger import UsageLedger
 from mimoserve.registry import ModelRegistry
 from mimoserve.store.sqlite import SqliteDatabase
-from mimoserve.store.usage import SqlUsageStore
 from tests.conftest import REGISTRY
-from tests.fake_backend import ScriptedBackend
+from tests.fake_backend import ScriptedBackend, fake_app
 from tests.fuzz.strategies import chat_bodies, encoded, header_values, raw_bodies
 
 URL = "/v1/chat/completions"
@@ -35,12 +31,7 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestC
     database = SqliteDatabase(home / "db.sqlite")
     keys = KeyStore(database)
     secret = keys.create("prop").secret
-    registry = ModelRegistry.from_toml(REGISTRY)
-    backend = ScriptedBackend()
-    usage = SqlUsageStore(database)
-    app = create_app(Settings(home=home, max_body_bytes=64 * 1024), registry=registry,
-                     backends={e.id: backend for e in registry.entries()}, keys=keys,
-                     ledger=UsageLedger(usage), admin=AdminCredential(database), usage=usage)  # fmt: skip
+    app = fake_app(Settings(home=home, max_body_bytes=64 * 1024), database, ScriptedBackend())
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client, secret
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator
-from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -25,31 +24,16 @@ def frame(payload: str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-def sse_frames(
-    chunks: ClosableStream[ChatCompletionChunk] | ClosableStream[list[dict[str, Any]]],
-) -> OwnedStream[bytes]:
+def sse_frames(chunks: ClosableStream[ChatCompletionChunk]) -> OwnedStream[bytes]:
     """The SSE frames of a chunk stream; closing them closes the chunks, read or not."""
     return OwnedStream(_frames(chunks), chunks.aclose)
 
 
-async def _frames(
-    chunks: ClosableStream[ChatCompletionChunk] | ClosableStream[list[dict[str, Any]]],
-) -> AsyncGenerator[bytes, None]:
-    """Once bytes have been sent the status code is fixed: errors become an error event.
-
-    Chunks are models (the embedded engine) or batches of plain dicts already in the
-    contract's shape (relayed from an upstream engine, where a model round trip would cost
-    time); a batch is framed into one write.
-    """
+async def _frames(chunks: ClosableStream[ChatCompletionChunk]) -> AsyncGenerator[bytes, None]:
+    """Once bytes have been sent the status code is fixed: errors become an error event."""
     try:
         async for chunk in chunks:
-            if isinstance(chunk, list):
-                yield b"".join(
-                    frame(json.dumps(item, ensure_ascii=False, separators=(",", ":")))
-                    for item in chunk
-                )
-            else:
-                yield frame(chunk.model_dump_json())
+            yield frame(chunk.model_dump_json())
     except MimoError as exc:
         yield frame(json.dumps(error_body(exc)))
     except Exception:
