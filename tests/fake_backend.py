@@ -61,6 +61,9 @@ class ScriptedBackend:
         # A text engine, like the embedded one: the same request, the same parsers.
         return to_generation_request(chat.request, self.capabilities, chat.entry)
 
+    async def count_tokens(self, prepared: GenerationRequest) -> int:
+        return sum(len((m.content or "").split()) + 4 for m in prepared.messages)
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         self.requests.append(request)
         script = self.scripts.popleft() if self.scripts else Script(["ok"])

@@ -36,6 +36,10 @@ class InvalidRequestError(MimoError):
 class ContextLengthExceededError(InvalidRequestError):
     default_code = "context_length_exceeded"
 
+    def __init__(self, message: str, *, prompt_tokens: int, limit: int, param: str) -> None:
+        super().__init__(message, param=param)
+        self.prompt_tokens, self.limit = prompt_tokens, limit
+
 
 class AuthenticationError(MimoError):
     status_code = 401

@@ -9,6 +9,7 @@ closers, in order, once; every closer is itself safe to run twice.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -49,3 +50,27 @@ class OwnedStream(Generic[T]):
                 result = close()
                 if result is not None:
                     await result
+
+
+async def with_heartbeat(stream: ClosableStream[T], interval_s: float) -> AsyncIterator[T | None]:
+    """`stream`'s items, and `None` whenever nothing came for `interval_s` (a client that
+    waits on a long prompt hears that the server is alive). Never cancels a pending read."""
+    pending: asyncio.Future[T] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(stream.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield None
+                continue
+            finished, pending = pending, None
+            try:
+                item = finished.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)

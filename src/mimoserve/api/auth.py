@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 def _presented_key(request: Request) -> str | None:
-    key = request.headers.get("api-key")
+    # `api-key` (MiMo), `x-api-key` (Anthropic's SDKs and Claude Code), or Bearer.
+    key = request.headers.get("api-key") or request.headers.get("x-api-key")
     if key:
         return key.strip()
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
@@ -29,7 +30,8 @@ async def require_principal(request: Request) -> Principal:
     key = _presented_key(request)
     if key is None:
         raise AuthenticationError(
-            "Missing API key: send it as `api-key: KEY` or `Authorization: Bearer KEY`.",
+            "Missing API key: send it as `api-key: KEY`, `x-api-key: KEY` or "
+            "`Authorization: Bearer KEY`.",
             code="missing_api_key",
         )
     store: KeyStore = request.app.state.keys

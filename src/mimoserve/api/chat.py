@@ -23,7 +23,7 @@ T = TypeVar("T")
 _DISCONNECT_POLL_S = 0.1
 
 
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Runs `work`, cancelling it as soon as the client goes away.
 
     If `work` finished just as the client left, its result is not handed on: a stream
@@ -68,9 +68,9 @@ async def create_chat_completion(request: Request) -> Response:
     if body.stream:
         # Waiting for the engine to take the request can mean waiting for a free slot: a
         # client that leaves meanwhile gives up its place in the queue.
-        events = await _until_disconnect(request, service.open_stream(chat))
+        events = await until_disconnect(request, service.open_stream(chat))
         return EventStreamResponse(sse_frames(OwnedStream(to_chunks(chat, events), events.aclose)))
-    answer = await _until_disconnect(request, service.complete(chat))
+    answer = await until_disconnect(request, service.complete(chat))
     return JSONResponse(to_completion(chat, answer).model_dump(mode="json"))
 
 

@@ -144,6 +144,7 @@ class TokenUsage:
 class Finished:
     reason: FinishReason
     usage: TokenUsage
+    stop_sequence: str | None = None  # the client's stop sequence that ended the answer
 
 
 OutputEvent = ReasoningDelta | ContentDelta | ToolCallStarted | ToolCallDelta | ToolCallEnded
@@ -186,6 +187,10 @@ class Backend(ServedModel, Protocol):
     def prepare(self, chat: ChatRequest) -> Any:
         """The engine's request, checked: what the engine cannot do is a 400 here,
         before the request is admitted against any limit."""
+        ...
+
+    async def count_tokens(self, prepared: Any) -> int:
+        """The prompt's tokens as the engine would count them (or its best estimate)."""
         ...
 
     def generate(self, prepared: Any) -> AsyncGenerator[GenerationEvent, None]:

@@ -47,8 +47,9 @@ class RequestMeter:
 
     def __init__(
         self, metrics: Metrics, ledger: UsageLedger | None, model: str, principal: Principal,
-        completion_id: str,
+        completion_id: str, api: str = "chat.completions",
     ) -> None:  # fmt: skip
+        self._api = api
         self._metrics, self._ledger = metrics, ledger
         self._model, self._principal, self._id = model, principal, completion_id
         self.ticket: Admission | None = None
@@ -117,5 +118,6 @@ class RequestMeter:
                     latency_s=time.perf_counter() - self._start,
                     ttft_s=self._ttft,
                     finish_reason=reason,
+                    api=self._api,
                 )
             )

@@ -55,6 +55,7 @@ class PreparedChat:
     principal: Principal
     reserve_tokens: int  # what rate limits reserve at admission, settled at the end
     include_usage: bool
+    api: str  # the front door, recorded with the usage
 
 
 class ChatService:
@@ -106,7 +107,9 @@ class ChatService:
 
     # ---- the pipeline ------------------------------------------------------------------
 
-    def record_refusal(self, principal: Principal, model: str | None, status: int) -> None:
+    def record_refusal(
+        self, principal: Principal, model: str | None, status: int, api: str = "chat.completions"
+    ) -> None:
         """A request refused before it was prepared (bad body, unknown model, ...)."""
         # Only served ids become labels: clients must not be able to grow the series set.
         label = model if model in self._backends else "unknown"
@@ -118,11 +121,18 @@ class ChatService:
                     account_id=principal.account_id,
                     model=(model or "")[:128],
                     status=status,
+                    api=api,
                 )
             )
 
     def prepare(
-        self, request: ChatCompletionRequest, principal: Principal, raw: bytes | None = None
+        self,
+        request: ChatCompletionRequest,
+        principal: Principal,
+        raw: bytes | None = None,
+        *,
+        api: str = "chat.completions",
+        id_prefix: str = "chatcmpl-",
     ) -> PreparedChat:
         backend = self._backend_for(request.model)
         if principal.allowed_models is not None and request.model not in principal.allowed_models:
@@ -136,7 +146,7 @@ class ChatService:
         entry = self._registry.get(request.model)
         assert entry is not None  # every backend comes from a registry entry
         return PreparedChat(
-            completion_id=f"chatcmpl-{uuid.uuid4().hex}",
+            completion_id=f"{id_prefix}{uuid.uuid4().hex}",
             created=int(time.time()),
             model=request.model,
             backend=backend,
@@ -144,13 +154,14 @@ class ChatService:
             principal=principal,
             reserve_tokens=estimate_tokens(request, self._policy.completion_reserve, raw),
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
+            api=api,
         )
 
     async def events(self, chat: PreparedChat) -> AsyncGenerator[GenerationEvent, None]:
         """Admits the request and yields its backend's events, metering them; the
         admission and the slot are released however the stream ends."""
         meter = RequestMeter(self._metrics, self._ledger, chat.model, chat.principal,
-                             chat.completion_id)  # fmt: skip
+                             chat.completion_id, chat.api)  # fmt: skip
         try:
             meter.ticket = await self._admit(chat)
         except Exception as exc:
@@ -195,6 +206,10 @@ class ChatService:
         # Closing the events closes the generation (admission, slot, ledger record) even
         # if the client left before the first chunk was read.
         return OwnedStream(_prepend(first, stream), stream.aclose)
+
+    async def count_tokens(self, chat: PreparedChat) -> int:
+        """The prompt's tokens, without generating (nothing is admitted or metered)."""
+        return await chat.backend.count_tokens(chat.prepared)
 
     async def complete(self, chat: PreparedChat) -> Answer:
         answer = Answer()

@@ -27,6 +27,7 @@ class UsageRecord:
     account_id: str = "default"
     request_id: str = ""  # the completion id the client saw (empty for refusals)
     record_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # unique per record
+    api: str = "chat.completions"  # the front door: chat.completions, messages, responses
 
 
 def safe_text(text: str) -> str:

@@ -17,6 +17,7 @@ class StopMatcher:
         self._longest = max((len(s) for s in self._stops), default=0)
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop sequence that ended the text
 
     def feed(self, text: str) -> str:
         """Returns the text that is now safe to emit."""
@@ -42,8 +43,11 @@ class StopMatcher:
     def _first_stop(self, buffer: str) -> int | None:
         # Generation ends when a stop sequence *completes*, so the one that ends first wins
         # (a longer stop that started earlier but is not finished yet cannot be known).
-        hits = [(i + len(s), i) for s in self._stops if (i := buffer.find(s)) >= 0]
-        return min(hits)[1] if hits else None
+        hits = [(i + len(s), i, s) for s in self._stops if (i := buffer.find(s)) >= 0]
+        if not hits:
+            return None
+        _, start, self.matched = min(hits)
+        return start
 
     def _partial_tail(self, buffer: str) -> int:
         # Longest suffix of the buffer that is a proper prefix of some stop sequence.

@@ -73,6 +73,10 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE usage_records ADD COLUMN record_id TEXT;
     CREATE UNIQUE INDEX usage_records_record_id ON usage_records (record_id);
     """,
+    # Which front door the request came through (chat.completions, messages, responses).
+    """
+    ALTER TABLE usage_records ADD COLUMN api TEXT NOT NULL DEFAULT 'chat.completions';
+    """,
 )
 
 

@@ -111,6 +111,9 @@ class LlamaCppBackend:
     def prepare(self, chat: ChatRequest) -> GenerationRequest:
         return to_generation_request(chat.request, self._capabilities, chat.entry)
 
+    async def count_tokens(self, prepared: GenerationRequest) -> int:
+        return len(await asyncio.to_thread(self._prompt_tokens, prepared))
+
     def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
         thinking = request.thinking.mode
         messages = request.messages
@@ -130,6 +133,8 @@ class LlamaCppBackend:
                 f"The prompt is {len(tokens)} tokens long, but the model's context holds "
                 f"{self._model.n_ctx} tokens (prompt and completion together). "
                 "Shorten the messages.",
+                prompt_tokens=len(tokens),
+                limit=self._model.n_ctx,
                 param="messages",
             )
         return tokens

@@ -260,7 +260,7 @@ class Scheduler:
                 cached_tokens=running.reused,
                 reasoning_tokens=output.reasoning_tokens,
             )
-            job.emit(Finished(step.finished, usage))
+            job.emit(Finished(step.finished, usage, output.stop_sequence))
             self._release(running)
             return
         assert token is not None  # a None token always finishes

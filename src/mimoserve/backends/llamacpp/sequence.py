@@ -129,6 +129,10 @@ class SequenceOutput:
             return Step(tuple(events), "stop")
         return Step(tuple(events))
 
+    @property
+    def stop_sequence(self) -> str | None:
+        return self._stops.matched
+
     def flush(self) -> list[OutputEvent]:
         """At the end: text held back (partial characters, possible stop prefixes, partial
         tags) and whatever the parsers still hold (a bare JSON answer, an open call)."""

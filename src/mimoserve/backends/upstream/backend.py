@@ -65,6 +65,10 @@ class UpstreamBackend:
         urls = check_media(chat.request, self.model.entry.input_modalities, self._media)
         return UpstreamRequest(chat, urls)
 
+    async def count_tokens(self, prepared: UpstreamRequest) -> int:
+        # Engines count only when they generate: the same estimate admission uses.
+        return estimate_prompt_tokens(prepared.chat.request, prepared.chat.raw)
+
     async def generate(self, prepared: UpstreamRequest) -> AsyncGenerator[GenerationEvent, None]:
         # Resolving hosts waits on DNS: here, off the synchronous prepare step.
         await refuse_internal_urls(prepared.media_urls, self._media.url_allow)

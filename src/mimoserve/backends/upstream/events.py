@@ -54,6 +54,7 @@ class AnswerMapper:
         self._reason: FinishReason = "stop"
         self._usage: TokenUsage | None = None
         self._chars = 0
+        self._stop_sequence: str | None = None
 
     def chunk(self, data: Any) -> list[GenerationEvent]:
         if not isinstance(data, Mapping):
@@ -70,7 +71,7 @@ class AnswerMapper:
             if not isinstance(choice, Mapping):
                 raise ValueError("a choice is not an object")
             events += self._message(choice.get("delta") or {})
-            self._finish_reason(choice.get("finish_reason"))
+            self._finish_reason(choice.get("finish_reason"), choice.get("stop_reason"))
         return events
 
     def completion(self, data: Any) -> list[GenerationEvent]:
@@ -83,13 +84,15 @@ class AnswerMapper:
             if not isinstance(message, Mapping):
                 raise ValueError("a choice without a message")
             events += self._message(message)
-            self._finish_reason(choice.get("finish_reason"))
+            self._finish_reason(choice.get("finish_reason"), choice.get("stop_reason"))
         return events
 
-    def _finish_reason(self, value: Any) -> None:
+    def _finish_reason(self, value: Any, stop_reason: Any) -> None:
         if isinstance(value, str):
             # vLLM can end with "abort" or "error"; clients know only the contract's reasons.
             self._reason = _REASONS.get(value, "stop")
+        if isinstance(stop_reason, str):  # vLLM names the stop string that matched
+            self._stop_sequence = stop_reason
 
     def _message(self, raw: Mapping[str, Any]) -> list[GenerationEvent]:
         if not isinstance(raw, Mapping):
@@ -141,7 +144,7 @@ class AnswerMapper:
             prompt_tokens=self._prompt_estimate,
             completion_tokens=math.ceil(self._chars / _CHARS_PER_TOKEN),
         )
-        return [*events, Finished(self._reason, usage)]
+        return [*events, Finished(self._reason, usage, self._stop_sequence)]
 
     @property
     def usage_reported(self) -> bool:
