@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from mimoserve import __version__
 from mimoserve.api import admin as admin_api
-from mimoserve.api import anthropic, chat, health, models
+from mimoserve.api import anthropic, chat, health, models, responses
 from mimoserve.api.dashboard import DashboardFiles
 from mimoserve.api.errors import install_error_handlers
 from mimoserve.api.openapi import install_openapi
@@ -86,7 +86,7 @@ def create_app(
         app.include_router(admin_api.router)
         app.mount("/dashboard", DashboardFiles(), name="dashboard")
     # Plain Starlette routes first: matched before every other route.
-    app.router.routes[:0] = [*chat.routes, *anthropic.routes]
+    app.router.routes[:0] = [*chat.routes, *anthropic.routes, *responses.routes]
     app.include_router(models.router)
     app.include_router(health.router)
     return app
