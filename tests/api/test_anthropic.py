@@ -170,19 +170,25 @@ async def test_streamed_tool_use_sends_input_json_deltas(
 
 
 async def test_what_claude_code_sends_is_accepted(
-    client: httpx.AsyncClient, backend: ScriptedBackend
+    client: httpx.AsyncClient, backend: ScriptedBackend, settings: Settings
 ) -> None:
+    """The first request Claude Code 2.1 sent to this server (recorded by
+    tests/e2e/test_agent_clis.py's run): streamed, about 76 KB, 24 tools."""
+    settings.max_body_bytes = 1 << 20
     body = json.loads((FIXTURES / "claude_code_request.json").read_text())
     backend.enqueue(["Done."])
-    response = await client.post("/v1/messages?beta=true", json=body, headers={
+    headers = {
         "anthropic-version": "2023-06-01",
-        "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,made-up-beta"})  # fmt: skip
+        "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,made-up-beta",
+    }
+    response = await client.post("/v1/messages?beta=true", json=body, headers=headers)
     assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
     sent: GenerationRequest = backend.requests[-1]
     system = sent.messages[0]
     assert system.role == "system" and "billing-header" not in (system.content or "")
-    assert "You are Claude Code" in (system.content or "")
-    assert [t["function"]["name"] for t in sent.tools] == ["Bash", "Write"]
+    assert body["system"][0]["text"].startswith("x-anthropic-billing-header:")
+    assert "Write" in [t["function"]["name"] for t in sent.tools]
     assert any(m.role == "system" for m in sent.messages[1:])  # the system turn after the user's
 
 

@@ -111,7 +111,7 @@ async def test_streamed_function_call_arguments(
 async def test_codex_tools_do_not_fail_the_request(
     client: httpx.AsyncClient, backend: ScriptedBackend
 ) -> None:
-    body = json.loads((FIXTURES / "codex_request.json").read_text())
+    body = json.loads((FIXTURES / "codex_tool_shapes.json").read_text())
     backend.enqueue(
         [
             '<tool_call>{"name": "apply_patch", "arguments": {"input": "*** Begin Patch"}}</tool_call>'
@@ -130,6 +130,24 @@ async def test_codex_tools_do_not_fail_the_request(
     names = [t["function"]["name"] for t in sent.tools]
     assert names == ["shell", "apply_patch", "list_mcp_resources"]  # web_search dropped
     assert [m.role for m in sent.messages][:2] == ["system", "system"]  # two developer messages
+
+
+async def test_what_codex_sends_is_accepted(
+    client: httpx.AsyncClient, backend: ScriptedBackend, settings: Settings
+) -> None:
+    """The first request Codex 0.171 sent to this server (recorded by
+    tests/e2e/test_agent_clis.py's run): two developer messages, a namespace tool,
+    web_search, reasoning summary auto, store false, encrypted reasoning included."""
+    settings.max_body_bytes = 1 << 20
+    body = json.loads((FIXTURES / "codex_request.json").read_text())
+    backend.enqueue(["Hello."])
+    response = await client.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    lines = [line for line in response.text.splitlines() if line.startswith("event: ")]
+    assert lines[0] == "event: response.created" and lines[-1] == "event: response.completed"
+    sent: GenerationRequest = backend.requests[-1]
+    assert "exec_command" in [t["function"]["name"] for t in sent.tools]
+    assert [m.role for m in sent.messages][:2] == ["system", "system"]
 
 
 async def test_previous_response_id_is_refused(client: httpx.AsyncClient) -> None:

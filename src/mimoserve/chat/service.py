@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from mimoserve.auth.keys import Principal
@@ -85,7 +86,9 @@ class ChatService:
         return {model: backend.load() for model, backend in self._backends.items()}
 
     def list_models(self) -> ModelList:
-        return ModelList(data=[self.get_model(entry.id) for entry in self._registry.entries()])
+        cards = [self.get_model(entry.id) for entry in self._registry.entries()]
+        return ModelList(data=cards, first_id=cards[0].id if cards else None,
+                         last_id=cards[-1].id if cards else None)  # fmt: skip
 
     def get_model(self, model_id: str) -> ModelCard:
         backend = self._backend_for(model_id)
@@ -94,6 +97,10 @@ class ChatService:
             created=self._created,
             root=backend.weights_name,
             context_length=backend.capabilities.context_length or None,
+            display_name=model_id,
+            created_at=datetime.fromtimestamp(self._created, UTC)
+            .isoformat()
+            .replace("+00:00", "Z"),
         )
 
     def _backend_for(self, model_id: str) -> Backend:

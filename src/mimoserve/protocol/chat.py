@@ -213,11 +213,19 @@ class ModelCard(BaseModel):
     # Which weights really serve this id (the public ids are aliases on a self-hosted server).
     root: str
     context_length: int | None = None
+    # What Anthropic clients read from the same list.
+    type: Literal["model"] = "model"
+    display_name: str = ""
+    created_at: str = ""  # RFC 3339
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    # Anthropic's paging fields (one page holds every model).
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class ErrorDetail(BaseModel):

@@ -1,0 +1,123 @@
+"""The real coding-agent CLIs against mimoserve: Claude Code (Anthropic Messages) and
+Codex (OpenAI Responses), installed from npm (`bash .ci/run` installs them), run
+headless with throwaway homes. Against a scripted backend each completes a task that
+needs one tool call and its result (create a file); Codex also runs on the real default
+model and completes a one-line answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mimoserve.auth.keys import KeyStore
+from mimoserve.config import Settings
+from mimoserve.store.sqlite import SqliteDatabase
+from mimoserve.weights.catalog import DEFAULT_WEIGHTS
+from tests.cli_agents import FINAL_ANSWER, AgentBackend
+from tests.e2e.server import pull_test_weights, running_server
+from tests.fake_backend import fake_app
+from tests.services import uvicorn_in_thread
+
+CLI_DIR = Path(os.environ.get("MIMOSERVE_CLI_DIR", Path.home() / ".cache" / "mimoserve" / "clis"))
+TASK = "Create hello.txt containing hi"
+
+
+def cli(name: str) -> str:
+    path = CLI_DIR / "node_modules" / ".bin" / name
+    assert path.exists(), f"{path} is missing: `bash .ci/run` installs the agent CLIs from npm"
+    return str(path)
+
+
+def scripted_server(tmp_path: Path, backend: AgentBackend) -> Iterator[tuple[str, str]]:
+    database = SqliteDatabase(tmp_path / "db.sqlite")
+    key = KeyStore(database).create("agent").secret
+    app = fake_app(Settings(home=tmp_path, max_body_bytes=8 << 20), database, backend)
+    with uvicorn_in_thread(app) as url:
+        yield url, key
+
+
+def run_claude(
+    url: str, key: str, work: Path, home: Path, prompt: str, timeout: int
+) -> dict[str, object]:
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "ANTHROPIC_BASE_URL": url,
+           "ANTHROPIC_AUTH_TOKEN": key, "ANTHROPIC_MODEL": "mimo-v2-flash",
+           "ANTHROPIC_SMALL_FAST_MODEL": "mimo-v2-flash",
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "CLAUDE_CODE_MAX_RETRIES": "0",
+           "API_TIMEOUT_MS": str(timeout * 1000), "API_FORCE_IDLE_TIMEOUT": "0",
+           "DISABLE_AUTOUPDATER": "1"}  # fmt: skip
+    result = subprocess.run(
+        [cli("claude"), "-p", prompt, "--output-format", "json", "--permission-mode",
+         "acceptEdits", "--allowedTools", "Write"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def run_codex(url: str, key: str, work: Path, home: Path, prompt: str, timeout: int) -> str:
+    codex_home = home / "codex"
+    codex_home.mkdir(parents=True)
+    # A provider on this server; no update check (the network beyond loopback is closed).
+    (codex_home / "config.toml").write_text(
+        'model = "mimo-v2-flash"\nmodel_provider = "mimo"\ncheck_for_update_on_startup = false\n'
+        f'[model_providers.mimo]\nname = "mimo"\nbase_url = "{url}/v1"\n'
+        'wire_api = "responses"\nenv_key = "MIMO_API_KEY"\n'
+    )
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "CODEX_HOME": str(codex_home),
+           "MIMO_API_KEY": key}  # fmt: skip
+    last = home / "last-message.txt"
+    result = subprocess.run(
+        [cli("codex"), "exec", "--skip-git-repo-check", "--ephemeral",
+         "--dangerously-bypass-approvals-and-sandbox", "-o", str(last), prompt],
+        cwd=work, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return last.read_text()
+
+
+@pytest.fixture
+def places(tmp_path: Path) -> tuple[Path, Path]:
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    home.mkdir()
+    return work, home
+
+
+def test_claude_code_creates_a_file_through_a_tool_call(
+    tmp_path: Path, places: tuple[Path, Path]
+) -> None:
+    work, home = places
+    backend = AgentBackend(calls={"Write": {"file_path": str(work / "hello.txt"), "content": "hi"}})
+    for url, key in scripted_server(tmp_path, backend):
+        outcome = run_claude(url, key, work, home, TASK, timeout=180)
+    assert outcome["subtype"] == "success" and outcome["result"] == FINAL_ANSWER, outcome
+    assert (work / "hello.txt").read_text() == "hi"
+    assert any(m.role == "tool" for m in backend.seen[-1].messages)  # the result came back
+
+
+def test_codex_creates_a_file_through_a_tool_call(
+    tmp_path: Path, places: tuple[Path, Path]
+) -> None:
+    work, home = places
+    backend = AgentBackend(calls={"exec_command": {"cmd": "printf hi > hello.txt"}})
+    for url, key in scripted_server(tmp_path, backend):
+        answer = run_codex(url, key, work, home, TASK, timeout=180)
+    assert answer.strip() == FINAL_ANSWER
+    assert (work / "hello.txt").read_text() == "hi"
+
+
+def test_codex_on_the_real_default_model_answers(tmp_path: Path, places: tuple[Path, Path]) -> None:
+    """Codex's prompt is about 10,000 tokens here: the default model reads it (one slot of 16,384)
+    and answers; whatever it answers, Codex must complete."""
+    work, home = places
+    pull_test_weights(DEFAULT_WEIGHTS)
+    with running_server(tmp_path / "server", "--n-ctx", "16384", "--n-parallel", "1",
+                        weights=DEFAULT_WEIGHTS) as server:  # fmt: skip
+        answer = run_codex(server.base_url, server.api_key, work, home,
+                           "Reply with one short line: say hello.", timeout=900)  # fmt: skip
+    assert answer.strip()
