@@ -142,3 +142,19 @@ def test_a_fence_followed_by_whitespace_parses_in_linear_time() -> None:
     fenced = '```json\n{"name": "f", "arguments": {"a": 1}}\n```'
     calls = parse_bare_calls(fenced, tools)
     assert calls is not None and calls[0].name == "f"
+
+
+async def test_door_items_of_the_wrong_shape_are_400s(client: httpx.AsyncClient) -> None:
+    image = {"type": "image", "source": ["not", "an", "object"]}
+    body = {
+        "model": "mimo-v2-flash",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": [image]}],
+    }
+    response = await client.post("/v1/messages", json=body)
+    assert (
+        response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+    )
+    items = [{"type": "reasoning", "content": 5}, {"role": "user", "content": "hi"}]
+    response = await client.post("/v1/responses", json={"model": "mimo-v2-flash", "input": items})
+    assert response.status_code == 200, response.text

@@ -98,3 +98,58 @@ raw_bodies = (
 )  # fmt: skip
 
 header_values = st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=80)
+
+
+blocks = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "image", "tool_use", "tool_result", "thinking", "bogus"])},
+    optional={"text": nasty_text, "id": nasty_text, "name": nasty_text, "input": json_values,
+              "tool_use_id": nasty_text, "content": nasty_text | json_values,
+              "thinking": nasty_text, "source": json_values, "is_error": st.booleans()},
+)  # fmt: skip
+
+
+@st.composite
+def anthropic_bodies(draw: st.DrawFn, models: list[str]) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": draw(st.sampled_from(models) | nasty_text),
+        "max_tokens": draw(st.integers(-2, 64) | st.none()),
+        "messages": draw(st.lists(st.fixed_dictionaries({
+            "role": st.sampled_from(["user", "assistant", "system", "bogus"]),
+            "content": nasty_text | st.lists(blocks, max_size=3)}), max_size=3)),
+    }  # fmt: skip
+    optional = {
+        "system": nasty_text | st.lists(blocks, max_size=2),
+        "tools": st.lists(st.fixed_dictionaries({"name": nasty_text, "input_schema": json_values}),
+                          max_size=2),
+        "tool_choice": json_values | st.sampled_from([{"type": "any"}, {"type": "tool", "name": "f"}]),
+        "thinking": json_values | st.sampled_from([{"type": "adaptive"}, {"type": "enabled", "budget_tokens": 5}]),
+        "stream": st.booleans(), "stop_sequences": st.lists(nasty_text, max_size=3),
+    }  # fmt: skip
+    for name in draw(st.lists(st.sampled_from(sorted(optional)), max_size=4, unique=True)):
+        body[name] = draw(optional[name])
+    return body
+
+
+@st.composite
+def responses_bodies(draw: st.DrawFn, models: list[str]) -> dict[str, Any]:
+    item = st.fixed_dictionaries(
+        {"type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "x"])},
+        optional={"role": st.sampled_from(["user", "developer", "assistant", "tool"]),
+                  "content": nasty_text | st.lists(st.fixed_dictionaries(
+                      {"type": st.sampled_from(["input_text", "output_text", "input_image", "y"]),
+                       "text": nasty_text}), max_size=2),
+                  "call_id": nasty_text, "name": nasty_text, "arguments": nasty_text,
+                  "output": nasty_text | json_values},
+    )  # fmt: skip
+    body: dict[str, Any] = {"model": draw(st.sampled_from(models) | nasty_text),
+                            "input": draw(nasty_text | st.lists(item, max_size=4))}  # fmt: skip
+    optional = {
+        "instructions": nasty_text, "max_output_tokens": st.integers(-1, 64),
+        "tools": st.lists(st.fixed_dictionaries({"type": st.sampled_from(["function", "custom", "namespace", "web_search"]),
+                                                 "name": nasty_text, "parameters": json_values}), max_size=3),
+        "tool_choice": json_values, "reasoning": json_values | st.just({"effort": "none"}),
+        "text": json_values, "stream": st.booleans(), "previous_response_id": nasty_text,
+    }  # fmt: skip
+    for name in draw(st.lists(st.sampled_from(sorted(optional)), max_size=4, unique=True)):
+        body[name] = draw(optional[name])
+    return body

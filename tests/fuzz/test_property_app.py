@@ -18,7 +18,14 @@ from mimoserve.registry import ModelRegistry
 from mimoserve.store.sqlite import SqliteDatabase
 from tests.conftest import REGISTRY
 from tests.fake_backend import ScriptedBackend, fake_app
-from tests.fuzz.strategies import chat_bodies, encoded, header_values, raw_bodies
+from tests.fuzz.strategies import (
+    anthropic_bodies,
+    chat_bodies,
+    encoded,
+    header_values,
+    raw_bodies,
+    responses_bodies,
+)
 
 URL = "/v1/chat/completions"
 MODELS = [entry.id for entry in ModelRegistry.from_toml(REGISTRY).entries()]
@@ -108,3 +115,30 @@ def test_generated_headers_and_routes(
 def test_still_serving_after_the_fuzzing(app_client: tuple[TestClient, str]) -> None:
     client, key = app_client
     assert_still_serving(client, key)
+
+
+@SETTINGS
+@given(body=anthropic_bodies(MODELS))
+def test_generated_anthropic_bodies(
+    app_client: tuple[TestClient, str], body: dict[str, Any]
+) -> None:
+    client, key = app_client
+    response = client.post(
+        "/v1/messages?beta=true", headers={"x-api-key": key}, content=encoded(body)
+    )
+    status = response.status_code
+    assert status < 500 or (status == 503 and response.headers.get("retry-after")), response.text[
+        :500
+    ]
+    if status != 200:
+        data = response.json()
+        assert data["type"] == "error" and data["error"]["type"] and data["error"]["message"]
+
+
+@SETTINGS
+@given(body=responses_bodies(MODELS))
+def test_generated_responses_bodies(
+    app_client: tuple[TestClient, str], body: dict[str, Any]
+) -> None:
+    client, key = app_client
+    assert_contract(client.post("/v1/responses", headers={"api-key": key}, content=encoded(body)))

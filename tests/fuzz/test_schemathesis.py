@@ -53,7 +53,7 @@ def test_the_chat_route_is_documented(fake_server: tuple[str, str, str]) -> None
 
 def test_public_routes_under_schemathesis(fake_server: tuple[str, str, str]) -> None:
     url, key, _ = fake_server
-    schemathesis(url, f"api-key: {key}", "^/(v1|health|ready|metrics)", 150)
+    schemathesis(url, f"api-key: {key}", "^/(v1|anthropic|health|ready|metrics)", 150)
     # Still serving normally afterwards.
     answer = httpx.post(f"{url}/v1/chat/completions", headers={"api-key": key}, json={
         "model": "mimo-v2-flash", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip

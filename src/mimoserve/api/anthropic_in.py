@@ -53,7 +53,9 @@ def system_text(system: str | list[dict[str, Any]] | None) -> str | None:
 
 
 def _image(block: dict[str, Any], param: str) -> dict[str, Any]:
-    source = block.get("source") or {}
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise _refuse("an image needs a source object", f"{param}.source")
     if source.get("type") == "base64":
         url = f"data:{source.get('media_type', '')};base64,{source.get('data', '')}"
     elif source.get("type") == "url":

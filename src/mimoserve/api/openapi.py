@@ -15,12 +15,14 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
+from mimoserve.protocol.anthropic import CountTokensRequest, MessagesRequest
 from mimoserve.protocol.chat import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ErrorBody,
 )
+from mimoserve.protocol.responses import ResponsesRequest
 
 _REF = "#/components/schemas/{model}"
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
@@ -103,6 +105,84 @@ def _chat_operation() -> dict[str, Any]:
     }
 
 
+_ANTHROPIC_ERROR = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+
+
+def _door_operation(
+    summary: str, request: str, answer: dict[str, Any], error: dict[str, Any]
+) -> dict[str, Any]:
+    """Another door: its request schema, its answer (JSON or an event stream), its errors."""
+    return {
+        "summary": summary,
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{request}"}}
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "The answer, or with `stream` a server-sent event stream",
+                "content": {
+                    "application/json": {"schema": answer},
+                    "text/event-stream": {"schema": _EVENT},
+                },
+            },
+            **{
+                code: {
+                    "description": _ERRORS[code],
+                    "content": {"application/json": {"schema": error}},
+                }
+                for code in _PUBLIC_ERRORS
+            },
+        },
+        "security": [{"ApiKey": []}, {"Bearer": []}],
+    }
+
+
+def _other_doors(paths: dict[str, Any]) -> None:
+    message = {
+        "type": "object",
+        "required": ["id", "type", "role", "content", "stop_reason", "usage"],
+    }
+    count = {"type": "object", "required": ["input_tokens"]}
+    response = {"type": "object", "required": ["id", "object", "status", "output", "model"]}
+    for prefix in ("", "/anthropic"):
+        paths[f"{prefix}/v1/messages"] = {
+            "post": _door_operation(
+                "Create a message (Anthropic Messages)",
+                "MessagesRequest",
+                message,
+                _ANTHROPIC_ERROR,
+            )
+        }
+        paths[f"{prefix}/v1/messages/count_tokens"] = {
+            "post": _door_operation(
+                "Count a message's input tokens", "CountTokensRequest", count, _ANTHROPIC_ERROR
+            )
+        }
+    paths["/v1/responses"] = {
+        "post": _door_operation(
+            "Create a response (OpenAI Responses, stateless)",
+            "ResponsesRequest",
+            response,
+            _ERROR_REF,
+        )
+    }
+
+
 def _error(code: str) -> dict[str, Any]:
     return {
         "description": _ERRORS[code],
@@ -136,10 +216,10 @@ def install_openapi(app: FastAPI, model_ids: Sequence[str] = ()) -> None:
         document = build()
         components = document.setdefault("components", {})
         schemas = components.setdefault("schemas", {})
-        _register(schemas, ChatCompletionRequest, request=True)
-        if model_ids:
-            model = schemas["ChatCompletionRequest"]["properties"]["model"]
-            model["enum"] = list(model_ids)
+        for wire in (ChatCompletionRequest, MessagesRequest, CountTokensRequest, ResponsesRequest):
+            _register(schemas, wire, request=True)
+            if model_ids:
+                schemas[wire.__name__]["properties"]["model"]["enum"] = list(model_ids)
         for model in (ChatCompletion, ChatCompletionChunk, ErrorBody):
             _register(schemas, model, request=False)
         components.setdefault("securitySchemes", {}).update(
@@ -150,6 +230,7 @@ def install_openapi(app: FastAPI, model_ids: Sequence[str] = ()) -> None:
         )
         paths = document.setdefault("paths", {})
         paths["/v1/chat/completions"] = {"post": _chat_operation()}
+        _other_doors(paths)
         _document_errors(paths)
         metrics = paths.get("/metrics", {}).get("get", {}).get("responses", {}).get("200")
         if metrics is not None:  # Prometheus text format, not JSON

@@ -134,7 +134,8 @@ def _item(turns: _Turns, item: dict[str, Any], param: str) -> None:
             raise _refuse(f"a {kind} needs call_id", f"{param}.call_id")
         turns.add({"role": "tool", "tool_call_id": call_id, "content": text})
     elif kind == "reasoning":
-        for part in item.get("content") or ():
+        content = item.get("content")
+        for part in content if isinstance(content, list) else ():
             if isinstance(part, dict) and isinstance(part.get("text"), str):
                 turns.reasoning(part["text"])
     else:
