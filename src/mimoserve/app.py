@@ -15,6 +15,7 @@ from mimoserve.api import anthropic, chat, health, models, responses
 from mimoserve.api.dashboard import DashboardFiles
 from mimoserve.api.errors import install_error_handlers
 from mimoserve.api.openapi import install_openapi
+from mimoserve.api.request_id import RequestIdMiddleware
 from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
 from mimoserve.backends.base import Backend
@@ -81,6 +82,10 @@ def create_app(
     app.state.admin = admin
     app.state.usage = usage
     install_error_handlers(app)
+    # Outermost, around Starlette's own server-error layer too, so every answer (errors
+    # from any layer, 500s, streams) carries the id.
+    build_stack = app.build_middleware_stack
+    app.build_middleware_stack = lambda: RequestIdMiddleware(build_stack())  # type: ignore[method-assign]
     install_openapi(app, [entry.id for entry in registry.entries()])
     if admin is not None and usage is not None:
         app.include_router(admin_api.router)

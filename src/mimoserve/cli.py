@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -11,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mimoserve.api.request_id import configure_logging
 from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import DEFAULT_ACCOUNT, ConflictError, IssuedKey, KeyStore
 from mimoserve.config import Settings
@@ -56,9 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mimoserve.server import build_server_app
 
     settings = _settings(args)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_format)
     try:
         app = build_server_app(settings, _announce_key, _announce_admin)
     except WeightsError as exc:
@@ -68,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # No access log by default: the usage ledger already records every request, and a
     # log line per request cost ~5 % of a relay's CPU (measured with py-spy).
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
-                access_log=settings.access_log)  # fmt: skip
+                access_log=settings.access_log, log_config=None)  # fmt: skip
     return 0
 
 
@@ -191,6 +189,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="FastAPI OpenTelemetry (exporters from OTEL_* variables)")  # fmt: skip
     serve.add_argument("--redis-url", help="redis://... for rate limits shared by replicas")
     serve.add_argument("--max-body-bytes", type=int, help="request body limit (default 1 MiB)")
+    serve.add_argument("--log-format", choices=["text", "json"], help="log lines (default text)")
     serve.add_argument("--media-url-allow", help="internal hosts/networks (a,10.0.0.0/8) that "
                        "relayed media URLs may name (default: public addresses only)")  # fmt: skip
     serve.set_defaults(handler=cmd_serve)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,6 +50,9 @@ class Settings(BaseSettings):
         default=16, ge=0, description="Requests that may wait for a busy engine before 503"
     )
     access_log: bool = Field(default=False, description="Log every request line (uvicorn's)")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Log lines as text or one JSON object each (with request ids)"
+    )
     opentelemetry: bool = Field(
         default=False,
         description="FastAPI's OpenTelemetry spans/metrics/logs (exporters from OTEL_* env)",

@@ -8,6 +8,7 @@ import time
 
 from mimoserve.auth.keys import Principal
 from mimoserve.backends.base import TokenUsage
+from mimoserve.context import current_request_id
 from mimoserve.errors import MimoError, StoreUnavailableError
 from mimoserve.limits.admission import AdmissionPolicy
 from mimoserve.limits.limiter import Admission, Limiter, RateLimitedError
@@ -119,5 +120,6 @@ class RequestMeter:
                     ttft_s=self._ttft,
                     finish_reason=reason,
                     api=self._api,
+                    http_request_id=current_request_id.get(),
                 )
             )

@@ -27,6 +27,7 @@ from mimoserve.backends.base import (
 )
 from mimoserve.chat.answer import Answer
 from mimoserve.chat.meter import RequestMeter, admit
+from mimoserve.context import current_request_id
 from mimoserve.errors import (
     EngineError,
     InvalidRequestError,
@@ -129,6 +130,7 @@ class ChatService:
                     model=(model or "")[:128],
                     status=status,
                     api=api,
+                    http_request_id=current_request_id.get(),
                 )
             )
 

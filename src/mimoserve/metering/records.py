@@ -28,6 +28,7 @@ class UsageRecord:
     request_id: str = ""  # the completion id the client saw (empty for refusals)
     record_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # unique per record
     api: str = "chat.completions"  # the front door: chat.completions, messages, responses
+    http_request_id: str = ""  # the x-request-id of the HTTP request
 
 
 def safe_text(text: str) -> str:

@@ -77,6 +77,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE usage_records ADD COLUMN api TEXT NOT NULL DEFAULT 'chat.completions';
     """,
+    # The HTTP request id (x-request-id), to trace a record to its log lines.
+    """
+    ALTER TABLE usage_records ADD COLUMN http_request_id TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 
