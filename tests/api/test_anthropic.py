@@ -234,3 +234,25 @@ async def test_a_prompt_over_the_context_says_prompt_is_too_long(
 
 
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize(("model", "thinking", "effort", "mode"), [
+    ("mimo-v2-flash", {"type": "adaptive"}, None, "off"),  # the model's default: off for flash
+    ("mimo-v2-pro", {"type": "adaptive"}, "medium", "prompted"),  # ... on for pro
+    ("mimo-v2-pro", {"type": "adaptive"}, "low", "off"),
+    ("mimo-v2-flash", {"type": "adaptive"}, "high", "prompted"),
+    ("mimo-v2-flash", {"type": "enabled", "budget_tokens": 2048}, None, "prompted"),
+    ("mimo-v2-pro", {"type": "disabled"}, None, "off"),
+    ("mimo-v2-flash", None, "max", "prompted"),
+])  # fmt: skip
+async def test_thinking_and_effort_map_to_the_mimo_switch(
+    client: httpx.AsyncClient, backend: ScriptedBackend, model: str,
+    thinking: dict[str, Any] | None, effort: str | None, mode: str,
+) -> None:  # fmt: skip
+    body: dict[str, Any] = {"model": model, "max_tokens": 8, "messages": HELLO}
+    if thinking is not None:
+        body["thinking"] = thinking
+    if effort is not None:
+        body["output_config"] = {"effort": effort}
+    assert (await client.post("/v1/messages", json=body)).status_code == 200
+    assert backend.requests[-1].thinking.mode == mode

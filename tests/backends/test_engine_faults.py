@@ -21,6 +21,7 @@ from mimoserve.backends.base import (
     OutputConstraint,
     PromptMessage,
     SamplingParams,
+    Started,
 )
 from mimoserve.backends.llamacpp.backend import LlamaCppBackend
 from mimoserve.backends.llamacpp.model import EngineConfig
@@ -192,3 +193,29 @@ def test_a_full_queue_refuses_before_any_prompt_work_and_work_runs_off_the_loop(
         await running.aclose()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_request_that_shares_nothing_leaves_the_freshest_cache_alone(weights: Path) -> None:
+    """With two idle slots that share nothing with a new prompt, the least recently used
+    one is taken: the prompt cached in the other is still there for its next turn."""
+    backend = LlamaCppBackend(
+        EngineConfig(weights, n_ctx=1024, n_parallel=2, n_threads=2, max_queue=1), "smollm2"
+    )
+
+    def ask(text: str) -> GenerationRequest:
+        return GenerationRequest((PromptMessage(role="user", content=text),),
+                                 SamplingParams(temperature=0, max_tokens=2))  # fmt: skip
+
+    async def cached(request: GenerationRequest) -> int:
+        events = [event async for event in backend.generate(request)]
+        started = events[0]
+        assert isinstance(started, Started)
+        return started.cached_tokens
+
+    long_prompt = "Here is a long system prompt about agents and tools. " * 20
+    try:
+        assert asyncio.run(cached(ask(long_prompt))) == 0
+        asyncio.run(cached(ask("Something else entirely.")))
+        assert asyncio.run(cached(ask(long_prompt))) > 100
+    finally:
+        asyncio.run(backend.close())

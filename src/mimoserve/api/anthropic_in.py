@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 BILLING_HEADER = "x-anthropic-billing-header:"
 _LOW_EFFORT = frozenset({"none", "minimal", "low"})
+_HIGH_EFFORT = frozenset({"high", "xhigh", "max"})
 
 
 def _refuse(message: str, param: str) -> InvalidRequestError:
@@ -204,8 +205,14 @@ def _thinking(request: MessagesRequest) -> dict[str, Any] | None:
         return {"type": "disabled"}
     if thinking is not None and thinking.type == "enabled":
         return {"type": "enabled", "budget_tokens": thinking.budget_tokens}
-    # adaptive, or an effort alone: MiMo's switch is on or off; low effort is off.
-    return {"type": "disabled" if effort in _LOW_EFFORT else "enabled"}
+    # adaptive, or an effort alone: MiMo's switch is on or off. Low effort is off, high is
+    # on; otherwise the model decides, as adaptive asks: the registry's default for it
+    # (off for flash, on for pro and omni, as hosted).
+    if effort in _LOW_EFFORT:
+        return {"type": "disabled"}
+    if effort in _HIGH_EFFORT:
+        return {"type": "enabled"}
+    return None
 
 
 def to_chat_request(request: MessagesRequest) -> ChatCompletionRequest:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
     running: Running | None = None
+    last_used: float = 0.0  # when a request last started in this slot
 
 
 @dataclass(eq=False)
@@ -41,6 +43,20 @@ class Running:
     reused: int
     batch_index: int = -1  # where this sequence's logits are in the current batch
     reported: int = 0  # completion tokens already accounted for in emitted deltas
+
+
+# What a cached token that a new request would overwrite is worth against one it reuses:
+# it may be asked for again (the next turn of its conversation), or never.
+_OVERWRITE_WEIGHT = 0.25
+
+
+def _slot_score(slot: Slot, prompt: list[int]) -> tuple[float, float]:
+    """Tokens reused minus (weighted) cached tokens destroyed; among equals the least
+    recently used slot. A request that shares only the template's header with a cached
+    prompt then takes an empty or stale slot instead of evicting that prompt."""
+    shared = _common_prefix(slot.cached, prompt)
+    destroyed = len(slot.cached) - shared
+    return shared - _OVERWRITE_WEIGHT * destroyed, -slot.last_used
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -169,7 +185,7 @@ class Scheduler:
             if not free:
                 return
             self._waiting.popleft()
-            slot = max(free, key=lambda s: _common_prefix(s.cached, job.prompt))
+            slot = max(free, key=lambda s: _slot_score(s, job.prompt))
             self._start(job, slot)
 
     def _start(self, job: DecodeJob, slot: Slot) -> None:
@@ -177,6 +193,7 @@ class Scheduler:
         reused = min(_common_prefix(slot.cached, job.prompt), len(job.prompt) - 1)
         self._ctx.forget(slot.seq_id, reused)
         slot.cached = job.prompt[:reused]
+        slot.last_used = time.monotonic()
         sampling = job.sampling
         try:
             seed = sampling.seed if sampling.seed is not None else _random_seed()
