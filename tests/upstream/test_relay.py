@@ -305,3 +305,28 @@ def test_a_relayed_stream_closed_before_its_first_read_gives_back_its_replica(
                 await session.close()
 
         assert asyncio.run(scenario()) == 0
+
+
+def test_the_other_doors_reach_upstream_models(tmp_path: Path) -> None:
+    """An Anthropic Messages or Responses request for an upstream model goes to the engine
+    as a chat completion (built from the canonical request) and comes back in its door's
+    shape."""
+    engine = Canned()
+    with serve_in_thread(engine) as url, running_gateway(tmp_path, registry_for(url)) as gw:
+        with gw.client() as client:
+            message = client.post("/anthropic/v1/messages", json={
+                "model": "mimo-v2-flash", "max_tokens": 16,
+                "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+            response = client.post("/v1/responses", json={"model": "mimo-v2-flash", "input": "Hi"})
+    assert message.status_code == 200, message.text
+    blocks = message.json()["content"]
+    assert [b["type"] for b in blocks] == ["thinking", "text"]
+    assert (
+        blocks[1]["text"] == "Hello from the engine."
+        and blocks[0]["thinking"] == "Thinking it over."
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["output"][-1]["content"][0]["text"] == "Hello from the engine."
+    sent = engine.requests[-1]
+    assert sent["model"] == "XiaomiMiMo/MiMo-V2-Flash"
+    assert sent["messages"] == [{"role": "user", "content": "Hi"}]
