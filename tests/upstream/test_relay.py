@@ -312,12 +312,15 @@ def test_the_other_doors_reach_upstream_models(tmp_path: Path) -> None:
     as a chat completion (built from the canonical request) and comes back in its door's
     shape."""
     engine = Canned()
-    with serve_in_thread(engine) as url, running_gateway(tmp_path, registry_for(url)) as gw:
-        with gw.client() as client:
-            message = client.post("/anthropic/v1/messages", json={
-                "model": "mimo-v2-flash", "max_tokens": 16,
-                "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
-            response = client.post("/v1/responses", json={"model": "mimo-v2-flash", "input": "Hi"})
+    with (
+        serve_in_thread(engine) as url,
+        running_gateway(tmp_path, registry_for(url)) as gw,
+        gw.client() as client,
+    ):
+        message = client.post("/anthropic/v1/messages", json={
+            "model": "mimo-v2-flash", "max_tokens": 16,
+            "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+        response = client.post("/v1/responses", json={"model": "mimo-v2-flash", "input": "Hi"})
     assert message.status_code == 200, message.text
     blocks = message.json()["content"]
     assert [b["type"] for b in blocks] == ["thinking", "text"]
