@@ -70,6 +70,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from mimoserve.chat_cli import run
+
+    return run(args.url, args.key, args.model, args.system, args.thinking, args.question)
+
+
 def cmd_accounts(args: argparse.Namespace) -> int:
     keys = KeyStore(_settings(args).open_database())
     if args.accounts_command == "create":
@@ -193,6 +199,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--media-url-allow", help="internal hosts/networks (a,10.0.0.0/8) that "
                        "relayed media URLs may name (default: public addresses only)")  # fmt: skip
     serve.set_defaults(handler=cmd_serve)
+
+    chat = commands.add_parser("chat", help="talk to a model from the terminal")
+    chat.add_argument("question", nargs="?", help="ask once and exit (or pipe text on stdin)")
+    chat.add_argument("--url", help="server (default http://127.0.0.1:8000, or $MIMO_BASE_URL)")
+    chat.add_argument("--key", help="API key (default $MIMO_API_KEY)")
+    chat.add_argument("--model", default="mimo-v2-flash")
+    chat.add_argument("--system", help="a system prompt")
+    chat.add_argument("--thinking", choices=["on", "off"], help="reasoning (default: the model's)")
+    chat.set_defaults(handler=cmd_chat)
 
     keys = commands.add_parser("keys", help="manage API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
