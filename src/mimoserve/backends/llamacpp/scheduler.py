@@ -137,15 +137,7 @@ class Scheduler:
             # Whatever killed the loop, no job may wait forever: every waiting and running
             # request gets a 503 now, and new ones are refused at once (`alive`).
             log.exception("the scheduler thread died; the engine is down")
-            with self._lock:
-                self._dead = True
-                waiting, self._waiting = list(self._waiting), deque()
-            for job in waiting:
-                job.emit(engine_down())
-            for slot in self._slots:
-                if slot.running is not None:
-                    slot.running.job.emit(engine_down())
-                    slot.running = None
+            self._end_all(engine_down, dead=True)
 
     def _loop(self) -> None:
         while True:
@@ -163,12 +155,18 @@ class Scheduler:
                 # A bug must not kill the thread and leave every client waiting forever.
                 log.exception("scheduler step failed")
                 self._fail_all("the scheduler step raised")
+        self._end_all(lambda: EngineError("the server is shutting down"))
+
+    def _end_all(self, error: Callable[[], Exception], *, dead: bool = False) -> None:
+        """Every waiting and running job gets `error()`; with `dead`, no job is taken again
+        (set under the lock, so `submit` cannot slip one in after the queue is emptied)."""
         with self._lock:
+            self._dead = self._dead or dead
             waiting, self._waiting = list(self._waiting), deque()
         for job in waiting:
-            job.emit(EngineError("the server is shutting down"))
+            job.emit(error())
         for running in self._active():
-            running.job.emit(EngineError("the server is shutting down"))
+            running.job.emit(error())
             self._release(running)
 
     def _active(self) -> list[Running]:
