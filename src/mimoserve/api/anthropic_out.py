@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+from mimoserve.api.sse import named_frame as sse
 from mimoserve.backends.base import (
     ContentDelta,
     Finished,
@@ -109,10 +110,6 @@ def error_body(error: MimoError) -> dict[str, Any]:
     if isinstance(error, ContextLengthExceededError):  # the wording Claude Code recognises
         message = f"prompt is too long: {error.prompt_tokens} tokens > {error.limit} maximum"
     return {"type": "error", "error": {"type": kind, "message": message}}
-
-
-def sse(event: str, data: dict[str, Any]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
 class _Blocks:

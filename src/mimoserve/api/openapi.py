@@ -71,40 +71,6 @@ def _register(components: dict[str, Any], model: type[BaseModel], *, request: bo
     components[model.__name__] = schema
 
 
-def _chat_operation() -> dict[str, Any]:
-    return {
-        "summary": "Create a chat completion",
-        "operationId": "create_chat_completion",
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}
-                }
-            },
-        },
-        "responses": {
-            "200": {
-                "description": "The completion, or with `stream` a server-sent event stream "
-                "of ChatCompletionChunk objects ending with `data: [DONE]`",
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
-                    # Each event: `data: <ChatCompletionChunk JSON>`, the last `data: [DONE]`.
-                    "text/event-stream": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {"data": {"type": "string"}},
-                            "required": ["data"],
-                        }
-                    },
-                },
-            },
-            **{code: _error(code) for code in _PUBLIC_ERRORS},
-        },
-        "security": [{"ApiKey": []}, {"Bearer": []}],
-    }
-
-
 _ANTHROPIC_ERROR = {
     "type": "object",
     "required": ["type", "error"],
@@ -121,9 +87,13 @@ _EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "require
 
 
 def _door_operation(
-    summary: str, request: str, answer: dict[str, Any], error: dict[str, Any]
+    summary: str,
+    request: str,
+    answer: dict[str, Any],
+    error: dict[str, Any],
+    answered: str = "The answer, or with `stream` a server-sent event stream",
 ) -> dict[str, Any]:
-    """Another door: its request schema, its answer (JSON or an event stream), its errors."""
+    """A door: its request schema, its answer (JSON or an event stream), its errors."""
     return {
         "summary": summary,
         "requestBody": {
@@ -134,19 +104,13 @@ def _door_operation(
         },
         "responses": {
             "200": {
-                "description": "The answer, or with `stream` a server-sent event stream",
+                "description": answered,
                 "content": {
                     "application/json": {"schema": answer},
                     "text/event-stream": {"schema": _EVENT},
                 },
             },
-            **{
-                code: {
-                    "description": _ERRORS[code],
-                    "content": {"application/json": {"schema": error}},
-                }
-                for code in _PUBLIC_ERRORS
-            },
+            **{code: _error(code, error) for code in _PUBLIC_ERRORS},
         },
         "security": [{"ApiKey": []}, {"Bearer": []}],
     }
@@ -183,11 +147,8 @@ def _other_doors(paths: dict[str, Any]) -> None:
     }
 
 
-def _error(code: str) -> dict[str, Any]:
-    return {
-        "description": _ERRORS[code],
-        "content": {"application/json": {"schema": _ERROR_REF}},
-    }
+def _error(code: str, schema: dict[str, Any] = _ERROR_REF) -> dict[str, Any]:
+    return {"description": _ERRORS[code], "content": {"application/json": {"schema": schema}}}
 
 
 def _document_errors(paths: dict[str, Any]) -> None:
@@ -229,7 +190,15 @@ def install_openapi(app: FastAPI, model_ids: Sequence[str] = ()) -> None:
             }
         )
         paths = document.setdefault("paths", {})
-        paths["/v1/chat/completions"] = {"post": _chat_operation()}
+        chat = _door_operation(
+            "Create a chat completion",
+            "ChatCompletionRequest",
+            {"$ref": "#/components/schemas/ChatCompletion"},
+            _ERROR_REF,
+            "The completion, or with `stream` a server-sent event stream of "
+            "ChatCompletionChunk objects ending with `data: [DONE]`",
+        )
+        paths["/v1/chat/completions"] = {"post": {**chat, "operationId": "create_chat_completion"}}
         _other_doors(paths)
         _document_errors(paths)
         metrics = paths.get("/metrics", {}).get("get", {}).get("responses", {}).get("200")

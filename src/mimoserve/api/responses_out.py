@@ -16,8 +16,8 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from mimoserve.api.anthropic_out import sse
 from mimoserve.api.responses_in import Translation
+from mimoserve.api.sse import named_frame as sse
 from mimoserve.backends.base import (
     ContentDelta,
     Finished,

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -22,6 +23,11 @@ DONE = b"data: [DONE]\n\n"
 
 def frame(payload: str) -> bytes:
     return f"data: {payload}\n\n".encode()
+
+
+def named_frame(event: str, data: dict[str, Any]) -> bytes:
+    """An event with its type named (`event: ...`), as Anthropic's and Responses' streams are."""
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
 def sse_frames(chunks: ClosableStream[ChatCompletionChunk]) -> OwnedStream[bytes]:
