@@ -44,8 +44,8 @@ def safe_text(text: str) -> str:
 def sanitized(record: UsageRecord) -> UsageRecord:
     """The record with every string field made safe (clients choose some of them)."""
     changes: dict[str, Any] = {
-        f.name: safe_text(value)
+        f.name: safe
         for f in dataclasses.fields(record)
-        if isinstance(value := getattr(record, f.name), str) and safe_text(value) != value
+        if isinstance(value := getattr(record, f.name), str) and (safe := safe_text(value)) != value
     }
     return dataclasses.replace(record, **changes) if changes else record

@@ -26,7 +26,6 @@ from mimoserve.backends.llamacpp.native import NativeContext
 from mimoserve.backends.llamacpp.scheduler import Scheduler, engine_down
 from mimoserve.backends.llamacpp.sequence import (
     FORCED_CLOSE,
-    THINK_OPEN,
     DecodeJob,
     EngineEvent,
     Generated,
@@ -34,6 +33,7 @@ from mimoserve.backends.llamacpp.sequence import (
 from mimoserve.backends.llamacpp.template import TemplateError, inline_reasoning
 from mimoserve.backends.text_request import to_generation_request
 from mimoserve.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
+from mimoserve.parsing.output import THINK_OPEN
 
 
 class Mailbox:

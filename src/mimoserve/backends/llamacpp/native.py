@@ -139,9 +139,7 @@ class Sampler:
         self._candidates: _Candidates | None = None
         try:
             if grammar is not None:
-                self._grammar = llama_cpp.llama_sampler_init_grammar(
-                    model.vocab, grammar.encode(), b"root"
-                )
+                self._grammar = _grammar_sampler(model, grammar)
                 if not self._grammar:
                     raise ValueError("llama.cpp refused the grammar")
                 self._candidates = _Candidates(model.n_vocab)
@@ -254,8 +252,13 @@ class _Candidates:
         return int(self._array.data[selected].id)
 
 
+def _grammar_sampler(model: NativeModel, grammar: str) -> Any:
+    """A grammar sampler for GBNF whose start rule is `root` (null when it does not parse)."""
+    return llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+
+
 def grammar_compiles(model: NativeModel, grammar: str) -> bool:
-    sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+    sampler = _grammar_sampler(model, grammar)
     if not sampler:
         return False
     llama_cpp.llama_sampler_free(sampler)

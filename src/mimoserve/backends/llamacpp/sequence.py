@@ -19,6 +19,7 @@ from mimoserve.backends.base import (
 )
 from mimoserve.backends.structured import StructuredOutput
 from mimoserve.parsing.assembler import OutputPlan
+from mimoserve.parsing.output import THINK_CLOSE
 from mimoserve.parsing.stop import StopMatcher
 from mimoserve.parsing.utf8 import Utf8Stream
 
@@ -34,9 +35,8 @@ class Generated:
 EngineEvent = Started | Generated | Finished
 Emit = Callable[[EngineEvent | BaseException], None]
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # What the engine writes when a think block must be closed for the model.
-FORCED_CLOSE = "\n</think>\n\n"
+FORCED_CLOSE = f"\n{THINK_CLOSE}\n\n"
 
 
 @dataclass(eq=False)  # identity semantics: jobs live in sets and queues

@@ -72,7 +72,8 @@ class UpstreamBackend:
     async def generate(self, prepared: UpstreamRequest) -> AsyncGenerator[GenerationEvent, None]:
         # Resolving hosts waits on DNS: here, off the synchronous prepare step.
         await refuse_internal_urls(prepared.media_urls, self._media.url_allow)
-        mapper = AnswerMapper(estimate_prompt_tokens(prepared.chat.request, prepared.chat.raw))
+        chat = prepared.chat
+        mapper = AnswerMapper(lambda: estimate_prompt_tokens(chat.request, chat.raw))
         if not prepared.chat.request.stream:
             data = await self.model.complete(prepared.body_for)
             yield Started(0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mimoserve.backends.base import (
@@ -48,8 +48,9 @@ def usage_of(raw: Any) -> TokenUsage | None:
 class AnswerMapper:
     """Feeds engine chunks (or one whole completion); `finish()` ends the answer."""
 
-    def __init__(self, estimated_prompt_tokens: int) -> None:
-        self._prompt_estimate = estimated_prompt_tokens
+    def __init__(self, estimate_prompt_tokens: Callable[[], int]) -> None:
+        # Called only when the engine reports no usage: estimating may serialise the request.
+        self._estimate_prompt_tokens = estimate_prompt_tokens
         self._calls: dict[int, int] = {}  # engine's index -> ours
         self._reason: FinishReason = "stop"
         self._usage: TokenUsage | None = None
@@ -141,11 +142,7 @@ class AnswerMapper:
     def finish(self) -> list[GenerationEvent]:
         events: list[GenerationEvent] = [ToolCallEnded(ours) for ours in self._calls.values()]
         usage = self._usage or TokenUsage(
-            prompt_tokens=self._prompt_estimate,
+            prompt_tokens=self._estimate_prompt_tokens(),
             completion_tokens=math.ceil(self._chars / _CHARS_PER_TOKEN),
         )
         return [*events, Finished(self._reason, usage, self._stop_sequence)]
-
-    @property
-    def usage_reported(self) -> bool:
-        return self._usage is not None
