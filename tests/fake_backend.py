@@ -90,6 +90,9 @@ class ScriptedBackend:
     def load(self) -> tuple[int, int]:
         return (0, 0)
 
+    def kv_cells(self) -> None:
+        return None
+
     async def close(self) -> None:
         self.closed = True
 

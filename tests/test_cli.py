@@ -67,3 +67,57 @@ def test_accounts_keys_with_policies_and_admin_token(
     assert main([*home, "admin-token"]) == 0
     token = capsys.readouterr().out.strip().splitlines()[-1]
     assert AdminCredential(Database(tmp_path / "mimoserve.db")).verify(token)
+
+
+def test_budgets_set_list_reset_remove(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mimoserve.billing.budgets import BudgetStore
+    from mimoserve.metering.ledger import UsageRecord
+    from mimoserve.store.sqlite import SqliteDatabase
+    from mimoserve.store.usage import SqlUsageStore
+
+    home = ["--home", str(tmp_path)]
+    assert main([*home, "accounts", "create", "team"]) == 0
+    account = capsys.readouterr().out.split()[2]
+    assert main([*home, "budgets", "set", "--account", account, "--money", "2.5",
+                 "--period", "day", "--soft-percent", "60"]) == 0  # fmt: skip
+    assert main([*home, "budgets", "set", "--key", "nokey", "--tokens", "5"]) == 1
+    assert main([*home, "budgets", "set", "--account", account, "--tokens", "0"]) == 2
+    database = SqliteDatabase(tmp_path / "mimoserve.db")
+    SqlUsageStore(database).insert_usage([
+        UsageRecord(key_id="k", account_id=account, model="m", status=200, prompt_tokens=1,
+                    completion_tokens=1, cost_micros=2_000_000),
+    ])  # fmt: skip
+    capsys.readouterr()
+    assert main([*home, "budgets", "list"]) == 0
+    listed = capsys.readouterr().out.splitlines()[1].split()
+    assert listed == ["account", account, "USD", "day", "2.500000", "2.000000", "0.500000", "over"]
+    assert main([*home, "budgets", "reset", "--account", account]) == 0
+    budget = BudgetStore(database).get("account", account)
+    assert budget is not None and budget.reset_at > 0 and budget.amount == 2_500_000
+    assert main([*home, "budgets", "remove", "--account", account]) == 0
+    assert main([*home, "budgets", "remove", "--account", account]) == 1
+    assert main([*home, "usage"]) == 0
+    assert "COST (USD)" in capsys.readouterr().out
+
+
+def test_keys_list_shows_month_spend_and_budget_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mimoserve.metering.ledger import UsageRecord
+    from mimoserve.store.sqlite import SqliteDatabase
+    from mimoserve.store.usage import SqlUsageStore
+
+    home = ["--home", str(tmp_path)]
+    assert main([*home, "keys", "create", "--name", "bob"]) == 0
+    secret = re.search(r"mimo-([0-9a-f]{12})_\S+", capsys.readouterr().out)
+    assert secret is not None
+    key_id = secret.group(1)
+    SqlUsageStore(SqliteDatabase(tmp_path / "mimoserve.db")).insert_usage([
+        UsageRecord(key_id=key_id, model="m", status=200, prompt_tokens=30,
+                    completion_tokens=12, cost_micros=1500),
+    ])  # fmt: skip
+    assert main([*home, "budgets", "set", "--key", key_id, "--tokens", "100"]) == 0
+    capsys.readouterr()
+    assert main([*home, "keys", "list"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(key_id))
+    assert row.split()[-5:] == ["active", "42", "0.001500", "58", "tokens"]

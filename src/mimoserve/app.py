@@ -23,6 +23,10 @@ from mimoserve.backends.upstream.client import UpstreamModel
 from mimoserve.backends.upstream.fleet import UpstreamFleet
 from mimoserve.backends.upstream.media import MediaLimits
 from mimoserve.backends.upstream.url_guard import UrlAllowList
+from mimoserve.billing.budgets import BudgetStore
+from mimoserve.billing.keeper import BudgetKeeper, LocalBudgetKeeper
+from mimoserve.billing.redis_keeper import RedisBudgetKeeper
+from mimoserve.billing.service import Budgets, report
 from mimoserve.chat.service import ChatService
 from mimoserve.config import Settings
 from mimoserve.limits.admission import AdmissionPolicy
@@ -60,6 +64,7 @@ def create_app(
         if ledger is not None:
             await ledger.close()  # drains every record accepted so far
         await rate_limiter.close()  # after the streams: their settlements are sent first
+        await budgets.keeper.close()
 
     app = FastAPI(title="mimoserve", version=__version__, lifespan=lifespan,
                   **_telemetry_options(settings.opentelemetry))  # fmt: skip
@@ -67,15 +72,26 @@ def create_app(
     app.state.keys = keys
     metrics = Metrics(
         load_probe=lambda: chat_service.engine_load(),
+        memory_probe=lambda: chat_service.engine_memory(),
         ledger_probe=(lambda: (ledger.pending, ledger.set_aside_total)) if ledger else None,
     )
     policy = AdmissionPolicy(settings.default_limits, settings.completion_reserve_tokens)
     rate_limiter = limiter or RateLimiter()
     media = MediaLimits(url_allow=UrlAllowList.parse(settings.media_url_allow.split(",")))
     fleet = UpstreamFleet(upstreams or {}, media)
+    budget_store = BudgetStore(keys.database)
+    keeper: BudgetKeeper = (
+        RedisBudgetKeeper(settings.redis_url, budget_store.spent_since,
+                          on_change=lambda b, s: report(metrics, b, s))
+        if settings.redis_url
+        else LocalBudgetKeeper(budget_store.spent_since, lambda b, s: report(metrics, b, s))
+    )  # fmt: skip
+    budgets = Budgets(budget_store, keeper, keys.local_reads)
     chat_service = ChatService(
-        registry, {**backends, **fleet.backends}, metrics, ledger, rate_limiter, policy
+        registry, {**backends, **fleet.backends}, metrics, ledger, rate_limiter, policy, budgets
     )
+    app.state.budgets = budgets
+    app.state.registry = registry
     app.state.metrics = metrics
     app.state.limiter = rate_limiter
     app.state.chat = chat_service

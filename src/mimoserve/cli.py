@@ -1,4 +1,5 @@
-"""The `mimoserve` command: serve | keys | accounts | admin-token | models | usage."""
+"""The `mimoserve` command: serve | chat | keys | accounts | budgets | admin-token | models |
+usage."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ from typing import Any
 from mimoserve.api.request_id import configure_logging
 from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import DEFAULT_ACCOUNT, ConflictError, IssuedKey, KeyStore
+from mimoserve.billing.budgets import (
+    MAX_BUDGET,
+    PERIODS,
+    Budget,
+    BudgetStore,
+    Scope,
+    Unit,
+    month_start,
+)
+from mimoserve.billing.prices import as_money, to_micros
 from mimoserve.config import Settings
 from mimoserve.limits.policy import Limits
 from mimoserve.weights.catalog import CATALOG
@@ -115,9 +126,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(f"Created key {issued.info.prefix}… named {issued.info.name!r} (shown only once):")
         print(issued.secret)
     elif args.keys_command == "list":
-        print(f"{'ID':14} {'NAME':20} {'ACCOUNT':14} {'PREFIX':15} {'CREATED':20} "
-              f"{'LAST USED':20} STATUS")  # fmt: skip
+        from mimoserve.store.usage import SqlUsageStore
+
         now = time.time()
+        database = keys.database
+        budgets = BudgetStore(database)
+        month = month_start(now)
+        spent = SqlUsageStore(database).spend_per_key(month)
+        currency = _currency(args)
+        print(f"{'ID':14} {'NAME':20} {'ACCOUNT':14} {'PREFIX':15} {'CREATED':20} "
+              f"{'LAST USED':20} {'STATUS':8} {'TOKENS (MONTH)':>14} "
+              f"{'COST (' + currency + ')':>12} BUDGET LEFT")  # fmt: skip
         for info in keys.list():
             status = "active"
             if info.revoked_at:
@@ -125,8 +144,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
             elif info.expires_at is not None and info.expires_at <= now:
                 status = "expired"
             created, used = _when(info.created_at), _when(info.last_used_at)
+            month_spend = spent.get(info.id)
+            tokens, cost = (month_spend.tokens, month_spend.cost_micros) if month_spend else (0, 0)
+            left = "-"
+            if (budget := budgets.get("key", info.id)) is not None:
+                used_up = budgets.spent_since(budget, budget.starts(now))
+                left = _budget_amount(budget, max(0, budget.amount - used_up))
+                left += " tokens" if budget.unit == "tokens" else f" {currency}"
             print(f"{info.id:14} {info.name:20} {info.account_id:14} {info.prefix:15} "
-                  f"{created:20} {used:20} {status}")  # fmt: skip
+                  f"{created:20} {used:20} {status:8} {tokens:>14} "
+                  f"{as_money(cost):>12.6f} {left}")  # fmt: skip
     elif args.keys_command == "revoke":
         if not keys.revoke(args.key_id):
             print(f"no active key with id {args.key_id!r}", file=sys.stderr)
@@ -163,12 +190,71 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
     store = SqlUsageStore(_settings(args).open_database())
     since = time.time() - args.hours * 3600
-    columns = ("KEY", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "REASONING", "CACHED")
-    print("{:14} {:20} {:>9} {:>10} {:>11} {:>10} {:>10}".format(*columns))
+    currency = _currency(args)
+    columns = ("KEY", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "REASONING", "CACHED",
+               f"COST ({currency})")  # fmt: skip
+    line = "{:14} {:20} {:>9} {:>10} {:>11} {:>10} {:>10} {:>12}"
+    print(line.format(*columns))
     for row in store.totals(since):
         values = (row.key_id, row.model, row.requests, row.prompt_tokens,
-                  row.completion_tokens, row.reasoning_tokens, row.cached_tokens)  # fmt: skip
-        print("{:14} {:20} {:>9} {:>10} {:>11} {:>10} {:>10}".format(*values))
+                  row.completion_tokens, row.reasoning_tokens, row.cached_tokens,
+                  f"{as_money(row.cost_micros):.6f}")  # fmt: skip
+        print(line.format(*values))
+    return 0
+
+
+def _currency(args: argparse.Namespace) -> str:
+    from mimoserve.registry import ModelRegistry
+
+    return ModelRegistry.load(_settings(args).registry_file).currency
+
+
+def _budget_amount(budget: Budget, micros_or_tokens: int) -> str:
+    return str(micros_or_tokens) if budget.unit == "tokens" else f"{as_money(micros_or_tokens):.6f}"
+
+
+def cmd_budgets(args: argparse.Namespace) -> int:
+    """Budgets live in the database: a running server sees a change within a second."""
+    database = _settings(args).open_database()
+    store, keys = BudgetStore(database), KeyStore(database)
+    if args.budgets_command == "list":
+        now = time.time()
+        currency = _currency(args)
+        print(f"{'SCOPE':8} {'OWNER':14} {'UNIT':12} {'PERIOD':7} {'AMOUNT':>16} "
+              f"{'SPENT':>16} {'LEFT':>16} SOFT")  # fmt: skip
+        for budget in store.all():
+            spent = store.spent_since(budget, budget.starts(now))
+            shown_unit = "tokens" if budget.unit == "tokens" else currency
+            flag = "over" if budget.over_soft(spent) else f"{budget.soft_percent}%"
+            amounts = (budget.amount, spent, max(0, budget.amount - spent))
+            shown = " ".join(f"{_budget_amount(budget, n):>16}" for n in amounts)
+            head = f"{budget.scope:8} {budget.owner:14} {shown_unit:12} {budget.period:7}"
+            print(f"{head} {shown} {flag}")
+        return 0
+    scope: Scope = "account" if args.account else "key"
+    owner = args.account or args.key
+    if args.budgets_command == "set":
+        exists = keys.account(owner) is not None if scope == "account" else keys.has_key(owner)
+        if not exists:
+            print(f"no {scope} with id {owner!r}", file=sys.stderr)
+            return 1
+        unit: Unit = "tokens" if args.tokens is not None else "money"
+        amount = args.tokens if args.tokens is not None else to_micros(args.money)
+        if not 1 <= amount <= MAX_BUDGET:
+            print(f"the amount must be positive and at most {MAX_BUDGET} units", file=sys.stderr)
+            return 2
+        store.set(Budget(scope, owner, unit, amount, args.period, args.soft_percent))
+        print(f"budget set for {scope} {owner}")
+    elif args.budgets_command == "reset":
+        if store.reset(scope, owner) is None:
+            print(f"no budget for {scope} {owner!r}", file=sys.stderr)
+            return 1
+        print(f"budget of {scope} {owner} counts from now")
+    elif args.budgets_command == "remove":
+        if not store.remove(scope, owner):
+            print(f"no budget for {scope} {owner!r}", file=sys.stderr)
+            return 1
+        print(f"budget of {scope} {owner} removed")
     return 0
 
 
@@ -184,7 +270,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--registry-file", type=Path, help="model registry TOML")
     serve.add_argument("--weights", help="serve every model id from these weights (name or path)")
-    serve.add_argument("--n-ctx", type=int, help="context window in tokens (default 4096)")
+    serve.add_argument("--n-ctx", type=int, help="longest request, prompt and completion, in "
+                       "tokens (default: the model's trained context)")  # fmt: skip
+    serve.add_argument("--kv-cells", type=int, help="KV pool shared by all requests, in tokens "
+                       "(default: max(n-ctx, 16384))")  # fmt: skip
+    serve.add_argument("--kv-type", choices=["f16", "q8_0"],
+                       help="KV cache precision (default f16; q8_0 halves its memory)")  # fmt: skip
     serve.add_argument("--n-threads", type=int, help="llama.cpp threads (default: all cores)")
     serve.add_argument("--n-parallel", type=int, help="requests decoded together (default 4)")
     serve.add_argument("--n-batch", type=int, help="tokens decoded per step (default 512)")
@@ -232,6 +323,32 @@ def _parser() -> argparse.ArgumentParser:
     new_account.add_argument("--tpm", type=int, help="tokens/min per model, all keys together")
     account_commands.add_parser("list", help="list accounts and their limits")
     accounts.set_defaults(handler=cmd_accounts)
+
+    budgets = commands.add_parser("budgets", help="token or money budgets per account and key")
+    budget_commands = budgets.add_subparsers(dest="budgets_command", required=True)
+    budget_commands.add_parser("list", help="budgets, what their period spent and what is left")
+    for name, text in (
+        ("set", "create or change a budget (spend so far still counts)"),
+        ("reset", "count the budget from now"),
+        ("remove", "drop the budget"),
+    ):
+        command = budget_commands.add_parser(name, help=text)
+        owner = command.add_mutually_exclusive_group(required=True)
+        owner.add_argument("--account", help="an account id")
+        owner.add_argument("--key", help="a key id")
+        if name == "set":
+            amount = command.add_mutually_exclusive_group(required=True)
+            amount.add_argument("--tokens", type=int, help="prompt + completion tokens")
+            amount.add_argument("--money", type=float, help="in the registry's currency")
+            command.add_argument(
+                "--period", choices=PERIODS, default="month",
+                help="when the count starts again (UTC; default month)",
+            )  # fmt: skip
+            command.add_argument(
+                "--soft-percent", type=int, default=80,
+                help="flag the budget past this share (default 80)",
+            )  # fmt: skip
+    budgets.set_defaults(handler=cmd_budgets)
 
     admin = commands.add_parser("admin-token", help="replace the admin token and print it once")
     admin.set_defaults(handler=cmd_admin_token)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mimoserve.limits.policy import Limits
@@ -36,7 +36,21 @@ class Settings(BaseSettings):
         default=None,
         description="Serve every registry model from these weights (catalog name or GGUF path)",
     )
-    n_ctx: int = Field(default=4096, ge=256, description="Context window per model, in tokens")
+    n_ctx: int | None = Field(
+        default=None,
+        ge=256,
+        description="Longest request (prompt and completion) in tokens; the model's trained "
+        "context when unset",
+    )
+    kv_cells: int | None = Field(
+        default=None,
+        ge=256,
+        description="KV pool shared by all requests of a model, in tokens; "
+        "max(n_ctx, 16384) when unset",
+    )
+    kv_type: Literal["f16", "q8_0"] = Field(
+        default="f16", description="KV cache precision; q8_0 roughly halves its memory"
+    )
     n_parallel: int = Field(
         default=4, ge=1, le=64, description="Requests decoded together (continuous batching)"
     )
@@ -90,6 +104,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Completion tokens reserved at admission when a request sets no maximum",
     )
+
+    @model_validator(mode="after")
+    def _batch_holds_every_lane(self) -> Settings:
+        # Every running sequence decodes one token per step, all in one batch.
+        if self.n_batch < self.n_parallel:
+            raise ValueError(f"n_batch ({self.n_batch}) must be at least n_parallel")
+        return self
 
     @property
     def default_limits(self) -> Limits:

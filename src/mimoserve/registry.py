@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mimoserve.billing.prices import Price
 
 
 class RegistryError(Exception):
@@ -67,6 +70,9 @@ class ModelEntry(BaseModel):
     thinking_default: bool = Field(
         default=False, description="Whether requests without `thinking` reason"
     )
+    price: Price | None = Field(
+        default=None, description="Per million tokens, in the registry's currency; unset: free"
+    )
     thinking_budget: int | None = Field(
         default=None,
         ge=1,
@@ -85,11 +91,15 @@ class ModelEntry(BaseModel):
         return self
 
 
+_CURRENCY = r"^[A-Z]{3}$"  # ISO 4217, stated once for every price
+
+
 class ModelRegistry:
-    def __init__(self, entries: list[ModelEntry]) -> None:
+    def __init__(self, entries: list[ModelEntry], currency: str = "USD") -> None:
         if not entries:
             raise RegistryError("the registry declares no models")
         self._entries = {entry.id: entry for entry in entries}
+        self.currency = currency
 
     def get(self, model_id: str) -> ModelEntry | None:
         return self._entries.get(model_id)
@@ -102,7 +112,7 @@ class ModelRegistry:
         return ModelRegistry([
             e.model_copy(update={"weights": weights}) if e.backend == "llamacpp" else e
             for e in self._entries.values()
-        ])  # fmt: skip
+        ], self.currency)  # fmt: skip
 
     @classmethod
     def from_toml(cls, text: str, source: str = "registry") -> ModelRegistry:
@@ -110,9 +120,15 @@ class ModelRegistry:
             data = tomllib.loads(text)
             models = data.get("models", {})
             entries = [ModelEntry(id=model_id, **fields) for model_id, fields in models.items()]
+            currency = data.get("currency", "USD")
         except (tomllib.TOMLDecodeError, ValidationError, TypeError) as exc:
             raise RegistryError(f"{source}: {exc}") from exc
-        return cls(entries)
+        unknown = set(data) - {"models", "currency"}
+        if unknown:
+            raise RegistryError(f"{source}: unknown top-level keys: {', '.join(sorted(unknown))}")
+        if not isinstance(currency, str) or not re.match(_CURRENCY, currency):
+            raise RegistryError(f"{source}: currency must be a three-letter code such as USD")
+        return cls(entries, currency)
 
     @classmethod
     def load(cls, path: Path | None) -> ModelRegistry:

@@ -46,6 +46,8 @@ def build_backends(settings: Settings, registry: ModelRegistry) -> dict[str, Bac
                 model_path=path,
                 n_ctx=entry.context_length or settings.n_ctx,
                 n_parallel=settings.n_parallel,
+                kv_cells=settings.kv_cells,
+                kv_type=settings.kv_type,
                 n_threads=settings.n_threads,
                 n_batch=settings.n_batch,
                 max_queue=settings.max_queue,

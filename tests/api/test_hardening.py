@@ -115,7 +115,7 @@ async def test_a_stream_dropped_before_its_first_byte_releases_its_slot(
     for _ in range(3):  # with a leak, the second stream is refused (429)
         backend.enqueue(["a", "b"])
         chat = service.prepare(request, principal)
-        events = await service.open_stream(chat)
+        events = await service.open_choices(chat)
         response = EventStreamResponse(
             sse_frames(OwnedStream(to_chunks(chat, events), events.aclose))
         )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from mimoserve.auth.keys import KeyStore
 from mimoserve.config import Settings
 from mimoserve.store.sqlite import SqliteDatabase
+from mimoserve.store.usage import SqlUsageStore
 from mimoserve.weights.catalog import DEFAULT_WEIGHTS
 from tests.cli_agents import FINAL_ANSWER, AgentBackend
 from tests.e2e.server import pull_test_weights, running_server
@@ -43,20 +43,28 @@ def scripted_server(tmp_path: Path, backend: AgentBackend) -> Iterator[tuple[str
 
 
 def run_claude(
-    url: str, key: str, work: Path, home: Path, prompt: str, timeout: int
-) -> dict[str, object]:
+    url: str, key: str, work: Path, home: Path, prompt: str, timeout: int,
+    max_output_tokens: int | None = None, may_fail: bool = False,
+) -> dict[str, object]:  # fmt: skip
+    # Claude Code gives up on a stream after 5 minutes without an event other than
+    # `ping` (CLAUDE_STREAM_IDLE_TIMEOUT_MS, at least 300,000), and retries: reading a
+    # 19,000-token prompt on 2 cores takes longer than that.
     env = {"PATH": os.environ["PATH"], "HOME": str(home), "ANTHROPIC_BASE_URL": url,
            "ANTHROPIC_AUTH_TOKEN": key, "ANTHROPIC_MODEL": "mimo-v2-flash",
            "ANTHROPIC_SMALL_FAST_MODEL": "mimo-v2-flash",
            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "CLAUDE_CODE_MAX_RETRIES": "0",
            "API_TIMEOUT_MS": str(timeout * 1000), "API_FORCE_IDLE_TIMEOUT": "0",
+           "CLAUDE_STREAM_IDLE_TIMEOUT_MS": str(timeout * 1000),
            "DISABLE_AUTOUPDATER": "1"}  # fmt: skip
+    if max_output_tokens is not None:
+        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(max_output_tokens)
     result = subprocess.run(
         [cli("claude"), "-p", prompt, "--output-format", "json", "--permission-mode",
          "acceptEdits", "--allowedTools", "Write"],
         cwd=work, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # `may_fail`: an error Claude Code reports in its result is the caller's to judge.
+    assert result.returncode == 0 or may_fail, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -113,33 +121,49 @@ def test_codex_creates_a_file_through_a_tool_call(
 
 
 def test_codex_on_the_real_default_model_answers(tmp_path: Path, places: tuple[Path, Path]) -> None:
-    """Codex's prompt is about 10,000 tokens here: the default model reads it (one slot of 16,384)
-    and answers; whatever it answers, Codex must complete."""
+    """Codex's prompt is about 10,000 tokens here: the default model reads it without
+    --n-ctx (one KV pool, requests up to the trained context) and answers;
+    whatever it answers, Codex must complete."""
     work, home = places
     pull_test_weights(DEFAULT_WEIGHTS)
-    with running_server(tmp_path / "server", "--n-ctx", "16384", "--n-parallel", "1",
-                        weights=DEFAULT_WEIGHTS) as server:  # fmt: skip
+    # No --n-ctx: a request may use the trained context. One lane keeps the run time
+    # predictable (a side request decoding beside it would slow its prompt's reading).
+    with running_server(
+        tmp_path / "server", "--n-parallel", "1", weights=DEFAULT_WEIGHTS
+    ) as server:
         answer = run_codex(server.base_url, server.api_key, work, home,
                            "Reply with one short line: say hello.", timeout=900)  # fmt: skip
     assert answer.strip()
 
 
-def test_claude_code_on_the_real_default_model_answers_and_reuses_its_prompt(
+def test_claude_code_on_the_real_default_model_completes_and_reuses_its_prompt(
     tmp_path: Path, places: tuple[Path, Path]
 ) -> None:
-    """Claude Code's prompt is about 20,000 tokens on Qwen's tokenizer: one slot of 32,768
-    holds it. Its billing header changes on every call and is dropped, so the second
-    call reuses the first one's prompt from the KV cache and answers much sooner."""
+    """Claude Code's prompt is about 19,000 tokens on Qwen's tokenizer: no --n-ctx is
+    needed. Its billing header changes on every call and is dropped, so the second run
+    reuses the first one's prompt from the prefix cache (read from the usage ledger, not
+    timed: this machine is shared). Answers are capped at 64 tokens: at temperature 1
+    the small model may ramble for minutes, which tests nothing here. An answer cut at
+    the cap ends with stop_reason `max_tokens`, which Claude Code reports as its own
+    error (after asking again): that outcome, too, shows it read our stream to its end."""
     work, home = places
     pull_test_weights(DEFAULT_WEIGHTS)
-    with running_server(tmp_path / "server", "--n-ctx", "32768", "--n-parallel", "1",
-                        weights=DEFAULT_WEIGHTS) as server:  # fmt: skip
-        timings = []
+    # No --n-ctx: a request may use the trained context. One lane keeps the run time
+    # predictable (a side request decoding beside it would slow its prompt's reading).
+    with running_server(
+        tmp_path / "server", "--n-parallel", "1", weights=DEFAULT_WEIGHTS
+    ) as server:
         for _ in range(2):
-            start = time.monotonic()
             outcome = run_claude(server.base_url, server.api_key, work, home,
-                                 "Reply with one short line: say hello.", timeout=1200)  # fmt: skip
-            timings.append(time.monotonic() - start)
-            assert outcome["subtype"] == "success" and str(outcome["result"]).strip(), outcome
-    print(f"claude code on the default model: first {timings[0]:.0f} s, second {timings[1]:.0f} s")
-    assert timings[1] <= 0.2 * timings[0], timings
+                                 "Reply with one short line: say hello.", timeout=1200,
+                                 max_output_tokens=64, may_fail=True)  # fmt: skip
+            answer = str(outcome["result"]).strip()
+            cut = answer.startswith("API Error: Claude's response exceeded the 64 output token")
+            assert outcome["subtype"] == "success" and answer, outcome
+            assert cut or not outcome["is_error"], outcome
+    # The server has stopped: its ledger is flushed.
+    records = SqlUsageStore(SqliteDatabase(server.home / "mimoserve.db")).records()
+    assert records and all(r.status == 200 for r in records), records  # no retry, no 499
+    first, last = records[0], records[-1]
+    assert first.prompt_tokens > 15_000, first
+    assert last.cached_tokens >= last.prompt_tokens - 64, (first, last)

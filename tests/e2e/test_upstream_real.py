@@ -92,6 +92,20 @@ model = "smollm2"
                 assert lines[-1] == "data: [DONE]"
                 assert all("usage" not in json.loads(line[6:]) for line in lines[:-1])
 
+                # logprobs and n are the engine's: two one-choice requests, logprobs relayed.
+                extras = client.chat.completions.create(
+                    model=model, messages=HI, max_completion_tokens=6, seed=3, n=2,
+                    logprobs=True, top_logprobs=2,
+                )  # fmt: skip
+                assert [c.index for c in extras.choices] == [0, 1]
+                assert extras.usage is not None and extras.usage.completion_tokens <= 12
+                for answered in extras.choices:
+                    assert answered.logprobs is not None and answered.logprobs.content, model
+                    tokens = answered.logprobs.content
+                    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in tokens)
+                    text = "".join(t.token for t in tokens)
+                    assert (answered.message.content or "") in text, (model, text)
+
             # Thinking passes through to the mimoserve engine as `thinking`.
             thought = httpx.post(f"{gw.base_url}/v1/chat/completions",
                                  headers={"api-key": gw.api_key}, timeout=60,

@@ -69,6 +69,7 @@ FIELDS = {
     "thinking": st.none() | st.sampled_from([{"type": "enabled", "budget_tokens": 4},
                                              {"type": "disabled"}]) | json_values,
     "logprobs": st.none() | st.booleans(),
+    "top_logprobs": st.none() | st.integers(-2, 25) | json_values,
     "n": st.none() | st.integers(-1, 3),
 }  # fmt: skip
 

@@ -47,18 +47,30 @@ class Canned:
     healthy: bool = True
 
 
-def _completion(c: Canned, model: str) -> dict[str, Any]:
+def word_logprobs(word: str) -> dict[str, Any]:
+    """What vLLM sends per content token when asked for logprobs (the canned answer's
+    tokens are its words, each with one rival)."""
+    token = {"token": word, "logprob": -0.25, "bytes": list(word.encode())}
+    return {**token, "top_logprobs": [token, {"token": "?", "logprob": -3.5, "bytes": [63]}]}
+
+
+def _completion(c: Canned, model: str, logprobs: bool) -> dict[str, Any]:
     message = {"role": "assistant", "content": c.content, c.reasoning_field: c.reasoning}
+    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "stop"}
+    if logprobs:
+        choice["logprobs"] = {"content": [word_logprobs(w + " ") for w in c.content.split(" ")]}
     body: dict[str, Any] = {
         "id": "chatcmpl-upstream", "object": "chat.completion", "created": 1, "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "choices": [choice],
     }  # fmt: skip
     if c.send_usage:
         body["usage"] = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
     return body
 
 
-def _chunks(c: Canned, model: str, include_usage: bool) -> Iterator[dict[str, Any]]:
+def _chunks(
+    c: Canned, model: str, include_usage: bool, logprobs: bool = False
+) -> Iterator[dict[str, Any]]:
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {"id": "chatcmpl-upstream", "object": "chat.completion.chunk", "created": 1,
                 "model": model,
@@ -68,7 +80,10 @@ def _chunks(c: Canned, model: str, include_usage: bool) -> Iterator[dict[str, An
     for word in c.reasoning.split(" "):
         yield chunk({c.reasoning_field: word + " "})
     for word in c.content.split(" "):
-        yield chunk({"content": word + " "})
+        piece = chunk({"content": word + " "})
+        if logprobs:
+            piece["choices"][0]["logprobs"] = {"content": [word_logprobs(word + " ")]}
+        yield piece
     yield chunk({}, "stop")
     if include_usage and c.send_usage:
         yield {"id": "chatcmpl-upstream", "object": "chat.completion.chunk", "created": 1,
@@ -97,10 +112,11 @@ def build_app(c: Canned) -> Starlette:
             kind = "text/event-stream" if c.replay.endswith(".sse") else "application/json"
             return Response(raw, media_type=kind)
         model = body.get("model", "canned")
+        logprobs = bool(body.get("logprobs"))
         if not body.get("stream"):
-            return JSONResponse(_completion(c, model))
+            return JSONResponse(_completion(c, model, logprobs))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_stream(request, c, model, include_usage),
+        return StreamingResponse(_stream(request, c, model, include_usage, logprobs),
                                  media_type="text/event-stream")  # fmt: skip
 
     async def stats(request: Request) -> Response:
@@ -121,12 +137,12 @@ async def _sleep_or_notice_disconnect(request: Request, c: Canned, seconds: floa
     return True
 
 
-async def _stream(request: Request, c: Canned, model: str, include_usage: bool
-                  ) -> AsyncIterator[bytes]:  # fmt: skip
+async def _stream(request: Request, c: Canned, model: str, include_usage: bool,
+                  logprobs: bool = False) -> AsyncIterator[bytes]:  # fmt: skip
     if c.mode == "broken_first":
         return  # closes the body at once: no chunk, no [DONE]
     try:
-        for number, chunk in enumerate(_chunks(c, model, include_usage)):
+        for number, chunk in enumerate(_chunks(c, model, include_usage, logprobs)):
             if c.mode == "broken" and number == 3:
                 yield b"data: {not json\n\n"
                 return

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from tests.services import free_port
-from tests.upstream.canned import Canned, serve_in_thread
+from tests.upstream.canned import Canned, serve_in_thread, word_logprobs
 from tests.upstream.conftest import Gateway, registry_for, running_gateway
 
 CHAT = {"model": "mimo-v2-flash", "messages": [{"role": "user", "content": "Hi"}]}
@@ -333,3 +333,53 @@ def test_the_other_doors_reach_upstream_models(tmp_path: Path) -> None:
     sent = engine.requests[-1]
     assert sent["model"] == "XiaomiMiMo/MiMo-V2-Flash"
     assert sent["messages"] == [{"role": "user", "content": "Hi"}]
+
+
+def test_logprobs_are_relayed_from_upstream_models(tmp_path: Path) -> None:
+    """vLLM, SGLang and llama-server report logprobs in OpenAI's shape: passed on, whole
+    and streamed, as the same events the embedded engine yields."""
+    engine = Canned()
+    asked = {**CHAT, "logprobs": True, "top_logprobs": 2}
+    words = [w + " " for w in engine.content.split(" ")]
+    with serve_in_thread(engine) as url, running_gateway(tmp_path, registry_for(url)) as gw, \
+            gw.client() as client:  # fmt: skip
+        whole = client.post("/v1/chat/completions", json=asked)
+        assert whole.status_code == 200, whole.text
+        assert engine.requests[-1]["logprobs"] is True and engine.requests[-1]["top_logprobs"] == 2
+        content = whole.json()["choices"][0]["logprobs"]["content"]
+        assert [t["token"] for t in content] == words
+        assert content[0] == {**word_logprobs(words[0])}
+        with client.stream("POST", "/v1/chat/completions", json={**asked, "stream": True}) as r:
+            events, done = sse(r)
+        streamed = [t for e in events if e["choices"]
+                    for t in (e["choices"][0].get("logprobs") or {}).get("content") or []]  # fmt: skip
+        assert done and [t["token"] for t in streamed] == words
+        assert streamed[-1]["top_logprobs"][1] == {"token": "?", "logprob": -3.5, "bytes": [63]}
+        plain = client.post("/v1/chat/completions", json=CHAT).json()
+        assert "logprobs" not in engine.requests[-1] and plain["choices"][0].get("logprobs") is None
+
+
+def test_n_choices_of_an_upstream_model_are_n_engine_requests(tmp_path: Path) -> None:
+    """Not every engine serves n > 1 (llama-server does not): each choice is its own
+    request of one choice, seed + index; usage sums the completions, the prompt once."""
+    engine = Canned()
+    with serve_in_thread(engine) as url, running_gateway(tmp_path, registry_for(url)) as gw, \
+            gw.client() as client:  # fmt: skip
+        answer = client.post("/v1/chat/completions", json={**CHAT, "n": 3, "seed": 40})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+        assert all(c["message"]["content"] == engine.content for c in body["choices"])
+        assert body["usage"]["prompt_tokens"] == 11 and body["usage"]["completion_tokens"] == 21
+        assert sorted(r["seed"] for r in engine.requests) == [40, 41, 42]
+        assert all("n" not in r for r in engine.requests)
+        with client.stream("POST", "/v1/chat/completions",
+                           json={**CHAT, "n": 2, "stream": True}) as r:  # fmt: skip
+            events, done = sse(r)
+        texts = {0: "", 1: ""}
+        for event in events:
+            for choice in event["choices"]:
+                texts[choice["index"]] += choice["delta"].get("content") or ""
+        assert done and all(text.strip() == engine.content for text in texts.values())
+        records = wait_for_records(gw, 2)
+        assert [r.completion_tokens for r in records] == [21, 18]  # one record per request

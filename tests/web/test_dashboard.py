@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
@@ -185,3 +186,124 @@ def test_playground_streams_reasoning_content_and_tool_calls(
     request = site.backend.requests[-1]
     assert request.tools and request.tools[0]["function"]["name"] == "get_weather"
     rendered(page, tmp_path / "playground.png")
+
+
+def test_budgets_set_flagged_reset_and_shown_per_key(
+    site: Site, browser: Browser, tmp_path: Path
+) -> None:
+    page = browser.new_page()
+    sign_in(page, site)
+    laptop = site.keys.create("laptop")
+    page.reload()
+    expect(page.locator("#keys-table tbody tr", has_text="laptop")).to_contain_text("no budget")
+    # A token budget for the key, smaller than what its first answer uses.
+    page.select_option("#budget-form select[name=owner]", f"key:{laptop.info.id}")
+    page.fill("#budget-form input[name=amount]", "10")
+    page.select_option("#budget-form select[name=period]", "day")
+    page.click("#budget-form button[type=submit]")
+    row = page.locator("#budgets-table tbody tr", has_text="key laptop")
+    expect(row).to_contain_text("10 tokens")
+    # The status cell itself: "ok" is also inside "tokens", so the whole row's text would
+    # match before a reset has landed (a flaky race with the next request).
+    status = row.locator("td").nth(7)
+    expect(status).to_have_text("ok")
+
+    site.backend.enqueue(["a"] * 8, prompt_tokens=7)  # 15 tokens: past the budget
+    chat = {"model": "mimo-v2-flash", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"api-key": laptop.secret}
+    assert (
+        httpx.post(f"{site.url}/v1/chat/completions", json=chat, headers=headers).status_code == 200
+    )
+    refused = httpx.post(f"{site.url}/v1/chat/completions", json=chat, headers=headers)
+    assert refused.status_code == 402
+    page.reload()
+    expect(status).to_have_text("spent (402)")
+    expect(row.locator("td.warn")).to_have_count(1)
+    expect(page.locator("#keys-table tbody tr", has_text="laptop")).to_contain_text("15 tokens")
+    rendered(page, tmp_path / "budgets.png")
+
+    row.locator("button.reset").click()
+    expect(status).to_have_text("ok")
+    assert (
+        httpx.post(f"{site.url}/v1/chat/completions", json=chat, headers=headers).status_code == 200
+    )
+    row.locator("button.remove").click()
+    expect(page.locator("#budgets-table tbody tr")).to_have_count(0)
+
+
+def test_request_log_filters_pages_and_exports(
+    site: Site, browser: Browser, tmp_path: Path
+) -> None:
+    usage = SqlUsageStore(SqliteDatabase(tmp_path / "m.db"))
+    now = time.time()
+    usage.insert_usage([  # a refused request that named no model, then 30 more
+        UsageRecord("k-two", "", 400, created_at=now - 30, http_request_id="bad-body"),
+        *(UsageRecord("k-one", "mimo-v2-flash", 402 if i % 10 == 0 else 200, 5, 5,
+                      created_at=now - 20 + i / 10, http_request_id=f"r{i}") for i in range(30)),
+    ])  # fmt: skip
+    page = browser.new_page()
+    sign_in(page, site)
+    page.click("#tabs [data-tab=requests]")
+    rows = page.locator("#requests-table tbody tr")
+    expect(rows).to_have_count(25)
+    expect(rows.first).to_contain_text("r29")  # newest first
+    page.click("#requests-older")
+    expect(rows.first).to_contain_text("r4")
+    expect(page.locator("#requests-older")).to_be_disabled()  # 34 requests: two pages
+    expect(rows.filter(has_text="bad-body")).to_contain_text("(no model)")
+    page.click("#requests-newer")
+    expect(rows.first).to_contain_text("r29")
+    page.select_option("#requests-form select[name=status]", "402")
+    page.click("#requests-form button[type=submit]")
+    expect(rows).to_have_count(3)
+    page.select_option("#requests-form select[name=status]", "errors")
+    page.select_option("#requests-form select[name=key]", "k-two")
+    page.click("#requests-form button[type=submit]")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("bad-body")
+    rendered(page, tmp_path / "requests.png")
+
+    page.click("#tabs [data-tab=usage]")
+    expect(page.locator("#chart-models .legend")).to_contain_text("(no model)")
+    expect(page.locator("#chart-models text.tick").first).to_be_visible()  # a time axis
+    assert page.locator("#chart-models text.tick").count() >= 5
+    expect(page.locator("#usage-summary")).to_contain_text("34 requests")
+    expect(page.locator("#total-models")).to_contain_text("in total")
+    with page.expect_download() as download:
+        page.click("#export-csv")
+    exported = Path(download.value.path()).read_text()
+    assert exported.startswith("time_utc,key_id") and exported.count("\n") == 35
+    rendered(page, tmp_path / "usage-axis.png")
+
+
+def test_limits_are_editable_and_connect_shows_this_server(
+    site: Site, browser: Browser, tmp_path: Path
+) -> None:
+    worker = site.keys.create("worker")
+    page = browser.new_page()
+    sign_in(page, site)
+    page.fill("#account-limits-form input[name=rpm]", "120")
+    page.click("#account-limits-form button[type=submit]")
+    expect(page.locator("#accounts-table tbody tr", has_text="default")).to_contain_text("120")
+    assert site.keys.account("default").limits.rpm == 120  # type: ignore[union-attr]
+
+    row = page.locator("#keys-table tbody tr", has_text="worker")
+    expect(row).to_contain_text("account's")
+    row.locator("button.limits").click()
+    page.fill("#key-limits-form input[name=tpm]", "5000")
+    page.fill("#key-limits-form input[name=max_concurrent]", "2")
+    page.click("#key-limits-form button[type=submit]")
+    expect(row).to_contain_text("\u2013 / 5000 / 2")
+    principal = site.keys.authenticate(worker.secret)
+    assert principal is not None and principal.key_limits.tpm == 5000
+    assert principal.key_limits.max_concurrent == 2
+
+    page.click("#tabs [data-tab=connect]")
+    expect(page.locator("#snippet-openai")).to_contain_text(f'base_url="{site.url}/v1"')
+    expect(page.locator("#snippet-curl")).to_contain_text(f"{site.url}/v1/chat/completions")
+    expect(page.locator("#snippet-claude")).to_contain_text(
+        f"ANTHROPIC_BASE_URL={site.url}/anthropic"
+    )
+    expect(page.locator("#snippet-claude")).to_contain_text("CLAUDE_STREAM_IDLE_TIMEOUT_MS=")
+    expect(page.locator("#snippet-codex")).to_contain_text('wire_api = "responses"')
+    rendered(page, tmp_path / "connect.png")

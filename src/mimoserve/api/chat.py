@@ -68,10 +68,10 @@ async def create_chat_completion(request: Request) -> Response:
     if body.stream:
         # Waiting for the engine to take the request can mean waiting for a free slot: a
         # client that leaves meanwhile gives up its place in the queue.
-        events = await until_disconnect(request, service.open_stream(chat))
+        events = await until_disconnect(request, service.open_choices(chat))
         return EventStreamResponse(sse_frames(OwnedStream(to_chunks(chat, events), events.aclose)))
-    answer = await until_disconnect(request, service.complete(chat))
-    return JSONResponse(to_completion(chat, answer).model_dump(mode="json"))
+    answers = await until_disconnect(request, service.complete_choices(chat))
+    return JSONResponse(to_completion(chat, answers).model_dump(mode="json"))
 
 
 # A plain Starlette route, not a FastAPI one: FastAPI's per-request dependency solving

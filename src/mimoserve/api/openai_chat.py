@@ -8,18 +8,21 @@ from collections.abc import AsyncGenerator
 from mimoserve.backends.base import (
     ContentDelta,
     Finished,
-    GenerationEvent,
+    Logprobs,
     ReasoningDelta,
+    TokenLogprob,
     TokenUsage,
     ToolCallDelta,
     ToolCallStarted,
 )
 from mimoserve.chat.answer import Answer, answer_finish
+from mimoserve.chat.choices import IndexedEvent, summed
 from mimoserve.chat.service import PreparedChat
 from mimoserve.protocol.chat import (
     ChatCompletion,
     ChatCompletionChunk,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     CompletionTokensDetails,
     Delta,
@@ -28,6 +31,8 @@ from mimoserve.protocol.chat import (
     FinishReason,
     PromptTokensDetails,
     ResponseMessage,
+    TokenLogprobEntry,
+    TopLogprob,
     Usage,
 )
 from mimoserve.protocol.messages import FunctionCall, ToolCall
@@ -44,7 +49,18 @@ def to_usage(usage: TokenUsage) -> Usage:
     )
 
 
-def to_completion(chat: PreparedChat, answer: Answer) -> ChatCompletion:
+def to_logprobs(tokens: list[TokenLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(content=[
+        TokenLogprobEntry(
+            token=t.token, logprob=t.logprob, bytes=list(t.token_bytes),
+            top_logprobs=[TopLogprob(token=r.token, logprob=r.logprob, bytes=list(r.token_bytes))
+                          for r in t.top],
+        )
+        for t in tokens
+    ])  # fmt: skip
+
+
+def _choice(chat: PreparedChat, index: int, answer: Answer) -> Choice:
     text = "".join(answer.content)
     calls = [
         ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
@@ -55,38 +71,72 @@ def to_completion(chat: PreparedChat, answer: Answer) -> ChatCompletion:
         reasoning_content="".join(answer.reasoning) or None,
         tool_calls=calls or None,
     )
-    choice = Choice(index=0, message=message, finish_reason=answer.finish_reason)
-    return ChatCompletion(id=chat.completion_id, created=chat.created, model=chat.model,
-                          choices=[choice], usage=to_usage(answer.usage))  # fmt: skip
+    logprobs = to_logprobs(answer.logprobs) if chat.logprobs else None
+    return Choice(index=index, message=message, logprobs=logprobs,
+                  finish_reason=answer.finish_reason)  # fmt: skip
+
+
+def to_completion(chat: PreparedChat, answers: list[Answer]) -> ChatCompletion:
+    usage = summed([answer.finished for answer in answers if answer.finished is not None])
+    return ChatCompletion(
+        id=chat.completion_id, created=chat.created, model=chat.model,
+        choices=[_choice(chat, i, answer) for i, answer in enumerate(answers)],
+        usage=to_usage(usage),
+    )  # fmt: skip
+
+
+class _ChoiceState:
+    def __init__(self) -> None:
+        self.has_calls = False
+        # Log-probabilities ride on the choice's next chunk after their tokens: text held
+        # back (a possible stop sequence, a partial tag) rules out exact alignment.
+        self.pending: list[TokenLogprob] = []
 
 
 async def to_chunks(
-    chat: PreparedChat, events: ClosableStream[GenerationEvent]
+    chat: PreparedChat, events: ClosableStream[IndexedEvent]
 ) -> AsyncGenerator[ChatCompletionChunk, None]:
-    def chunk(delta: Delta, finish_reason: FinishReason | None = None) -> ChatCompletionChunk:
-        choice = ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)
+    states = [_ChoiceState() for _ in range(chat.n)]
+    finished: list[Finished] = []
+
+    def chunk(
+        index: int, delta: Delta, finish_reason: FinishReason | None = None
+    ) -> ChatCompletionChunk:
+        state, logprobs = states[index], None
+        if state.pending:
+            logprobs = to_logprobs(state.pending)
+            state.pending.clear()
+        choice = ChunkChoice(index=index, delta=delta, logprobs=logprobs,
+                             finish_reason=finish_reason)  # fmt: skip
         return ChatCompletionChunk(id=chat.completion_id, created=chat.created, model=chat.model,
                                    choices=[choice])  # fmt: skip
 
-    has_calls = False
-    yield chunk(Delta(role="assistant"))
-    async for event in events:
-        if isinstance(event, ContentDelta):
-            yield chunk(Delta(content=event.text))
+    for index in range(chat.n):
+        yield chunk(index, Delta(role="assistant"))
+    async for index, event in events:
+        state = states[index]
+        if isinstance(event, Logprobs):
+            state.pending.extend(event.tokens)
+        elif isinstance(event, ContentDelta):
+            yield chunk(index, Delta(content=event.text))
         elif isinstance(event, ReasoningDelta):
-            yield chunk(Delta(reasoning_content=event.text))
+            yield chunk(index, Delta(reasoning_content=event.text))
         elif isinstance(event, ToolCallStarted):
-            has_calls = True
+            state.has_calls = True
             function = DeltaFunctionCall(name=event.name, arguments="")
             call = DeltaToolCall(index=event.index, id=event.id, type="function", function=function)
-            yield chunk(Delta(tool_calls=[call]))
+            yield chunk(index, Delta(tool_calls=[call]))
         elif isinstance(event, ToolCallDelta):
             function = DeltaFunctionCall(arguments=event.arguments)
-            yield chunk(Delta(tool_calls=[DeltaToolCall(index=event.index, function=function)]))
+            call = DeltaToolCall(index=event.index, function=function)
+            yield chunk(index, Delta(tool_calls=[call]))
         elif isinstance(event, Finished):
-            yield chunk(Delta(), answer_finish(event, has_calls))
+            yield chunk(index, Delta(), answer_finish(event, state.has_calls))
+            finished.append(event)
+            if len(finished) < chat.n:
+                continue
             if chat.include_usage:
                 yield ChatCompletionChunk(id=chat.completion_id, created=chat.created,
                                           model=chat.model, choices=[],
-                                          usage=to_usage(event.usage))  # fmt: skip
+                                          usage=to_usage(summed(finished)))  # fmt: skip
             return

@@ -189,12 +189,26 @@ class KeyStore:
             rows = conn.execute(query + " ORDER BY created_at", params).fetchall()
         return [_key_info(row) for row in rows]
 
+    def has_key(self, key_id: str) -> bool:
+        """Whether a key with this id was ever issued (revoked or not)."""
+        with self._db.reading() as conn:
+            row = conn.execute("SELECT 1 FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return row is not None
+
     def count_active(self) -> int:
         with self._db.transaction() as conn:
             row = conn.execute(
                 "SELECT COUNT(*) AS n FROM api_keys WHERE revoked_at IS NULL"
             ).fetchone()
         return int(row["n"])
+
+    def set_key_limits(self, key_id: str, limits: Limits) -> bool:
+        with self._db.transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE api_keys SET rpm = ?, tpm = ?, max_concurrent = ? WHERE id = ?",
+                (limits.rpm, limits.tpm, limits.max_concurrent, key_id),
+            )
+        return cursor.rowcount == 1
 
     def revoke(self, id_or_prefix: str) -> bool:
         key_id = id_or_prefix.removeprefix("mimo-")
@@ -218,6 +232,10 @@ class KeyStore:
     @property
     def local_reads(self) -> bool:
         return self._db.local_reads
+
+    @property
+    def database(self) -> Database:
+        return self._db
 
     def lookup(self, key: str) -> Principal | None:
         """`authenticate` without recording the use: reads only (see `touch`)."""

@@ -10,7 +10,7 @@ with the usage. No event knows a wire format.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 from mimoserve.parsing.assembler import OutputPlan
@@ -33,6 +33,7 @@ class SamplingParams:
     ignore_eos: bool = False
     top_k: int = 0  # 0: no top-k cut
     min_p: float = 0.0
+    logprobs: int | None = None  # None: none; n: each token's log-probability and n rivals
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,14 @@ class GenerationRequest:
     thinking: Thinking = field(default_factory=Thinking)
     # How the engine's text becomes events: think blocks, tool-call formats, forced calls.
     plan: OutputPlan = field(default_factory=OutputPlan)
+
+    def for_choice(self, index: int) -> GenerationRequest:
+        """Choice `index` of the client's n: with a seed, its own (seed + index), so the
+        choices differ and a rerun repeats them; without, each sequence draws its own."""
+        seed = self.sampling.seed
+        if index == 0 or seed is None:
+            return self
+        return replace(self, sampling=replace(self.sampling, seed=seed + index))
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,31 @@ class TokenUsage:
 
 
 @dataclass(frozen=True)
+class RivalToken:
+    token: str
+    token_bytes: tuple[int, ...]
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (before sampling settings),
+    with the most likely tokens at that step."""
+
+    token: str
+    token_bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[RivalToken, ...] = ()
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """The tokens sampled since the last event, in order (only when asked for)."""
+
+    tokens: tuple[TokenLogprob, ...]
+
+
+@dataclass(frozen=True)
 class Finished:
     reason: FinishReason
     usage: TokenUsage
@@ -148,7 +182,21 @@ class Finished:
 
 
 OutputEvent = ReasoningDelta | ContentDelta | ToolCallStarted | ToolCallDelta | ToolCallEnded
-GenerationEvent = Started | OutputEvent | Progress | Finished
+GenerationEvent = Started | OutputEvent | Progress | Logprobs | Finished
+
+
+@dataclass(frozen=True)
+class KvCells:
+    """An engine's KV pool, in tokens: held by running sequences (`used`), kept for
+    prefixes nobody attends to now (`cached`, evicted on demand), and free."""
+
+    total: int
+    used: int
+    cached: int
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used - self.cached
 
 
 @dataclass(frozen=True)
@@ -157,6 +205,8 @@ class Capabilities:
     input_modalities: frozenset[str] = frozenset({"text"})
     tools: bool = False
     constrained_output: bool = False
+    logprobs: bool = False  # can report each sampled token's log-probability
+    choices: bool = False  # can serve n > 1 (several generations of one prompt)
 
 
 class ServedModel(Protocol):
@@ -205,6 +255,10 @@ class Backend(ServedModel, Protocol):
 
     def load(self) -> tuple[int, int]:
         """(requests generating now, requests waiting for the engine)."""
+        ...
+
+    def kv_cells(self) -> KvCells | None:
+        """The engine's KV pool, where the engine is ours to see into (else None)."""
         ...
 
     @property

@@ -105,6 +105,7 @@ def _sampling(request: ChatCompletionRequest) -> SamplingParams:
         ignore_eos=bool(request.ignore_eos),
         top_k=DEFAULT_TOP_K if request.top_k is None else request.top_k,
         min_p=request.min_p or 0.0,
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None,
     )
 
 

@@ -9,7 +9,9 @@ from mimoserve.backends.base import (
     ContentDelta,
     Finished,
     GenerationEvent,
+    Logprobs,
     ReasoningDelta,
+    TokenLogprob,
     TokenUsage,
     ToolCallDelta,
     ToolCallStarted,
@@ -36,9 +38,12 @@ class Answer:
     content: list[str] = field(default_factory=list)
     calls: list[AnsweredCall] = field(default_factory=list)
     finished: Finished | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def add(self, event: GenerationEvent) -> None:
-        if isinstance(event, ReasoningDelta):
+        if isinstance(event, Logprobs):
+            self.logprobs.extend(event.tokens)
+        elif isinstance(event, ReasoningDelta):
             self.reasoning.append(event.text)
         elif isinstance(event, ContentDelta):
             self.content.append(event.text)

@@ -8,6 +8,9 @@ import time
 
 from mimoserve.auth.keys import Principal
 from mimoserve.backends.base import TokenUsage
+from mimoserve.billing.keeper import BudgetHold, InsufficientQuotaError
+from mimoserve.billing.prices import Price, cost_micros
+from mimoserve.billing.service import Budgets
 from mimoserve.context import current_request_id
 from mimoserve.errors import MimoError, StoreUnavailableError
 from mimoserve.limits.admission import AdmissionPolicy
@@ -17,6 +20,24 @@ from mimoserve.metering.metrics import Metrics
 from mimoserve.store.base import StoreError
 
 log = logging.getLogger(__name__)
+
+
+async def reserve_budgets(
+    budgets: Budgets | None, metrics: Metrics, principal: Principal, model: str, tokens: int,
+    cost: int,
+) -> BudgetHold | None:  # fmt: skip
+    if budgets is None:
+        return None
+    try:
+        return await budgets.reserve(principal.account_id, principal.key_id, tokens, cost)
+    except InsufficientQuotaError:
+        metrics.budget_refused.labels(model).inc()
+        raise
+    except StoreError as exc:  # shared counters unreachable: refuse rather than overspend
+        log.warning("budget store unavailable: %s", exc)
+        raise StoreUnavailableError(
+            "The budget store is unavailable; retry shortly.", retry_after_s=2
+        ) from exc
 
 
 async def admit(
@@ -48,9 +69,11 @@ class RequestMeter:
 
     def __init__(
         self, metrics: Metrics, ledger: UsageLedger | None, model: str, principal: Principal,
-        completion_id: str, api: str = "chat.completions",
+        completion_id: str, api: str = "chat.completions", price: Price | None = None,
     ) -> None:  # fmt: skip
         self._api = api
+        self._price = price
+        self.hold: BudgetHold | None = None
         self._metrics, self._ledger = metrics, ledger
         self._model, self._principal, self._id = model, principal, completion_id
         self.ticket: Admission | None = None
@@ -101,8 +124,11 @@ class RequestMeter:
         reason: str | None,
     ) -> None:  # fmt: skip
         self._done = True
+        cost = cost_micros(self._price, prompt, cached, completion)
         if self.ticket is not None:
             self.ticket.settle(prompt + completion)
+        if self.hold is not None:
+            self.hold.settle(prompt + completion, cost)
         self._metrics.child(self._metrics.requests, self._model, str(status)).inc()
         if self._ledger is not None:
             self._ledger.record(
@@ -121,5 +147,6 @@ class RequestMeter:
                     finish_reason=reason,
                     api=self._api,
                     http_request_id=current_request_id.get(),
+                    cost_micros=cost,
                 )
             )

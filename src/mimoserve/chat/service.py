@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from mimoserve.auth.keys import Principal
 from mimoserve.backends.base import (
@@ -22,11 +22,16 @@ from mimoserve.backends.base import (
     ChatRequest,
     Finished,
     GenerationEvent,
+    KvCells,
     Progress,
     Started,
 )
+from mimoserve.billing.keeper import BudgetHold
+from mimoserve.billing.prices import Price
+from mimoserve.billing.service import Budgets
 from mimoserve.chat.answer import Answer
-from mimoserve.chat.meter import RequestMeter, admit
+from mimoserve.chat.choices import IndexedEvent, merged, summed
+from mimoserve.chat.meter import RequestMeter, admit, reserve_budgets
 from mimoserve.context import current_request_id
 from mimoserve.errors import (
     EngineError,
@@ -34,7 +39,11 @@ from mimoserve.errors import (
     ModelNotFoundError,
     PermissionDeniedError,
 )
-from mimoserve.limits.admission import AdmissionPolicy, estimate_tokens
+from mimoserve.limits.admission import (
+    AdmissionPolicy,
+    completion_budget,
+    estimate_prompt_tokens,
+)
 from mimoserve.limits.limiter import Admission, Limiter, RateLimiter
 from mimoserve.metering.ledger import UsageLedger, UsageRecord
 from mimoserve.metering.metrics import Metrics
@@ -56,8 +65,12 @@ class PreparedChat:
     prepared: Any  # the backend's own request
     principal: Principal
     reserve_tokens: int  # what rate limits reserve at admission, settled at the end
+    reserve_cost: int  # what money budgets reserve (micros), settled at the end
+    price: Price | None
     include_usage: bool
     api: str  # the front door, recorded with the usage
+    logprobs: bool = False  # the answer carries each token's log-probability
+    n: int = 1  # choices (OpenAI's `n`): generations of the same prompt
 
 
 class ChatService:
@@ -69,8 +82,10 @@ class ChatService:
         ledger: UsageLedger | None = None,
         limiter: Limiter | None = None,
         policy: AdmissionPolicy | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self._registry = registry
+        self._budgets = budgets
         self._backends = dict(backends)
         self._created = int(time.time())
         self._metrics = metrics or Metrics()
@@ -83,8 +98,21 @@ class ChatService:
     def engines_down(self) -> list[str]:
         return sorted(model for model, backend in self._backends.items() if not backend.healthy)
 
+    def _engines(self) -> dict[str, Backend]:
+        """Each backend once, under the first model id that names it: ids naming the same
+        weights share one engine, and one series per id would count its load and its
+        pool once per id (a sum over `model` in Prometheus would be wrong)."""
+        seen: dict[int, str] = {}
+        for model, backend in self._backends.items():
+            seen.setdefault(id(backend), model)
+        return {model: self._backends[model] for model in seen.values()}
+
     def engine_load(self) -> dict[str, tuple[int, int]]:
-        return {model: backend.load() for model, backend in self._backends.items()}
+        return {model: backend.load() for model, backend in self._engines().items()}
+
+    def engine_memory(self) -> dict[str, KvCells]:
+        found = {model: backend.kv_cells() for model, backend in self._engines().items()}
+        return {model: cells for model, cells in found.items() if cells is not None}
 
     def list_models(self) -> ModelList:
         cards = [self.get_model(entry.id) for entry in self._registry.entries()]
@@ -148,12 +176,27 @@ class ChatService:
             raise PermissionDeniedError(
                 f"This key may not use the model {request.model!r}.", param="model"
             )
-        if request.logprobs:
-            raise InvalidRequestError("logprobs are not supported", param="logprobs")
+        if request.top_logprobs is not None and not request.logprobs:
+            raise InvalidRequestError(
+                "top_logprobs needs logprobs set to true.", param="top_logprobs"
+            )
+        n = request.n or 1
+        if n > 1 and not backend.capabilities.choices:
+            raise InvalidRequestError(
+                f"The engine behind {request.model!r} gives one choice per request (n=1).",
+                param="n",
+            )
+        if request.logprobs and not backend.capabilities.logprobs:
+            raise InvalidRequestError(
+                f"The engine behind {request.model!r} does not report logprobs.",
+                param="logprobs",
+            )
         if request.model_extra:
             log.info("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
         entry = self._registry.get(request.model)
         assert entry is not None  # every backend comes from a registry entry
+        prompt_tokens = estimate_prompt_tokens(request, raw)
+        completion_tokens = n * completion_budget(request, self._policy.completion_reserve)
         return PreparedChat(
             completion_id=f"{id_prefix}{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -161,33 +204,43 @@ class ChatService:
             backend=backend,
             prepared=backend.prepare(ChatRequest(request, entry, raw)),
             principal=principal,
-            reserve_tokens=estimate_tokens(request, self._policy.completion_reserve, raw),
+            reserve_tokens=prompt_tokens + completion_tokens,
+            reserve_cost=(
+                entry.price.cost_micros(prompt_tokens, 0, completion_tokens) if entry.price else 0
+            ),
+            price=entry.price,
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
             api=api,
+            logprobs=bool(request.logprobs),
+            n=n,
         )
 
-    async def events(self, chat: PreparedChat) -> AsyncGenerator[GenerationEvent, None]:
-        """Admits the request and yields its backend's events, metering them; the
-        admission and the slot are released however the stream ends."""
+    async def choice_events(self, chat: PreparedChat) -> AsyncGenerator[IndexedEvent, None]:
+        """Admits the request and yields its choices' events, metering them as one
+        request; the admission and the slots are released however the stream ends."""
         meter = RequestMeter(self._metrics, self._ledger, chat.model, chat.principal,
-                             chat.completion_id, chat.api)  # fmt: skip
+                             chat.completion_id, chat.api, chat.price)  # fmt: skip
         try:
+            meter.hold = await self._reserve_budgets(chat)
             meter.ticket = await self._admit(chat)
         except Exception as exc:
             meter.failed(exc)
             raise
-        events = chat.backend.generate(chat.prepared)
+        events = merged(chat.backend.generate, chat.prepared, chat.n)
+        finished: list[Finished] = []
         try:
-            async for event in events:
+            async for index, event in events:
                 if isinstance(event, Progress):
                     meter.text(event.tokens)
                 elif isinstance(event, Started):
                     meter.started(event.prompt_tokens, event.cached_tokens)
                 elif isinstance(event, Finished):
-                    meter.finished(event.reason, event.usage)
-                    yield event
-                    return
-                yield event
+                    finished.append(event)
+                    if len(finished) == chat.n:
+                        meter.finished(finished[0].reason, summed(finished))
+                        yield index, event
+                        return
+                yield index, event
             raise EngineError("the engine ended without finishing the answer")
         except Exception as exc:
             meter.failed(exc)
@@ -196,45 +249,72 @@ class ChatService:
             meter.close()
             await events.aclose()
 
+    async def _reserve_budgets(self, chat: PreparedChat) -> BudgetHold | None:
+        return await reserve_budgets(
+            self._budgets, self._metrics, chat.principal, chat.model, chat.reserve_tokens,
+            chat.reserve_cost,
+        )  # fmt: skip
+
     async def _admit(self, chat: PreparedChat) -> Admission:
         return await admit(
             self._limiter, self._policy, self._metrics, chat.principal, chat.model,
             chat.reserve_tokens,
         )  # fmt: skip
 
+    async def events(self, chat: PreparedChat) -> AsyncGenerator[GenerationEvent, None]:
+        """The events of a one-choice request (the doors that have no `n`)."""
+        assert chat.n == 1
+        stream = self.choice_events(chat)
+        try:
+            async for _, event in stream:
+                yield event
+        finally:
+            await stream.aclose()
+
     async def open_stream(self, chat: PreparedChat) -> OwnedStream[GenerationEvent]:
         """Returns once the engine has taken the request (`Started`): refusals before that
         (limits, a full queue, a prompt too long) are still plain HTTP errors, and the
         response can start at once, before any text."""
-        stream = self.events(chat)
-        try:
-            first = await anext(stream)
-        except BaseException:
-            await stream.aclose()
-            raise
-        # Closing the events closes the generation (admission, slot, ledger record) even
-        # if the client left before the first chunk was read.
-        return OwnedStream(_prepend(first, stream), stream.aclose)
+        return await _opened(self.events(chat))
+
+    async def open_choices(self, chat: PreparedChat) -> OwnedStream[IndexedEvent]:
+        """`open_stream` for every choice of the request."""
+        return await _opened(self.choice_events(chat))
 
     async def count_tokens(self, chat: PreparedChat) -> int:
         """The prompt's tokens, without generating (nothing is admitted or metered)."""
         return await chat.backend.count_tokens(chat.prepared)
 
     async def complete(self, chat: PreparedChat) -> Answer:
-        answer = Answer()
-        stream = self.events(chat)
+        return (await self.complete_choices(chat))[0]
+
+    async def complete_choices(self, chat: PreparedChat) -> list[Answer]:
+        answers = [Answer() for _ in range(chat.n)]
+        stream = self.choice_events(chat)
         try:
-            async for event in stream:
-                answer.add(event)
+            async for index, event in stream:
+                answers[index].add(event)
         finally:
             await stream.aclose()
-        assert answer.finished is not None
-        return answer
+        assert all(answer.finished is not None for answer in answers)
+        return answers
 
 
-async def _prepend(
-    first: GenerationEvent, rest: AsyncGenerator[GenerationEvent, None]
-) -> AsyncGenerator[GenerationEvent, None]:
+T = TypeVar("T")
+
+
+async def _opened(stream: AsyncGenerator[T, None]) -> OwnedStream[T]:
+    try:
+        first = await anext(stream)
+    except BaseException:
+        await stream.aclose()
+        raise
+    # Closing the events closes the generation (admission, slot, ledger record) even
+    # if the client left before the first chunk was read.
+    return OwnedStream(_prepend(first, stream), stream.aclose)
+
+
+async def _prepend(first: T, rest: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
     yield first
     async for event in rest:
         yield event

@@ -28,12 +28,6 @@ def estimate_prompt_tokens(request: ChatCompletionRequest, raw: bytes | None = N
     return math.ceil(size / _CHARS_PER_TOKEN)
 
 
-def _completion_tokens(request: ChatCompletionRequest, completion_reserve: int) -> int:
+def completion_budget(request: ChatCompletionRequest, completion_reserve: int) -> int:
+    """The completion tokens a request may use, as far as admission can know."""
     return request.max_completion_tokens or request.max_tokens or completion_reserve
-
-
-def estimate_tokens(
-    request: ChatCompletionRequest, completion_reserve: int, raw: bytes | None = None
-) -> int:
-    """What admission reserves against token limits, on every path: prompt plus budget."""
-    return estimate_prompt_tokens(request, raw) + _completion_tokens(request, completion_reserve)

@@ -10,7 +10,6 @@ tickets with a lease, so the slots of a replica that dies come back when the lea
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 from collections.abc import Callable
@@ -22,16 +21,14 @@ from redis.exceptions import RedisError
 from mimoserve.limits.limiter import charges, short_of, too_many_in_flight
 from mimoserve.limits.policy import Limits
 from mimoserve.store.base import StoreError
+from mimoserve.store.redis_scripts import LUA_NOW, Settlements
 
 log = logging.getLogger(__name__)
 
 # A bucket is a hash {level, ts, cap}. A missing bucket, or one whose limit changed, is full.
-_REFILL = """
-local function now_s(given)
-  if given >= 0 then return given end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
+_REFILL = (
+    LUA_NOW
+    + """
 local function level_of(key, cap, now)
   local h = redis.call('HMGET', key, 'level', 'ts', 'cap')
   local level, ts = tonumber(h[1]), tonumber(h[2])
@@ -44,6 +41,7 @@ local function store(key, cap, level, now)
   redis.call('EXPIRE', key, math.ceil((cap - level) * 60 / cap) + 1)
 end
 """
+)
 
 # KEYS: n buckets, then the key's concurrency set.
 # ARGV: now (-1: Redis time), n, max_concurrent (-1: none), ticket, lease_s,
@@ -124,7 +122,7 @@ class RedisRateLimiter:
         self._prefix = prefix
         self._lease_s = lease_s  # longer than any request: a dead replica's slots come back
         self._clock = clock  # tests only; None uses Redis's clock
-        self._pending: set[asyncio.Task[None]] = set()
+        self._settlements = Settlements()
 
     def _now(self) -> float:
         return -1.0 if self._clock is None else self._clock()
@@ -168,9 +166,7 @@ class RedisRateLimiter:
         return RedisTicket(self, ticket, slots, token_buckets, tokens)
 
     def _settle_later(self, ticket: RedisTicket, used_tokens: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._settle_now(ticket, used_tokens))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._settlements.start(self._settle_now(ticket, used_tokens))
 
     async def _settle_now(self, ticket: RedisTicket, used_tokens: int) -> None:
         args: list[str | int | float] = [
@@ -199,8 +195,7 @@ class RedisRateLimiter:
             raise StoreError(f"redis: {exc}") from exc
 
     async def drain(self) -> None:
-        while self._pending:
-            await asyncio.gather(*list(self._pending))
+        await self._settlements.drain()
 
     async def close(self) -> None:
         await self.drain()

@@ -50,6 +50,9 @@ class UsageLedger:
         self._queue: deque[UsageRecord] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # One flush at a time: a flush returns once everything recorded before it is
+        # written, even the batch another flush (the background one) was writing.
+        self._flushing = asyncio.Lock()
         self._closing = False
         self.set_aside: deque[UsageRecord] = deque(maxlen=_SET_ASIDE_KEPT)
         self.set_aside_total = 0
@@ -82,6 +85,10 @@ class UsageLedger:
             await self.flush()
 
     async def flush(self) -> None:
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
             try:

@@ -8,6 +8,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mimoserve.backends.base import KvCells
+
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
 
@@ -16,14 +18,20 @@ _Labelled = Counter | Gauge | Histogram
 LoadProbe = Callable[[], dict[str, tuple[int, int]]]
 # () -> (usage records waiting to be written, records the store refused and set aside)
 LedgerProbe = Callable[[], tuple[int, int]]
+# (model) -> its engine's KV pool, for engines we can see into
+MemoryProbe = Callable[[], dict[str, KvCells]]
 
 
 class Metrics:
     def __init__(
-        self, load_probe: LoadProbe | None = None, ledger_probe: LedgerProbe | None = None
+        self,
+        load_probe: LoadProbe | None = None,
+        ledger_probe: LedgerProbe | None = None,
+        memory_probe: MemoryProbe | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self._load_probe = load_probe
+        self._memory_probe = memory_probe
         self._ledger_probe = ledger_probe
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
@@ -61,12 +69,35 @@ class Metrics:
             "mimoserve:rate_limit_refusals", "Requests refused by rate limits", ["model"],
             registry=r,
         )  # fmt: skip
+        self.budget_refused = Counter(
+            "mimoserve:budget_refusals", "Requests refused because a budget was spent (402)",
+            ["model"], registry=r,
+        )  # fmt: skip
+        # Budget owners are accounts and keys the admin created: a bounded label set.
+        self.budget_used = Gauge(
+            "mimoserve:budget_used_ratio", "Share of a budget's period spent (settled use)",
+            ["scope", "owner"], registry=r,
+        )  # fmt: skip
+        self.budget_over_soft = Gauge(
+            "mimoserve:budget_over_soft_threshold",
+            "1 when a budget's spend has passed its soft threshold", ["scope", "owner"],
+            registry=r,
+        )  # fmt: skip
         self.running = Gauge(
             "mimoserve:num_requests_running", "Requests generating now", ["model"], registry=r
         )
         self.waiting = Gauge(
             "mimoserve:num_requests_waiting", "Requests queued for the engine", ["model"],
             registry=r,
+        )  # fmt: skip
+        self.kv_cells = Gauge(
+            "mimoserve:kv_cache_cells",
+            "KV pool cells (tokens): used by running requests, cached prefixes, free",
+            ["model", "state"], registry=r,
+        )  # fmt: skip
+        self.kv_usage = Gauge(
+            "mimoserve:kv_cache_usage_perc", "Share of the KV pool running requests use (0-1)",
+            ["model"], registry=r,
         )  # fmt: skip
         self.ledger_pending = Gauge(
             "mimoserve:usage_records_pending", "Usage records not yet in the database",
@@ -92,6 +123,12 @@ class Metrics:
             for model, (running, waiting) in self._load_probe().items():
                 self.running.labels(model).set(running)
                 self.waiting.labels(model).set(waiting)
+        if self._memory_probe is not None:
+            for model, cells in self._memory_probe().items():
+                self.kv_cells.labels(model, "used").set(cells.used)
+                self.kv_cells.labels(model, "cached").set(cells.cached)
+                self.kv_cells.labels(model, "free").set(cells.free)
+                self.kv_usage.labels(model).set(cells.used / cells.total if cells.total else 0)
         if self._ledger_probe is not None:
             pending, set_aside = self._ledger_probe()
             self.ledger_pending.set(pending)

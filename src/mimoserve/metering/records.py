@@ -29,6 +29,7 @@ class UsageRecord:
     record_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # unique per record
     api: str = "chat.completions"  # the front door: chat.completions, messages, responses
     http_request_id: str = ""  # the x-request-id of the HTTP request
+    cost_micros: int = 0  # millionths of the registry's currency (billing/prices.py)
 
 
 def safe_text(text: str) -> str:

@@ -71,7 +71,11 @@ class JsonPrefix:
             return True
         if self._number:
             if char in _NUMBER_CHARS:
-                self._number += char
+                # Only while the text can still become a number ("00" never can).
+                grown = self._number + char
+                if _NUMBER.fullmatch(grown) is None and _NUMBER.fullmatch(grown + "0") is None:
+                    return False
+                self._number = grown
                 return True
             if _NUMBER.fullmatch(self._number) is None:
                 return False

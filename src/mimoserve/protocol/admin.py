@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -12,6 +14,10 @@ class _Strict(BaseModel):
 class LimitsBody(_Strict):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
+
+
+class KeyLimitsBody(LimitsBody):
+    max_concurrent: int | None = Field(default=None, ge=1)
 
 
 class CreateAccount(LimitsBody):
@@ -25,6 +31,39 @@ class CreateKey(_Strict):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     max_concurrent: int | None = Field(default=None, ge=1)
+
+
+class BudgetBody(_Strict):
+    """`amount` is tokens, or money in the registry's currency (kept to the micro)."""
+
+    unit: Literal["tokens", "money"]
+    amount: float = Field(gt=0, le=1e12)
+    period: Literal["day", "month", "none"] = "month"
+    soft_percent: int = Field(default=80, ge=1, le=100)
+
+
+class BudgetView(BaseModel):
+    """A budget and its current period; amounts in its unit (tokens, or the currency)."""
+
+    scope: Literal["account", "key"]
+    owner: str
+    unit: Literal["tokens", "money"]
+    currency: str | None  # for money budgets
+    amount: float
+    period: Literal["day", "month", "none"]
+    period_start: float
+    period_end: float | None
+    spent: float
+    reserved: float  # requests in flight
+    remaining: float
+    soft_percent: int
+    over_soft: bool
+
+
+class SpendView(BaseModel):
+    tokens: int
+    cost: float
+    currency: str
 
 
 class LimitsView(BaseModel):
@@ -53,6 +92,8 @@ class KeyView(BaseModel):
     expires_at: float | None
     allowed_models: list[str] | None
     limits: LimitsView
+    spend_this_month: SpendView | None = None  # UTC month, all models
+    budget: BudgetView | None = None
 
 
 class CreatedKey(BaseModel):
@@ -68,6 +109,8 @@ class UsageRow(BaseModel):
     completion_tokens: int
     reasoning_tokens: int
     cached_tokens: int
+    cost: float
+    currency: str
 
 
 class UsagePointView(BaseModel):
@@ -77,3 +120,31 @@ class UsagePointView(BaseModel):
     requests: int
     prompt_tokens: int
     completion_tokens: int
+    cost: float
+
+
+class RequestView(BaseModel):
+    """One request as the request log shows it (a usage record)."""
+
+    row: int  # paging cursor: pass the last row as `before` for the next page
+    time: float
+    key_id: str
+    account_id: str
+    model: str
+    door: str  # chat.completions, messages, responses
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    cached_tokens: int
+    ttft_s: float | None
+    duration_s: float
+    cost: float
+    finish_reason: str | None
+    completion_id: str
+    request_id: str  # the x-request-id: find the request's log lines with it
+
+
+class RequestPage(BaseModel):
+    data: list[RequestView]
+    next_before: int | None  # None: no older requests

@@ -13,6 +13,8 @@ _Strict = WireModel
 
 # A stop string is matched against every generated piece; longer ones are not stops.
 MAX_STOP_CHARS = 256
+# Choices per request: each is a sequence on the engine; more would crowd out other clients.
+MAX_CHOICES = 8
 
 
 class StreamOptions(_Strict):
@@ -79,13 +81,14 @@ class ChatCompletionRequest(WireModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     thinking: Thinking | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
     # Extensions, named as in vLLM and llama-server:
     # keep generating past end-of-turn tokens, up to max_completion_tokens;
@@ -136,10 +139,37 @@ class ResponseMessage(BaseModel):
         return _without_none(handler(self), keep=("content",))
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobEntry] | None
+    refusal: list[TokenLogprobEntry] | None = None
+
+
+def _without_absent_logprobs(data: dict[str, Any]) -> dict[str, Any]:
+    # Sent only when asked for, as the hosted API's answers show.
+    if data.get("logprobs") is None:
+        data.pop("logprobs", None)
+    return data
+
+
 class Choice(BaseModel):
     index: int
     message: ResponseMessage
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: Any) -> dict[str, Any]:
+        return _without_absent_logprobs(handler(self))
 
 
 class ChatCompletion(BaseModel):
@@ -186,7 +216,12 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: Any) -> dict[str, Any]:
+        return _without_absent_logprobs(handler(self))
 
 
 class ChatCompletionChunk(BaseModel):

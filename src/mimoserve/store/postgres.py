@@ -81,6 +81,22 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE usage_records ADD COLUMN http_request_id TEXT NOT NULL DEFAULT '';
     """,
+    # The cost of each record (micros of the registry's currency) and budgets per
+    # account and key; `reset_at` restarts a budget's count without waiting for its window.
+    """
+    ALTER TABLE usage_records ADD COLUMN cost_micros BIGINT NOT NULL DEFAULT 0;
+    CREATE INDEX usage_records_account ON usage_records (account_id, created_at);
+    CREATE TABLE budgets (
+        scope TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        unit TEXT NOT NULL,
+        amount BIGINT NOT NULL,
+        period TEXT NOT NULL,
+        soft_percent INTEGER NOT NULL,
+        reset_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, owner)
+    );
+    """,
 )
 _MIGRATION_LOCK = 0x6D696D6F  # any constant shared by every replica
 

@@ -81,6 +81,22 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE usage_records ADD COLUMN http_request_id TEXT NOT NULL DEFAULT '';
     """,
+    # The cost of each record (micros of the registry's currency) and budgets per
+    # account and key; `reset_at` restarts a budget's count without waiting for its window.
+    """
+    ALTER TABLE usage_records ADD COLUMN cost_micros INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX usage_records_account ON usage_records (account_id, created_at);
+    CREATE TABLE budgets (
+        scope TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        unit TEXT NOT NULL,
+        amount INTEGER NOT NULL,
+        period TEXT NOT NULL,
+        soft_percent INTEGER NOT NULL,
+        reset_at REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, owner)
+    );
+    """,
 )
 
 

@@ -24,6 +24,7 @@ class UsageTotal:
     completion_tokens: int
     reasoning_tokens: int
     cached_tokens: int
+    cost_micros: int
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,34 @@ class UsagePoint:
     requests: int
     prompt_tokens: int
     completion_tokens: int
+    cost_micros: int
+
+
+@dataclass(frozen=True)
+class KeySpend:
+    key_id: str
+    tokens: int
+    cost_micros: int
+
+
+@dataclass(frozen=True)
+class RequestFilter:
+    """Which records the request log shows; None matches everything."""
+
+    key_id: str | None = None
+    model: str | None = None
+    status: int | None = None
+    errors_only: bool = False  # status 400 and above
+    since: float = 0.0
+    until: float | None = None
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    """One usage record with its row number (the request log's paging cursor)."""
+
+    row: int
+    record: UsageRecord
 
 
 class SqlUsageStore:
@@ -71,7 +100,8 @@ class SqlUsageStore:
                 " CAST(SUM(prompt_tokens) AS BIGINT) AS prompt_tokens,"
                 " CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens,"
                 " CAST(SUM(reasoning_tokens) AS BIGINT) AS reasoning_tokens,"
-                " CAST(SUM(cached_tokens) AS BIGINT) AS cached_tokens"
+                " CAST(SUM(cached_tokens) AS BIGINT) AS cached_tokens,"
+                " CAST(SUM(cost_micros) AS BIGINT) AS cost_micros"
                 " FROM usage_records WHERE created_at >= ? GROUP BY key_id, model"
                 " ORDER BY key_id, model",
                 (since,),
@@ -87,7 +117,8 @@ class SqlUsageStore:
             rows = conn.execute(
                 f"SELECT CAST({bucket} AS BIGINT) AS bucket, model, key_id,"
                 " COUNT(*) AS requests, CAST(SUM(prompt_tokens) AS BIGINT) AS prompt_tokens,"
-                " CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens"
+                " CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens,"
+                " CAST(SUM(cost_micros) AS BIGINT) AS cost_micros"
                 " FROM usage_records WHERE created_at >= ?"
                 " GROUP BY 1, model, key_id ORDER BY 1, model, key_id",
                 (step_s, since),
@@ -99,5 +130,47 @@ class SqlUsageStore:
         return UsagePoint(
             start=row["bucket"] * step_s, model=row["model"], key_id=row["key_id"],
             requests=row["requests"], prompt_tokens=row["prompt_tokens"],
-            completion_tokens=row["completion_tokens"],
+            completion_tokens=row["completion_tokens"], cost_micros=row["cost_micros"],
         )  # fmt: skip
+
+    def requests(
+        self, where: RequestFilter, limit: int = 50, before_row: int | None = None
+    ) -> list[LoggedRequest]:
+        """Newest first; `before_row` continues from the last row of a previous page."""
+        clauses: list[str] = ["created_at >= ?"]
+        params: list[object] = [where.since]
+        for column, value in (("key_id", where.key_id), ("model", where.model),
+                              ("status", where.status)):  # fmt: skip
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if where.errors_only:
+            clauses.append("status >= 400")
+        if where.until is not None:
+            clauses.append("created_at < ?")
+            params.append(where.until)
+        if before_row is not None:
+            clauses.append("id < ?")
+            params.append(before_row)
+        with self._db.reading() as conn:
+            rows = conn.execute(
+                f"SELECT id, {','.join(_COLUMNS)} FROM usage_records"
+                f" WHERE {' AND '.join(clauses)} ORDER BY id DESC LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+        found = []
+        for row in rows:
+            fields = dict(row)
+            number = fields.pop("id")
+            found.append(LoggedRequest(int(number), UsageRecord(**fields)))
+        return found
+
+    def spend_per_key(self, since: float) -> dict[str, KeySpend]:
+        with self._db.reading() as conn:
+            rows = conn.execute(
+                "SELECT key_id, CAST(SUM(prompt_tokens + completion_tokens) AS BIGINT) AS tokens,"
+                " CAST(SUM(cost_micros) AS BIGINT) AS cost_micros"
+                " FROM usage_records WHERE created_at >= ? GROUP BY key_id",
+                (since,),
+            ).fetchall()
+        return {row["key_id"]: KeySpend(**dict(row)) for row in rows}

@@ -3,7 +3,8 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
-const state = { token: sessionStorage.getItem("mimoserve-admin") || "", account: "default", chat: null };
+const state = { token: sessionStorage.getItem("mimoserve-admin") || "", account: "default", chat: null,
+                accounts: [], keys: [] };
 const COLORS = ["#e8590c", "#1c7ed6", "#2f9e44", "#ae3ec9", "#f59f00", "#0ca678", "#e03131", "#5c7cfa"];
 
 class ApiError extends Error {}
@@ -54,6 +55,8 @@ function showTab(name) {
   if (name === "keys") loadAccounts();
   if (name === "usage") loadUsage();
   if (name === "playground") loadModels();
+  if (name === "requests") loadRequestFilters().then(() => loadRequests());
+  if (name === "connect") showSnippets();
 }
 
 // ---- accounts and keys ----------------------------------------------------------------
@@ -73,13 +76,23 @@ async function loadAccounts() {
     row.addEventListener("click", () => { state.account = account.id; loadAccounts(); });
     body.appendChild(row);
   }
+  state.accounts = accounts;
   const selected = accounts.find((a) => a.id === state.account);
   $("#keys-account").textContent = selected ? selected.name : state.account;
+  $("#limits-account").textContent = selected ? selected.name : state.account;
+  const limitsForm = $("#account-limits-form");
+  limitsForm.rpm.value = selected && selected.limits.rpm != null ? selected.limits.rpm : "";
+  limitsForm.tpm.value = selected && selected.limits.tpm != null ? selected.limits.tpm : "";
   await loadKeys();
 }
 
+const money = (amount, currency) => `${amount.toFixed(amount < 1 ? 6 : 2)} ${currency}`;
+const inUnit = (budget, amount) =>
+  budget.unit === "tokens" ? `${Math.round(amount)} tokens` : money(amount, budget.currency);
+
 async function loadKeys() {
   const keys = await admin(`/keys?account_id=${encodeURIComponent(state.account)}`);
+  state.keys = keys;
   const body = $("#keys-table tbody");
   body.replaceChildren();
   for (const key of keys) {
@@ -91,8 +104,20 @@ async function loadKeys() {
     cell(row, when(key.last_used_at));
     const expired = key.expires_at && key.expires_at * 1000 < Date.now();
     cell(row, key.revoked_at ? "revoked" : expired ? "expired" : "active");
+    const own = key.limits;
+    cell(row, own.rpm == null && own.tpm == null && own.max_concurrent == null ? "account's"
+      : [own.rpm, own.tpm, own.max_concurrent].map((v) => (v == null ? "–" : v)).join(" / "));
+    const spend = key.spend_this_month;
+    cell(row, spend ? `${spend.tokens} tokens · ${money(spend.cost, spend.currency)}` : null);
+    const left = cell(row, key.budget ? inUnit(key.budget, key.budget.remaining) : "no budget");
+    if (key.budget && key.budget.over_soft) left.classList.add("warn");
     const actions = cell(row, "");
     if (!key.revoked_at) {
+      const edit = document.createElement("button");
+      edit.textContent = "Limits";
+      edit.className = "limits";
+      edit.addEventListener("click", () => editKeyLimits(key));
+      actions.appendChild(edit);
       const revoke = document.createElement("button");
       revoke.textContent = "Revoke";
       revoke.className = "revoke";
@@ -104,6 +129,110 @@ async function loadKeys() {
       actions.appendChild(revoke);
     }
     body.appendChild(row);
+  }
+  await loadBudgets();  // budgets name keys: after them
+}
+
+async function loadBudgets() {
+  const budgets = await admin("/budgets");
+  const account = state.accounts.find((a) => a.id === state.account);
+  const names = new Map([...state.accounts.map((a) => [`account:${a.id}`, `account ${a.name}`]),
+                         ...state.keys.map((k) => [`key:${k.id}`, `key ${k.name}`])]);
+  const body = $("#budgets-table tbody");
+  body.replaceChildren();
+  for (const budget of budgets) {
+    const row = document.createElement("tr");
+    row.dataset.owner = `${budget.scope}:${budget.owner}`;
+    cell(row, names.get(row.dataset.owner) || `${budget.scope} ${budget.owner}`);
+    cell(row, budget.unit === "tokens" ? "tokens" : budget.currency);
+    cell(row, { day: "per day (UTC)", month: "per month (UTC)", none: "in total" }[budget.period]);
+    cell(row, inUnit(budget, budget.amount));
+    cell(row, inUnit(budget, budget.spent));
+    cell(row, inUnit(budget, budget.reserved));
+    cell(row, inUnit(budget, budget.remaining));
+    const status = cell(row, budget.remaining <= 0 ? "spent (402)"
+      : budget.over_soft ? `over ${budget.soft_percent} %` : "ok");
+    status.classList.toggle("warn", budget.over_soft);
+    const actions = cell(row, "");
+    for (const [label, method, path] of [["Reset", "POST", "/reset"], ["Remove", "DELETE", ""]]) {
+      const button = document.createElement("button");
+      button.textContent = label;
+      button.className = label.toLowerCase();
+      button.addEventListener("click", async () => {
+        await admin(`/budgets/${budget.scope}/${budget.owner}${path}`, { method });
+        await loadKeys();
+      });
+      actions.appendChild(button);
+    }
+    body.appendChild(row);
+  }
+  const owner = $("#budget-form").owner;
+  owner.replaceChildren(new Option(`account ${account ? account.name : state.account}`,
+                                   `account:${state.account}`));
+  for (const key of state.keys.filter((k) => !k.revoked_at)) {
+    owner.add(new Option(`key ${key.name}`, `key:${key.id}`));
+  }
+}
+
+async function setBudget(event) {
+  event.preventDefault();
+  const form = event.target;
+  const [scope, id] = form.owner.value.split(":");
+  try {
+    await admin(`/budgets/${scope}/${encodeURIComponent(id)}`, {
+      method: "PUT",
+      body: JSON.stringify({
+        unit: form.unit.value, amount: Number(form.amount.value), period: form.period.value,
+        soft_percent: Number.parseInt(form.soft.value, 10),
+      }),
+    });
+    form.amount.value = "";
+    $("#budgets-error").textContent = "";
+    await loadKeys();
+  } catch (error) {
+    $("#budgets-error").textContent = error.message;
+  }
+}
+
+function editKeyLimits(key) {
+  const form = $("#key-limits-form");
+  form.dataset.key = key.id;
+  $("#limits-key").textContent = key.name;
+  for (const name of ["rpm", "tpm", "max_concurrent"]) {
+    form[name].value = key.limits[name] == null ? "" : key.limits[name];
+  }
+  form.hidden = false;
+}
+
+async function saveKeyLimits(event) {
+  event.preventDefault();
+  const form = event.target;
+  try {
+    await admin(`/keys/${encodeURIComponent(form.dataset.key)}`, {
+      method: "PATCH",
+      body: JSON.stringify({ rpm: optionalInt(form.rpm.value), tpm: optionalInt(form.tpm.value),
+                             max_concurrent: optionalInt(form.max_concurrent.value) }),
+    });
+    form.hidden = true;
+    $("#keys-error").textContent = "";
+    await loadKeys();
+  } catch (error) {
+    $("#keys-error").textContent = error.message;
+  }
+}
+
+async function saveAccountLimits(event) {
+  event.preventDefault();
+  const form = event.target;
+  try {
+    await admin(`/accounts/${encodeURIComponent(state.account)}`, {
+      method: "PATCH",
+      body: JSON.stringify({ rpm: optionalInt(form.rpm.value), tpm: optionalInt(form.tpm.value) }),
+    });
+    $("#keys-error").textContent = "";
+    await loadAccounts();
+  } catch (error) {
+    $("#keys-error").textContent = error.message;
   }
 }
 
@@ -178,14 +307,21 @@ async function loadUsage(event) {
     admin(`/usage?hours=${hours}`),
   ]);
   const start = Math.floor((Date.now() / 1000 - hours * 3600) / step) * step;
-  drawChart($("#chart-models"), points, (p) => p.model, start, step, hours);
+  const tokens = points.reduce((sum, p) => sum + p.prompt_tokens + p.completion_tokens, 0);
+  const requests = points.reduce((sum, p) => sum + p.requests, 0);
+  const cost = totals.reduce((sum, t) => sum + t.cost, 0);
+  const currency = totals.length ? totals[0].currency : "";
+  $("#usage-summary").textContent =
+    `${requests} requests, ${tokens} tokens` + (currency ? `, ${money(cost, currency)}` : "");
+  for (const id of ["#total-models", "#total-keys"]) $(id).textContent = `(${tokens} in total)`;
+  drawChart($("#chart-models"), points, (p) => p.model || "(no model)", start, step, hours);
   drawChart($("#chart-keys"), points, (p) => p.key_id, start, step, hours);
   const body = $("#usage-table tbody");
   body.replaceChildren();
   for (const t of totals) {
     const row = document.createElement("tr");
-    for (const value of [t.key_id, t.model, t.requests, t.prompt_tokens, t.completion_tokens,
-                         t.reasoning_tokens, t.cached_tokens]) cell(row, value);
+    for (const value of [t.key_id, t.model || "(no model)", t.requests, t.prompt_tokens, t.completion_tokens,
+                         t.reasoning_tokens, t.cached_tokens, money(t.cost, t.currency)]) cell(row, value);
     body.appendChild(row);
   }
 }
@@ -211,8 +347,19 @@ function drawChart(container, points, seriesOf, start, step, hours) {
   const width = 800, height = 200, pad = 28, barWidth = (width - pad) / buckets;
   const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img",
                              "aria-label": `tokens per ${names.length} series` });
-  chart.appendChild(svg("text", { x: 2, y: 12, "font-size": 10, fill: "#66707a" })).textContent = String(peak);
+  chart.appendChild(svg("text", { x: 2, y: 12, class: "axis" })).textContent = String(peak);
   chart.appendChild(svg("line", { x1: pad, y1: height - 14, x2: width, y2: height - 14, stroke: "#d8dde2" }));
+  // The time axis: about six labels, times for a day or less, dates beyond.
+  const every = Math.max(1, Math.round(buckets / 6));
+  for (let i = 0; i < buckets; i += every) {
+    const at = new Date((start + i * step) * 1000);
+    const label = hours <= 24 ? at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+      : at.toLocaleDateString([], { month: "short", day: "numeric" }) + " "
+        + at.toLocaleTimeString([], { hour: "2-digit" });
+    const tick = svg("text", { x: pad + i * barWidth, y: height - 2, class: "axis tick" });
+    tick.textContent = label;
+    chart.appendChild(tick);
+  }
   totals.forEach((byName, i) => {
     let y = height - 14;
     names.forEach((name, n) => {
@@ -239,6 +386,112 @@ function drawChart(container, points, seriesOf, start, step, hours) {
   });
   if (!names.length) legend.textContent = "No requests in this period.";
   container.replaceChildren(chart, legend);
+}
+
+async function exportCsv() {
+  const hours = Number($("#usage-form").hours.value);
+  const response = await fetch(`/admin/usage.csv?hours=${hours}`, {
+    headers: { "authorization": `Bearer ${state.token}` },
+  });
+  if (!response.ok) return;
+  const name = (response.headers.get("content-disposition") || "").match(/filename="([^"]+)"/);
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await response.blob());
+  link.download = name ? name[1] : "mimoserve-usage.csv";
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+}
+
+// ---- requests ------------------------------------------------------------------------------
+
+const requestPages = { cursors: [null], index: 0, next: null };
+
+async function loadRequestFilters() {
+  const form = $("#requests-form");
+  if (form.key.options.length > 1) return;
+  // Keys and models seen in the last year's usage, named where the key still exists.
+  const [keys, usage] = await Promise.all([admin("/keys"), admin("/usage?hours=8784")]);
+  const names = new Map(keys.map((k) => [k.id, k.name]));
+  for (const id of [...new Set([...names.keys(), ...usage.map((u) => u.key_id)])].sort()) {
+    form.key.add(new Option(names.has(id) ? `${names.get(id)} (${id})` : id, id));
+  }
+  for (const model of [...new Set(usage.map((u) => u.model))].sort()) {
+    form.model.add(new Option(model || "(no model)", model));
+  }
+}
+
+async function loadRequests(event) {
+  if (event) {
+    event.preventDefault();
+    Object.assign(requestPages, { cursors: [null], index: 0 });
+  }
+  const form = $("#requests-form");
+  const query = new URLSearchParams({ limit: "25" });
+  if (form.key.value) query.set("key_id", form.key.value);
+  if (form.model.value) query.set("model", form.model.value);
+  if (form.status.value) query.set("status", form.status.value);
+  const before = requestPages.cursors[requestPages.index];
+  if (before) query.set("before", before);
+  const page = await admin(`/requests?${query}`);
+  requestPages.next = page.next_before;
+  const body = $("#requests-table tbody");
+  body.replaceChildren();
+  for (const r of page.data) {
+    const row = document.createElement("tr");
+    row.classList.toggle("failed", r.status >= 400);
+    for (const value of [new Date(r.time * 1000).toLocaleString(), r.key_id, r.model || "(no model)",
+                         r.door, r.status, r.prompt_tokens, r.completion_tokens, r.cached_tokens,
+                         r.ttft_s == null ? null : `${r.ttft_s.toFixed(2)} s`,
+                         `${r.duration_s.toFixed(2)} s`, r.cost.toFixed(6), r.request_id]) cell(row, value);
+    body.appendChild(row);
+  }
+  if (!page.data.length) {
+    const row = document.createElement("tr");
+    cell(row, "No requests match.").colSpan = 12;
+    body.appendChild(row);
+  }
+  $("#requests-newer").disabled = requestPages.index === 0;
+  $("#requests-older").disabled = page.next_before == null;
+  $("#requests-page").textContent = `page ${requestPages.index + 1}, newest first`;
+}
+
+function pageRequests(step) {
+  if (step > 0) {
+    requestPages.cursors[requestPages.index + 1] = requestPages.next;
+  }
+  requestPages.index += step;
+  loadRequests();
+}
+
+// ---- connect a client ---------------------------------------------------------------------
+
+function showSnippets() {
+  const base = location.origin;
+  $("#snippet-openai").textContent = `import os, openai
+
+client = openai.OpenAI(base_url="${base}/v1", api_key=os.environ["MIMO_API_KEY"])
+answer = client.chat.completions.create(
+    model="mimo-v2-flash", messages=[{"role": "user", "content": "Hello!"}])
+print(answer.choices[0].message.content)`;
+  $("#snippet-curl").textContent = `curl ${base}/v1/chat/completions \\
+  -H "Content-Type: application/json" -H "api-key: $MIMO_API_KEY" \\
+  -d '{"model": "mimo-v2-flash", "messages": [{"role": "user", "content": "Hello!"}]}'`;
+  $("#snippet-claude").textContent = `export ANTHROPIC_BASE_URL=${base}/anthropic
+export ANTHROPIC_AUTH_TOKEN=$MIMO_API_KEY
+export ANTHROPIC_MODEL=mimo-v2-flash ANTHROPIC_SMALL_FAST_MODEL=mimo-v2-flash
+export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1
+# a long first prompt on a CPU takes minutes to read: wait for it
+export API_TIMEOUT_MS=1200000 CLAUDE_STREAM_IDLE_TIMEOUT_MS=1200000
+claude`;
+  $("#snippet-codex").textContent = `model = "mimo-v2-flash"
+model_provider = "mimo"
+
+[model_providers.mimo]
+name = "mimo"
+base_url = "${base}/v1"
+wire_api = "responses"
+env_key = "MIMO_API_KEY"`;
 }
 
 // ---- playground ---------------------------------------------------------------------------
@@ -352,9 +605,18 @@ document.addEventListener("DOMContentLoaded", () => {
   }
   $("#account-form").addEventListener("submit", createAccount);
   $("#key-form").addEventListener("submit", createKey);
+  $("#budget-form").addEventListener("submit", setBudget);
+  $("#account-limits-form").addEventListener("submit", saveAccountLimits);
+  $("#key-limits-form").addEventListener("submit", saveKeyLimits);
+  $("#key-limits-cancel").addEventListener("click", () => { $("#key-limits-form").hidden = true; });
+  $("#export-csv").addEventListener("click", exportCsv);
+  $("#requests-form").addEventListener("submit", loadRequests);
+  $("#requests-newer").addEventListener("click", () => pageRequests(-1));
+  $("#requests-older").addEventListener("click", () => pageRequests(1));
   $("#copy-key").addEventListener("click", copyKey);
   $("#usage-form").addEventListener("submit", loadUsage);
   $("#chat-form").addEventListener("submit", sendChat);
   $("#chat-stop").addEventListener("click", () => state.chat && state.chat.abort());
   if (state.token) signIn(state.token);
 });
+

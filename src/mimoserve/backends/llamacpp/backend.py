@@ -18,10 +18,12 @@ from mimoserve.backends.base import (
     Finished,
     GenerationEvent,
     GenerationRequest,
+    KvCells,
+    Logprobs,
     Progress,
 )
 from mimoserve.backends.llamacpp.grammar import build_grammar
-from mimoserve.backends.llamacpp.model import EngineConfig, LoadedModel
+from mimoserve.backends.llamacpp.model import PREFIX_HOLDERS, EngineConfig, LoadedModel
 from mimoserve.backends.llamacpp.native import NativeContext
 from mimoserve.backends.llamacpp.scheduler import Scheduler, engine_down
 from mimoserve.backends.llamacpp.sequence import (
@@ -34,6 +36,9 @@ from mimoserve.backends.llamacpp.template import TemplateError, inline_reasoning
 from mimoserve.backends.text_request import to_generation_request
 from mimoserve.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
 from mimoserve.parsing.output import THINK_OPEN
+
+# llama.cpp's limit on sequence ids in one context (LLAMA_MAX_SEQ).
+MAX_SEQUENCES = 256
 
 
 class Mailbox:
@@ -71,19 +76,26 @@ class LlamaCppBackend:
     def __init__(self, config: EngineConfig, weights_name: str) -> None:
         self._model = LoadedModel(config)
         self._weights_name = weights_name
-        # Every slot can hold a full context, so a running sequence never runs out of KV.
+        pool = config.pool_cells(self._model.trained_ctx)
+        # llama.cpp reserves one output row per sequence id within a batch's outputs, so
+        # ids may not outnumber the batch (it aborts the process otherwise).
+        if config.n_batch < config.n_parallel:
+            raise ValueError(f"n_batch ({config.n_batch}) must be at least n_parallel")
+        n_seq = min(config.n_parallel + PREFIX_HOLDERS, MAX_SEQUENCES, config.n_batch)
         self._context = NativeContext(
             self._model.weights,
-            n_ctx=config.n_ctx * config.n_parallel,
-            n_seq=config.n_parallel,
+            n_ctx=pool,
+            n_seq=n_seq,
             n_batch=config.n_batch,
             n_threads=config.threads,
+            kv_type=config.kv_type,
         )
         self._scheduler = Scheduler(
             self._model.weights,
             self._context,
-            slots=config.n_parallel,
-            seq_ctx=config.n_ctx,
+            lanes=config.n_parallel,
+            pool_cells=pool,
+            seq_ctx=self._model.n_ctx,
             n_batch=config.n_batch,
             token_bytes=self._model.token_bytes,
             is_end=self._model.is_end_of_generation,
@@ -95,9 +107,11 @@ class LlamaCppBackend:
         self._admitted = 0
         self._max_admitted = config.n_parallel + config.max_queue
         self._capabilities = Capabilities(
-            context_length=config.n_ctx,
+            context_length=self._model.n_ctx,
             tools=self._model.supports_tools,
             constrained_output=True,
+            logprobs=True,
+            choices=True,
         )
 
     @property
@@ -191,6 +205,8 @@ class LlamaCppBackend:
                     raise event
                 if isinstance(event, Generated):
                     yield Progress(event.tokens)
+                    if event.logprobs:
+                        yield Logprobs(event.logprobs)
                     for output in event.events:
                         yield output
                     continue
@@ -208,6 +224,9 @@ class LlamaCppBackend:
 
     def load(self) -> tuple[int, int]:
         return self._scheduler.load()
+
+    def kv_cells(self) -> KvCells:
+        return self._scheduler.kv_cells()
 
     async def close(self) -> None:
         await asyncio.to_thread(self._scheduler.stop)

@@ -18,15 +18,35 @@ from mimoserve.backends.llamacpp.template import CHATML_FALLBACK, ChatTemplate
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: Path
-    n_ctx: int = 4096  # per sequence
-    n_parallel: int = 4  # sequences decoded together
+    # Longest request (prompt and completion); the model's trained context when unset.
+    n_ctx: int | None = None
+    n_parallel: int = 4  # sequences decoded together (not a memory split)
     n_threads: int | None = None
     n_batch: int = 512
     max_queue: int = 16
+    # KV pool shared by all sequences, in tokens; see `pool_cells`.
+    kv_cells: int | None = None
+    kv_type: str = "f16"
 
     @property
     def threads(self) -> int:
         return self.n_threads or os.cpu_count() or 1
+
+    def pool_cells(self, trained_ctx: int) -> int:
+        """The pool: at least one request of the longest length, and by default at least
+        16,384 tokens, so that several agent-sized conversations fit next to each other."""
+        if self.kv_cells is not None:
+            return self.kv_cells
+        return max(self.max_request(trained_ctx), DEFAULT_POOL_CELLS)
+
+    def max_request(self, trained_ctx: int) -> int:
+        longest = self.n_ctx or trained_ctx
+        return min(longest, self.kv_cells) if self.kv_cells is not None else longest
+
+
+DEFAULT_POOL_CELLS = 16_384
+# Sequence ids beyond the decoding lanes hold cached prefixes (one per tree node).
+PREFIX_HOLDERS = 96
 
 
 class LoadedModel:
@@ -38,7 +58,6 @@ class LoadedModel:
 
     def __init__(self, config: EngineConfig) -> None:
         silence_llama_logs()
-        self.n_ctx = config.n_ctx
         self.vocab_handle: Any = llama_cpp.Llama(
             model_path=str(config.model_path), vocab_only=True, verbose=False
         )
@@ -46,6 +65,8 @@ class LoadedModel:
         self.template_source = metadata.get("tokenizer.chat_template") or CHATML_FALLBACK
         self.bos_text = self._special_text(self.vocab_handle.token_bos())
         self.weights = NativeModel(config.model_path)
+        self.trained_ctx = int(llama_cpp.llama_model_n_ctx_train(self.weights.ptr))
+        self.n_ctx = config.max_request(self.trained_ctx)
         self.template = ChatTemplate(
             self.template_source,
             bos_token=self.bos_text,

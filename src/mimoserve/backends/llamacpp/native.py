@@ -52,11 +52,22 @@ class NativeModel:
             self.ptr = None
 
 
+KV_TYPES = {"f16": 1, "q8_0": 8}  # ggml_type values
+
+
 class NativeContext:
-    """One context holding every sequence; the KV cache is unified across them."""
+    """One context holding every sequence; the KV cache is one pool shared by all of them
+    (unified), so sequence ids can share cells."""
 
     def __init__(
-        self, model: NativeModel, *, n_ctx: int, n_seq: int, n_batch: int, n_threads: int
+        self,
+        model: NativeModel,
+        *,
+        n_ctx: int,
+        n_seq: int,
+        n_batch: int,
+        n_threads: int,
+        kv_type: str = "f16",
     ) -> None:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -66,18 +77,34 @@ class NativeContext:
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.kv_unified = True
+        params.type_k = params.type_v = KV_TYPES[kv_type]
+        if kv_type != "f16":
+            # llama.cpp reads a quantized V cache only through flash attention.
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not self.ptr:
             raise RuntimeError("llama.cpp could not create a context")
         self.memory = llama_cpp.llama_get_memory(self.ptr)
         self.n_vocab = model.n_vocab
+        self.n_seq_max = n_seq
 
     def decode(self, batch: Batch) -> int:
         return int(llama_cpp.llama_decode(self.ptr, batch.native))
 
-    def forget(self, seq_id: int, start: int = 0) -> None:
-        """Drops a sequence's KV cells from position `start` on."""
-        llama_cpp.llama_memory_seq_rm(self.memory, seq_id, start, -1)
+    def remove(self, seq: int, start: int = 0, end: int = -1) -> None:
+        """Takes `seq` off its cells at positions [start, end); cells no sequence holds
+        any more are free."""
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, start, end)
+
+    def copy(self, src: int, dst: int, start: int, end: int) -> None:
+        """Adds `dst` to the cells `src` holds at [start, end): in the unified cache the
+        cells are shared, not copied."""
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, start, end)
+
+    def logits(self, batch_index: int) -> Any:
+        """A copy of the row of logits (numpy), before anything changes it."""
+        row = llama_cpp.llama_get_logits_ith(self.ptr, batch_index)
+        return np.ctypeslib.as_array(row, shape=(self.n_vocab,)).copy()
 
     def ban_tokens(self, batch_index: int, tokens: list[int]) -> None:
         logits = llama_cpp.llama_get_logits_ith(self.ptr, batch_index)

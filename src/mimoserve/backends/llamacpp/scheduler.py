@@ -1,14 +1,25 @@
-"""Continuous batching: every running sequence advances in one `llama_decode` per step.
+"""Continuous batching over one KV pool, with shared prompt prefixes.
 
 Each step puts into one batch the next token of every decoding sequence and, with the
-room left, chunks of prompts still being prefilled, so a long prompt never stalls the
+room left, chunks of prompts still being read, so a long prompt never stalls the
 running streams. New requests join between steps; a cancelled one leaves within one
-step. Idle slots keep their KV cells: a new request takes the slot whose cached tokens
-share the longest prefix with its prompt and decodes only the rest.
+step.
+
+Memory: every sequence draws cells from one pool (llama.cpp's unified KV cache).
+`--n-parallel` lanes (sequence ids) decode together; what they computed stays in a
+prefix tree (`prefix_cache.py`) after they leave, so a new request reuses the longest
+cached prefix and computes only the rest, and requests that share a system prompt hold
+it once. A request whose prefix another one is reading right now waits for it rather
+than computing it twice. Admission is optimistic: a request starts when its prompt
+fits; when the pool fills up mid-generation, unreferenced cached prefixes are evicted
+(least recently used) and then the newest sequence is pre-empted: its cells go to the
+cache and it resumes later where it stopped (recomputing whatever was evicted
+meanwhile), so a running stream never fails for lack of memory.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import threading
@@ -17,55 +28,84 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mimoserve.backends.base import Finished, Started, TokenUsage
+from mimoserve.backends.base import Finished, KvCells, Started, TokenLogprob, TokenUsage
+from mimoserve.backends.llamacpp.logprobs import log_softmax, token_logprob
 from mimoserve.backends.llamacpp.native import Batch, NativeContext, NativeModel, Sampler
+from mimoserve.backends.llamacpp.prefix_cache import Node, PrefixCache, common_prefix
 from mimoserve.backends.llamacpp.sequence import DecodeJob, Generated, SequenceOutput, Step
 from mimoserve.errors import EngineError, OverloadedError
 
 log = logging.getLogger(__name__)
 
+# A waiting request holds back while a running one reads a prefix they share, if that
+# saves it at least this many tokens of compute.
+_MIN_SHARED_WAIT = 32
+# llama.cpp answers this when it found no KV cells for a batch.
+_NO_KV_SLOT = 1
+# While streams decode, a step carries at most this much prompt work (seconds): the
+# inter-token latency they see while a long prompt is read. Without streams to keep
+# flowing, prompts go in whole batches.
+_STEP_BUDGET_S = 1.0
+_MIN_PROMPT_SHARE = 32
 
-@dataclass
-class Slot:
-    seq_id: int
-    cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
-    running: Running | None = None
-    last_used: float = 0.0  # when a request last started in this slot
+
+class StepCost:
+    """Seconds a step takes as a line in its token count (fixed + per token), fitted
+    over recent steps. Small steps cost far more per token than big ones on a CPU
+    (a fixed part per step: the weights are read once per step whatever its size)."""
+
+    def __init__(self, window: int = 24) -> None:
+        self._points: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self._points.append((tokens, seconds))
+
+    def estimate(self) -> tuple[float, float]:
+        """(fixed seconds, seconds per token); (0, 0) before the first step. With steps
+        of one size only, all of a step's time is taken as per-token (cautious)."""
+        if not self._points:
+            return 0.0, 0.0
+        sizes = [n for n, _ in self._points]
+        times = [t for _, t in self._points]
+        mean_n, mean_t = sum(sizes) / len(sizes), sum(times) / len(times)
+        if len(set(sizes)) < 2:
+            return 0.0, mean_t / mean_n
+        spread = sum((n - mean_n) ** 2 for n in sizes)
+        slope = sum((n - mean_n) * (t - mean_t) for n, t in self._points) / spread
+        if slope <= 0:
+            return 0.0, mean_t / mean_n
+        return max(0.0, mean_t - slope * mean_n), slope
 
 
 @dataclass(eq=False)
 class Running:
+    """One request from admission to its end, including while it waits pre-empted."""
+
     job: DecodeJob
-    slot: Slot
-    sampler: Sampler
-    output: SequenceOutput
-    pending: list[int]  # tokens to decode next (prompt rest, last sample, injected text)
-    reused: int
+    order: int  # admission order: the newest is pre-empted first
+    sampler: Sampler | None = None  # set when it first starts
+    output: SequenceOutput | None = None
+    lane: int | None = None  # the sequence id it decodes on, None while waiting
+    fed: list[int] = field(default_factory=list)  # tokens whose cells the lane holds
+    pending: list[int] = field(default_factory=list)  # tokens to decode next
+    shared: int = 0  # of `fed`, how many are cells of the prefix tree
+    holding: Node | None = None  # deepest tree node it attends to (locked)
+    cached_once: bool = False  # its prompt went into the tree (when it was read)
+    reused: int = 0  # prompt tokens it did not compute (reported as cached)
     batch_index: int = -1  # where this sequence's logits are in the current batch
     reported: int = 0  # completion tokens already accounted for in emitted deltas
 
+    @property
+    def tokens(self) -> list[int]:
+        return self.fed + self.pending
 
-# What a cached token that a new request would overwrite is worth against one it reuses:
-# it may be asked for again (the next turn of its conversation), or never.
-_OVERWRITE_WEIGHT = 0.25
+    @property
+    def private(self) -> int:
+        return len(self.fed) - self.shared
 
-
-def _slot_score(slot: Slot, prompt: list[int]) -> tuple[float, float]:
-    """Tokens reused minus (weighted) cached tokens destroyed; among equals the least
-    recently used slot. A request that shares only the template's header with a cached
-    prompt then takes an empty or stale slot instead of evicting that prompt."""
-    shared = _common_prefix(slot.cached, prompt)
-    destroyed = len(slot.cached) - shared
-    return shared - _OVERWRITE_WEIGHT * destroyed, -slot.last_used
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    @property
+    def reading_prompt(self) -> bool:
+        return self.output is None or self.output.completion_tokens == 0
 
 
 class Scheduler:
@@ -74,7 +114,8 @@ class Scheduler:
         model: NativeModel,
         context: NativeContext,
         *,
-        slots: int,
+        lanes: int,
+        pool_cells: int,
         seq_ctx: int,
         n_batch: int,
         token_bytes: Callable[[int], bytes],
@@ -84,7 +125,9 @@ class Scheduler:
     ) -> None:
         self._model = model
         self._ctx = context
-        self._slots = [Slot(seq_id=i) for i in range(slots)]
+        self._lanes: list[Running | None] = [None] * lanes
+        self._pool_cells = pool_cells
+        self._cache = PrefixCache(context, holder_ids=range(lanes, context.n_seq_max))
         self._seq_ctx = seq_ctx
         self._batch = Batch(n_batch)
         self._n_batch = n_batch
@@ -92,10 +135,13 @@ class Scheduler:
         self._is_end = is_end
         self._end_tokens = end_tokens
         self._forced_close = forced_close
-        self._waiting: deque[DecodeJob] = deque()
+        self._waiting: deque[Running] = deque()
+        self._admissions = itertools.count()
         self._lock = threading.Condition()
         self._stopping = False
         self._dead = False  # the thread ended on an unexpected error: nothing will run again
+        self.preemptions = 0
+        self._step_cost = StepCost()
         self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self._thread.start()
 
@@ -110,7 +156,7 @@ class Scheduler:
             if self._dead:
                 job.emit(engine_down())
                 return
-            self._waiting.append(job)
+            self._waiting.append(Running(job, order=next(self._admissions), pending=job.prompt))
             self._lock.notify()
 
     def wake(self) -> None:
@@ -120,6 +166,16 @@ class Scheduler:
     def load(self) -> tuple[int, int]:
         # Read without the lock: a momentary view for metrics is all that is needed.
         return len(self._active()), len(self._waiting)
+
+    def kv_cells(self) -> KvCells:
+        """A momentary view of the pool (read without the lock, for metrics)."""
+        cache = self._cache
+        private = sum(r.private for r in self._active())
+        return KvCells(
+            total=self._pool_cells,
+            used=private + cache.locked_cells,
+            cached=cache.cells - cache.locked_cells,
+        )
 
     def stop(self) -> None:
         with self._lock:
@@ -163,95 +219,266 @@ class Scheduler:
         with self._lock:
             self._dead = self._dead or dead
             waiting, self._waiting = list(self._waiting), deque()
-        for job in waiting:
-            job.emit(error())
+        for running in waiting:
+            running.job.emit(error())
+            self._close(running)
         for running in self._active():
             running.job.emit(error())
             self._release(running)
 
     def _active(self) -> list[Running]:
-        return [slot.running for slot in self._slots if slot.running is not None]
+        return [running for running in self._lanes if running is not None]
+
+    def free_cells(self) -> int:
+        private = sum(r.private for r in self._active())
+        return self._pool_cells - self._cache.cells - private
+
+    # ---- admission ---------------------------------------------------------------------
 
     def _admit(self) -> None:
-        """Moves waiting jobs into free slots, each into the slot that shares most of its prompt."""
-        while self._waiting:
-            job = self._waiting[0]
-            if job.cancelled.is_set():
-                self._waiting.popleft()
+        """Starts waiting requests in arrival order (pre-empted ones first) while a lane
+        is free and the pool has room for their prompts."""
+        for running in list(self._waiting):
+            if running.job.cancelled.is_set():
+                self._waiting.remove(running)
+                self._close(running)
                 continue
-            free = [slot for slot in self._slots if slot.running is None]
-            if not free:
+            lane = self._free_lane()
+            if lane is None:
                 return
-            self._waiting.popleft()
-            slot = max(free, key=lambda s: _slot_score(s, job.prompt))
-            self._start(job, slot)
+            if self._prefix_being_read(running):
+                continue  # it starts once that prefix is in the cache
+            if self._start(running, lane):
+                self._waiting.remove(running)
+            elif not self._active():
+                # An empty pool cannot hold it: waiting would spin forever. (Prompts
+                # longer than the longest request are refused before they get here.)
+                self._waiting.remove(running)
+                running.job.emit(EngineError("the request does not fit in the KV pool"))
+                self._close(running)
+            else:
+                return  # no room yet: nothing behind it jumps the queue for memory
 
-    def _start(self, job: DecodeJob, slot: Slot) -> None:
-        # At least one prompt token is decoded again so the sequence has fresh logits.
-        reused = min(_common_prefix(slot.cached, job.prompt), len(job.prompt) - 1)
-        self._ctx.forget(slot.seq_id, reused)
-        slot.cached = job.prompt[:reused]
-        slot.last_used = time.monotonic()
+    def _free_lane(self) -> int | None:
+        for lane, running in enumerate(self._lanes):
+            if running is None:
+                return lane
+        return None
+
+    def _prefix_being_read(self, waiting: Running) -> bool:
+        tokens = waiting.tokens
+        cached = self._cache.match(tokens).length
+        for running in self._active():
+            if running.reading_prompt and not running.cached_once:
+                shared = common_prefix(running.tokens, tokens)
+                if shared - cached >= _MIN_SHARED_WAIT:
+                    return True
+        return False
+
+    def _start(self, running: Running, lane: int) -> bool:
+        """Puts a request on a lane, sharing its longest cached prefix. False when the
+        pool has no room for the rest of its tokens yet."""
+        tokens = running.tokens
+        match = self._cache.match(tokens)
+        # At least one token is decoded again so the sequence has fresh logits.
+        reuse = min(match.length, len(tokens) - 1)
+        deepest = match.nodes[-1] if reuse > 0 else None
+        self._cache.lock(deepest)  # what it will share must survive the room-making
+        # Room for its tokens and, beside running sequences, up to one batch more, so
+        # that it is not pre-empted again at once by those decoding.
+        headroom = min(self._n_batch, self._pool_cells - len(tokens)) if self._active() else 0
+        if not self._make_room(len(tokens) - reuse + max(headroom, 0), protect=None):
+            self._cache.unlock(deepest)
+            return False
+        if running.sampler is None:
+            error = self._first_start(running, reuse)
+            if error is not None:
+                self._cache.unlock(deepest)
+                running.job.emit(error)
+                return True  # refused: it no longer waits
+        self._ctx.remove(lane)
+        self._cache.attach(lane, match, reuse)
+        running.lane, running.holding, running.shared = lane, deepest, reuse
+        running.fed, running.pending = tokens[:reuse], tokens[reuse:]
+        self._lanes[lane] = running
+        return True
+
+    def _first_start(self, running: Running, reuse: int) -> Exception | None:
+        job = running.job
         sampling = job.sampling
         try:
             seed = sampling.seed if sampling.seed is not None else _random_seed()
-            sampler = Sampler(self._model, sampling, seed=seed, grammar=job.grammar)
+            running.sampler = Sampler(self._model, sampling, seed=seed, grammar=job.grammar)
         except ValueError as exc:
-            job.emit(EngineError(f"could not set up sampling: {exc}"))
-            return
+            return EngineError(f"could not set up sampling: {exc}")
         room = self._seq_ctx - len(job.prompt)
         limit = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
-        output = SequenceOutput(job, limit, self._token_bytes, self._is_end, self._forced_close)
-        slot.running = Running(job, slot, sampler, output, job.prompt[reused:], reused)
-        job.emit(Started(prompt_tokens=len(job.prompt), cached_tokens=reused))
+        running.output = SequenceOutput(
+            job, limit, self._token_bytes, self._is_end, self._forced_close
+        )
+        running.reused = reuse
+        job.emit(Started(prompt_tokens=len(job.prompt), cached_tokens=reuse))
+        return None
+
+    # ---- memory ------------------------------------------------------------------------
+
+    def _make_room(self, cells: int, protect: Running | None) -> bool:
+        """Frees cells until `cells` are free: cached prefixes first (least recently used),
+        then, when `protect` is given, by pre-empting the newest other sequences. A
+        newcomer (`protect` None) never pre-empts anyone: it waits."""
+        short = cells - self.free_cells()
+        if short > 0:
+            self._cache.evict(short)
+        while self.free_cells() < cells and protect is not None:
+            victims = [r for r in self._active() if r is not protect]
+            if not victims:
+                break
+            self._preempt(max(victims, key=lambda r: r.order))
+            short = cells - self.free_cells()
+            if short > 0:
+                self._cache.evict(short)
+        return self.free_cells() >= cells
+
+    def _preempt(self, running: Running) -> None:
+        """Takes a sequence off its lane; what it computed stays cached (evictable), and it
+        waits at the head of the queue to resume with its sampler and output as they are."""
+        self.preemptions += 1
+        log.info(
+            "pre-empting a sequence after %d tokens (KV pool full)",
+            running.output.completion_tokens if running.output else 0,
+        )
+        self._leave_lane(running)
+        self._waiting.appendleft(running)
+
+    def _leave_lane(self, running: Running) -> None:
+        """Caches what the lane computed, then frees the lane's own cells."""
+        lane = running.lane
+        assert lane is not None
+        if running.fed:
+            running.holding, running.shared = self._cache.insert(
+                lane, running.fed, running.shared, running.holding
+            )
+        self._cache.unlock(running.holding)
+        self._ctx.remove(lane)
+        running.holding, running.shared, running.lane = None, 0, None
+        self._lanes[lane] = None
+
+    # ---- decoding ----------------------------------------------------------------------
 
     def _drop_cancelled(self) -> None:
         for running in self._active():
             if running.job.cancelled.is_set():
-                log.info("generation cancelled after %d tokens", running.output.completion_tokens)
+                done = running.output.completion_tokens if running.output else 0
+                log.info("generation cancelled after %d tokens", done)
                 self._release(running)
 
     def _release(self, running: Running) -> None:
-        running.sampler.close()
-        running.slot.running = None
+        if running.lane is not None:
+            self._leave_lane(running)
+        self._close(running)
 
-    def _fill_batch(self) -> list[Running]:
-        """Decoding sequences first (one token each), then prompt chunks in arrival order."""
+    def _close(self, running: Running) -> None:
+        if running.sampler is not None:
+            running.sampler.close()
+            running.sampler = None
+
+    def _fill_batch(self) -> list[tuple[Running, list[int]]]:
+        """Decoding sequences first (one token each), then prompt chunks in arrival order,
+        as far as the batch and the pool have room. Returns what each sequence added."""
         batch = self._batch
         batch.clear()
-        with_logits: list[Running] = []
         active = self._active()
-        decoding = [r for r in active if r.output.completion_tokens > 0 and len(r.pending) == 1]
-        prefilling = [r for r in active if r not in decoding]
+        decoding = [r for r in active if not r.reading_prompt and len(r.pending) == 1]
+        prefilling = sorted((r for r in active if r not in decoding), key=lambda r: r.order)
+        # Every decoding sequence and the oldest prompt must be able to move on.
+        self._make_room(len(decoding) + (1 if prefilling else 0), protect=self._oldest())
+        free = self.free_cells()
+        limit = self._n_batch
+        if decoding:
+            limit = min(limit, len(decoding) + self._prompt_share())
+        added: list[tuple[Running, list[int]]] = []
         for running in decoding + prefilling:
-            room = self._n_batch - batch.size
+            if running.lane is None:
+                continue  # pre-empted just now
+            room = min(limit - batch.size, free)
             if room <= 0:
                 break
             chunk = running.pending[:room]
-            slot = running.slot
+            free -= len(chunk)
             for offset, token in enumerate(chunk):
                 last = offset == len(chunk) - 1 and len(chunk) == len(running.pending)
-                index = batch.add(token, len(slot.cached), slot.seq_id, last)
-                slot.cached.append(token)
+                index = batch.add(token, len(running.fed), running.lane, last)
+                running.fed.append(token)
                 if last:
                     running.batch_index = index
-                    with_logits.append(running)
             running.pending = running.pending[len(chunk) :]
-        return with_logits
+            added.append((running, chunk))
+        return added
+
+    def _prompt_share(self) -> int:
+        """Prompt tokens a step may carry beside decoding streams: as many as fit in the
+        step budget by the recent cost of a step (a fixed part plus a part per token,
+        both growing with the prompt's length, its attention span), so a stream's next
+        token does not wait for a whole 512-token chunk of a 20,000-token prompt
+        (seconds). At least `_MIN_PROMPT_SHARE`, so the prompt still advances."""
+        fixed, per_token = self._step_cost.estimate()
+        if per_token <= 0:
+            return self._n_batch
+        fits = int((_STEP_BUDGET_S - fixed) / per_token)
+        return max(_MIN_PROMPT_SHARE, min(self._n_batch, fits))
+
+    def _oldest(self) -> Running | None:
+        active = self._active()
+        return min(active, key=lambda r: r.order) if active else None
 
     def _step(self) -> None:
-        with_logits = self._fill_batch()
+        added = self._fill_batch()
+        if not added:
+            return
+        began = time.perf_counter()
         code = self._ctx.decode(self._batch)
+        if code == 0:
+            self._step_cost.add(self._batch.size, time.perf_counter() - began)
+        if code == _NO_KV_SLOT:
+            self._undo(added)
+            return
         if code != 0:
             self._fail_all(f"llama_decode returned {code}")
             return
-        for running in with_logits:
-            self._advance(running)
+        for running, _chunk in added:
+            if not running.pending:  # the rest of a prompt waits for the next step
+                self._advance(running)
+
+    def _undo(self, added: list[tuple[Running, list[int]]]) -> None:
+        """llama.cpp found no cells for the batch (our count and its own disagree, e.g.
+        fragmentation): give the tokens back and free room by pre-empting the newest."""
+        log.warning("llama.cpp found no KV cells for a batch; pre-empting to make room")
+        for running, chunk in added:
+            del running.fed[len(running.fed) - len(chunk) :]
+            running.pending = chunk + running.pending
+            assert running.lane is not None
+            self._ctx.remove(running.lane, len(running.fed))
+        active = self._active()
+        if len(active) > 1:
+            self._preempt(max(active, key=lambda r: r.order))
+        else:
+            self._cache.evict(self._cache.evictable())
 
     def _advance(self, running: Running) -> None:
-        output = running.output
-        sampler = running.sampler
-        end_banned = output.must_not_end or running.job.sampling.ignore_eos
+        output, sampler, job = running.output, running.sampler, running.job
+        assert output is not None and sampler is not None
+        if not running.cached_once:
+            # Its prompt has just been read: cache it now, so requests waiting for the
+            # same prefix can start (and this one attends to the tree's cells).
+            running.cached_once = True
+            assert running.lane is not None
+            running.holding, running.shared = self._cache.insert(
+                running.lane, running.fed, running.shared, running.holding
+            )
+        end_banned = output.must_not_end or job.sampling.ignore_eos
+        rivals = job.sampling.logprobs
+        # Read before banning end tokens: the model's own distribution.
+        dist = log_softmax(self._ctx.logits(running.batch_index)) if rivals is not None else None
         token: int | None
         if sampler.constrained:
             banned = self._end_tokens if end_banned else []
@@ -262,11 +489,18 @@ class Scheduler:
             token = sampler.sample(self._ctx, running.batch_index)
         # None: the grammar is complete and accepts only the (banned) end: the answer is.
         step = Step(finished="stop") if token is None else output.on_token(token)
-        job = running.job
         events = step.events
         if step.finished is not None:
             events += tuple(output.flush())
-        job.emit(Generated(events, output.completion_tokens - running.reported))
+        logprobs: tuple[TokenLogprob, ...] = ()
+        if (
+            dist is not None
+            and rivals is not None
+            and token is not None
+            and not self._is_end(token)
+        ):
+            logprobs = (token_logprob(dist, token, rivals, self._token_bytes),)
+        job.emit(Generated(events, output.completion_tokens - running.reported, logprobs))
         running.reported = output.completion_tokens
         if step.finished is not None:
             usage = TokenUsage(
@@ -285,9 +519,12 @@ class Scheduler:
         log.error("engine step failed: %s", reason)
         for running in self._active():
             running.job.emit(EngineError("engine failed while generating"))
-            self._ctx.forget(running.slot.seq_id)
-            running.slot.cached = []
-            self._release(running)
+            assert running.lane is not None
+            self._ctx.remove(running.lane)
+            self._lanes[running.lane] = None
+            self._close(running)
+        # The cells' state is unknown after a failed decode: start the cache afresh.
+        self._cache.clear()
 
 
 def engine_down() -> OverloadedError:

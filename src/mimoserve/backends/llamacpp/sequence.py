@@ -16,6 +16,7 @@ from mimoserve.backends.base import (
     OutputEvent,
     SamplingParams,
     Started,
+    TokenLogprob,
 )
 from mimoserve.backends.structured import StructuredOutput
 from mimoserve.parsing.assembler import OutputPlan
@@ -30,6 +31,7 @@ class Generated:
 
     events: tuple[OutputEvent, ...]
     tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()  # when the request asked for them
 
 
 EngineEvent = Started | Generated | Finished

@@ -8,6 +8,7 @@ they end the answer with an error.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +29,16 @@ from mimoserve.limits.admission import estimate_prompt_tokens
 class UpstreamRequest:
     chat: ChatRequest
     media_urls: tuple[MediaUrl, ...]  # hosts still to check for internal addresses
+    choice: int = 0  # which of the client's n choices this request generates
 
     def body_for(self, replica: Replica) -> dict[str, Any]:
         chat = self.chat
-        return wire.request_body(chat.request, replica.spec, chat.request.model, chat.raw)
+        return wire.request_body(
+            chat.request, replica.spec, chat.request.model, chat.raw, choice=self.choice
+        )
+
+    def for_choice(self, index: int) -> UpstreamRequest:
+        return dataclasses.replace(self, choice=index)
 
 
 class UpstreamBackend:
@@ -54,6 +61,9 @@ class UpstreamBackend:
     def load(self) -> tuple[int, int]:
         return sum(replica.outstanding for replica in self.model.pool.replicas), 0
 
+    def kv_cells(self) -> None:
+        return None  # the engines' own /metrics show their caches
+
     def start(self, session: aiohttp.ClientSession) -> None:
         self.model.use_session(session)
         self.model.start()
@@ -73,7 +83,8 @@ class UpstreamBackend:
         # Resolving hosts waits on DNS: here, off the synchronous prepare step.
         await refuse_internal_urls(prepared.media_urls, self._media.url_allow)
         chat = prepared.chat
-        mapper = AnswerMapper(lambda: estimate_prompt_tokens(chat.request, chat.raw))
+        mapper = AnswerMapper(lambda: estimate_prompt_tokens(chat.request, chat.raw),
+                              top_logprobs=chat.request.top_logprobs or 0)  # fmt: skip
         if not prepared.chat.request.stream:
             data = await self.model.complete(prepared.body_for)
             yield Started(0)

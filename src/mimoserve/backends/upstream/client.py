@@ -94,6 +94,10 @@ class UpstreamModel:
             input_modalities=frozenset(self.entry.input_modalities),
             tools=True,
             constrained_output=True,
+            # Every engine kind reports logprobs in OpenAI's shape; n is served as n
+            # requests of one choice (wire.request_body).
+            logprobs=True,
+            choices=True,
         )
 
     @property

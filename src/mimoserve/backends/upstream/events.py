@@ -18,8 +18,11 @@ from mimoserve.backends.base import (
     Finished,
     FinishReason,
     GenerationEvent,
+    Logprobs,
     Progress,
     ReasoningDelta,
+    RivalToken,
+    TokenLogprob,
     TokenUsage,
     ToolCallDelta,
     ToolCallEnded,
@@ -45,12 +48,54 @@ def usage_of(raw: Any) -> TokenUsage | None:
     )
 
 
+def logprobs_of(raw: Any, top_logprobs: int) -> list[GenerationEvent]:
+    """A choice's `logprobs.content` (OpenAI's shape, which vLLM, SGLang and llama-server
+    send) as one event. Entries that are not well formed are left out rather than
+    failing an answer whose text is fine; rivals are cut to the `top_logprobs` the
+    client asked for (llama-cpp-python adds the sampled token when it is not among them)."""
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("content"), list):
+        return []
+    tokens = [
+        token for item in raw["content"]
+        if (token := _token_logprob(item, top_logprobs)) is not None
+    ]  # fmt: skip
+    return [Logprobs(tuple(tokens))] if tokens else []
+
+
+def _token_logprob(item: Any, top_logprobs: int) -> TokenLogprob | None:
+    rival = _rival(item)
+    if rival is None:
+        return None
+    top = item.get("top_logprobs") or []
+    rivals = [r for t in top if (r := _rival(t)) is not None] if isinstance(top, list) else []
+    rivals = sorted(rivals, key=lambda r: r.logprob, reverse=True)[:top_logprobs]
+    return TokenLogprob(rival.token, rival.token_bytes, rival.logprob, tuple(rivals))
+
+
+def _rival(item: Any) -> RivalToken | None:
+    if not isinstance(item, Mapping):
+        return None
+    token, logprob, raw_bytes = item.get("token"), item.get("logprob"), item.get("bytes")
+    if not isinstance(token, str) or isinstance(logprob, bool):
+        return None
+    if not isinstance(logprob, int | float) or math.isnan(logprob):
+        return None
+    if isinstance(raw_bytes, list) and all(
+        isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256 for b in raw_bytes
+    ):
+        token_bytes = tuple(raw_bytes)
+    else:
+        token_bytes = tuple(token.encode())
+    return RivalToken(token, token_bytes, float(logprob))
+
+
 class AnswerMapper:
     """Feeds engine chunks (or one whole completion); `finish()` ends the answer."""
 
-    def __init__(self, estimate_prompt_tokens: Callable[[], int]) -> None:
+    def __init__(self, estimate_prompt_tokens: Callable[[], int], *, top_logprobs: int = 0) -> None:
         # Called only when the engine reports no usage: estimating may serialise the request.
         self._estimate_prompt_tokens = estimate_prompt_tokens
+        self._top_logprobs = top_logprobs
         self._calls: dict[int, int] = {}  # engine's index -> ours
         self._reason: FinishReason = "stop"
         self._usage: TokenUsage | None = None
@@ -68,10 +113,11 @@ class AnswerMapper:
         if not isinstance(choices, list):
             raise ValueError("choices is not a list")
         events: list[GenerationEvent] = []
-        for choice in choices[:1]:  # one choice (n > 1 is refused)
+        for choice in choices[:1]:  # one choice per engine request (wire.request_body)
             if not isinstance(choice, Mapping):
                 raise ValueError("a choice is not an object")
             events += self._message(choice.get("delta") or {})
+            events += logprobs_of(choice.get("logprobs"), self._top_logprobs)
             self._finish_reason(choice.get("finish_reason"), choice.get("stop_reason"))
         return events
 
@@ -85,6 +131,7 @@ class AnswerMapper:
             if not isinstance(message, Mapping):
                 raise ValueError("a choice without a message")
             events += self._message(message)
+            events += logprobs_of(choice.get("logprobs"), self._top_logprobs)
             self._finish_reason(choice.get("finish_reason"), choice.get("stop_reason"))
         return events
 

@@ -35,10 +35,14 @@ class UpstreamFailure(MimoError):
 
 
 def request_body(
-    request: ChatCompletionRequest, spec: UpstreamSpec, model_id: str, raw: bytes | None = None
-) -> dict[str, Any]:
+    request: ChatCompletionRequest, spec: UpstreamSpec, model_id: str, raw: bytes | None = None,
+    *, choice: int = 0,
+) -> dict[str, Any]:  # fmt: skip
     """The engine's body: the client's own JSON when at hand (already validated as
-    `request`; parsing it again is cheaper than dumping the model), else the model's."""
+    `request`; parsing it again is cheaper than dumping the model), else the model's.
+    One choice per engine request (`choice` of the client's n): not every engine serves
+    n > 1 (llama-server does not), and one answer per request maps to one event stream;
+    with a seed, choice i samples with seed + i, as on the embedded engine."""
     body = (
         json.loads(raw) if raw is not None
         else request.model_dump(mode="json", by_alias=True, exclude_unset=True)
@@ -46,6 +50,9 @@ def request_body(
     for unknown in request.model_extra or ():
         body.pop(unknown, None)  # ignored (and logged) as on the embedded path
     body["model"] = spec.model or model_id
+    body.pop("n", None)
+    if choice and isinstance(body.get("seed"), int):
+        body["seed"] += choice
     if request.stream:
         # Always ask for usage: the ledger needs it; the relay drops it if the client did not ask.
         body["stream_options"] = {"include_usage": True}

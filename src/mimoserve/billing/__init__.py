@@ -1,0 +1,1 @@
+"""Money and quotas: prices per model, the cost of a request, budgets per account and key."""

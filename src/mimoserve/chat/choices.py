@@ -1,0 +1,103 @@
+"""Several choices for one request (OpenAI's `n`): n generations of the same prompt,
+merged into one stream of (choice index, event).
+
+On the embedded engine the n sequences share the prompt's KV cells (the first reads
+it, the others wait for it and attach to it in the prefix cache) and decode together in
+one batch. An upstream model gets n requests of one choice each (every engine kind
+serves those, and vLLM's and SGLang's prefix caches share the prompt the same way).
+The request is metered once: one Started (the prompt, counted once), the choices'
+Progress, and one usage at the end, completion tokens summed as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, Protocol, runtime_checkable
+
+from mimoserve.backends.base import (
+    Finished,
+    GenerationEvent,
+    Started,
+    TokenUsage,
+)
+
+IndexedEvent = tuple[int, GenerationEvent]
+_DONE = object()
+
+
+@runtime_checkable
+class VariesPerChoice(Protocol):
+    """A backend's prepared request that knows choice `index`'s own version of itself
+    (the embedded engine's: seed + index; an upstream one's: n=1 on the wire, seed +
+    index)."""
+
+    def for_choice(self, index: int) -> Any: ...
+
+
+def for_choice(prepared: Any, index: int) -> Any:
+    """Choice `index`'s request; a request that cannot vary is sent as it is."""
+    if index == 0 or not isinstance(prepared, VariesPerChoice):
+        return prepared
+    return prepared.for_choice(index)
+
+
+def summed(finished: list[Finished]) -> TokenUsage:
+    """The request's usage: the prompt once, the choices' completions added up."""
+    first = finished[0].usage
+    return TokenUsage(
+        prompt_tokens=first.prompt_tokens,
+        completion_tokens=sum(f.usage.completion_tokens for f in finished),
+        cached_tokens=first.cached_tokens,
+        reasoning_tokens=sum(f.usage.reasoning_tokens for f in finished),
+    )
+
+
+async def merged(
+    generate: Callable[[Any], AsyncGenerator[GenerationEvent, None]], prepared: Any, n: int
+) -> AsyncGenerator[IndexedEvent, None]:
+    """The n generations' events as they come; one Started first. A failure of any
+    choice fails the request (the others are stopped)."""
+    if n == 1:
+        only = generate(prepared)
+        try:
+            async for event in only:
+                yield 0, event
+        finally:  # now, not when the collector finds it: it holds an engine slot
+            await only.aclose()
+        return
+    queue: asyncio.Queue[tuple[int, GenerationEvent | BaseException | object]] = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        stream = generate(for_choice(prepared, index))
+        try:
+            async for event in stream:
+                await queue.put((index, event))
+        except Exception as exc:  # handed to the reader, which raises it
+            await queue.put((index, exc))
+        finally:
+            await stream.aclose()
+            await queue.put((index, _DONE))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+    running, started = n, False
+    try:
+        while running:
+            index, item = await queue.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            elif isinstance(item, Started):
+                if not started:  # the prompt is counted once
+                    started = True
+                    yield index, item
+            else:
+                assert not isinstance(item, BaseException)
+                yield index, item  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
