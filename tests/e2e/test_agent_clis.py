@@ -166,4 +166,7 @@ def test_claude_code_on_the_real_default_model_completes_and_reuses_its_prompt(
     assert records and all(r.status == 200 for r in records), records  # no retry, no 499
     first, last = records[0], records[-1]
     assert first.prompt_tokens > 15_000, first
-    assert last.cached_tokens >= last.prompt_tokens - 64, (first, last)
+    # Only the tail past the earlier prompt is new: the user's turn and, after an answer
+    # cut at the cap, that answer and Claude Code's request to go on (about 70 tokens in
+    # CI). Without the prefix cache nothing would be cached.
+    assert last.cached_tokens >= 0.95 * last.prompt_tokens, (first, last)
