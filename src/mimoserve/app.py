@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -80,12 +81,12 @@ def create_app(
     media = MediaLimits(url_allow=UrlAllowList.parse(settings.media_url_allow.split(",")))
     fleet = UpstreamFleet(upstreams or {}, media)
     budget_store = BudgetStore(keys.database)
+    on_change = functools.partial(report, metrics)
     keeper: BudgetKeeper = (
-        RedisBudgetKeeper(settings.redis_url, budget_store.spent_since,
-                          on_change=lambda b, s: report(metrics, b, s))
+        RedisBudgetKeeper(settings.redis_url, budget_store.spent_since, on_change=on_change)
         if settings.redis_url
-        else LocalBudgetKeeper(budget_store.spent_since, lambda b, s: report(metrics, b, s))
-    )  # fmt: skip
+        else LocalBudgetKeeper(budget_store.spent_since, on_change)
+    )
     budgets = Budgets(budget_store, keeper, keys.local_reads)
     chat_service = ChatService(
         registry, {**backends, **fleet.backends}, metrics, ledger, rate_limiter, policy, budgets

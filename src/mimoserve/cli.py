@@ -234,8 +234,8 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     scope: Scope = "account" if args.account else "key"
     owner = args.account or args.key
     if args.budgets_command == "set":
-        exists = keys.account(owner) is not None if scope == "account" else keys.has_key(owner)
-        if not exists:
+        found = keys.account(owner) if scope == "account" else keys.key(owner)
+        if found is None:
             print(f"no {scope} with id {owner!r}", file=sys.stderr)
             return 1
         unit: Unit = "tokens" if args.tokens is not None else "money"

@@ -150,6 +150,7 @@ async def list_keys(
     keys = await run_in_threadpool(_keys(request).list, account_id)
     store: SqlUsageStore = request.app.state.usage
     spent = await run_in_threadpool(store.spend_per_key, month_start(time.time()))
+    budgets = {s.budget.owner: s for s in await _budgets(request).statuses("key")}
     currency = _currency(request)
     views = []
     for key in keys:
@@ -159,7 +160,7 @@ async def list_keys(
             cost=as_money(found.cost_micros) if found else 0.0,
             currency=currency,
         )
-        status = await _budgets(request).status_of("key", key.id)
+        status = budgets.get(key.id)
         views.append(_key_view(key, spend, _budget_view(status, currency) if status else None))
     return views
 
@@ -172,8 +173,9 @@ async def set_key_limits(key_id: str, request: Request) -> KeyView:
     limits = Limits(body.rpm, body.tpm, body.max_concurrent)
     if not await run_in_threadpool(store.set_key_limits, key_id, limits):
         raise NotFoundError(f"No key with id {key_id!r}.", param="key_id")
-    keys = await run_in_threadpool(store.list)
-    return _key_view(next(k for k in keys if k.id == key_id))
+    key = await run_in_threadpool(store.key, key_id)
+    assert key is not None  # keys are revoked, never deleted
+    return _key_view(key)
 
 
 @router.delete("/keys/{key_id}", status_code=204)
@@ -234,7 +236,7 @@ def _budget_view(status: BudgetStatus, currency: str) -> BudgetView:
 def _owner_exists(store: KeyStore, scope: Scope, owner: str) -> None:
     if scope == "account":
         _existing_account(store, owner)
-    elif not store.has_key(owner):
+    elif store.key(owner) is None:
         raise NotFoundError(f"No key with id {owner!r}.", param="owner")
 
 
@@ -336,6 +338,9 @@ _CSV_COLUMNS = ("time_utc", "key_id", "account_id", "model", "door", "status", "
                 "ttft_s", "duration_s", "finish_reason", "completion_id", "request_id")  # fmt: skip
 
 
+_CSV_PAGE = 1000  # records read at a time: a long ledger is never held in memory at once
+
+
 def _csv_line(values: list[object]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\r\n").writerow(values)
@@ -359,8 +364,8 @@ async def usage_csv(
     async def rows() -> AsyncIterator[str]:
         yield _csv_line(list(_CSV_COLUMNS))
         before = None
-        while True:  # in pages, so a long ledger is never held in memory at once
-            page = await run_in_threadpool(store.requests, where, 1000, before)
+        while True:
+            page = await run_in_threadpool(store.requests, where, _CSV_PAGE, before)
             for logged in page:
                 v = _request_view(logged)
                 when = datetime.fromtimestamp(v.time, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -370,7 +375,7 @@ async def usage_csv(
                     currency, v.ttft_s if v.ttft_s is not None else "", round(v.duration_s, 4),
                     v.finish_reason or "", v.completion_id, v.request_id,
                 ])  # fmt: skip
-            if len(page) < 1000:
+            if len(page) < _CSV_PAGE:
                 return
             before = page[-1].row
 

@@ -189,11 +189,13 @@ class KeyStore:
             rows = conn.execute(query + " ORDER BY created_at", params).fetchall()
         return [_key_info(row) for row in rows]
 
-    def has_key(self, key_id: str) -> bool:
-        """Whether a key with this id was ever issued (revoked or not)."""
+    def key(self, key_id: str) -> ApiKeyInfo | None:
+        """The key with this id, revoked or not."""
         with self._db.reading() as conn:
-            row = conn.execute("SELECT 1 FROM api_keys WHERE id = ?", (key_id,)).fetchone()
-        return row is not None
+            row = conn.execute(
+                f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)
+            ).fetchone()
+        return None if row is None else _key_info(row)
 
     def count_active(self) -> int:
         with self._db.transaction() as conn:

@@ -62,9 +62,10 @@ class Budgets:
         spend = await self.keeper.spend(budget, now)
         return BudgetStatus(budget, spend, budget.starts(now), budget.ends(now))
 
-    async def statuses(self) -> list[BudgetStatus]:
+    async def statuses(self, scope: Scope | None = None) -> list[BudgetStatus]:
+        """Every budget's status, or those of one scope."""
         budgets = await asyncio.to_thread(self.store.all)
-        return [await self.status(budget) for budget in budgets]
+        return [await self.status(b) for b in budgets if scope is None or b.scope == scope]
 
     async def status_of(self, scope: Scope, owner: str) -> BudgetStatus | None:
         budget = await asyncio.to_thread(self.store.get, scope, owner)

@@ -27,7 +27,7 @@ from mimoserve.backends.base import (
     Started,
 )
 from mimoserve.billing.keeper import BudgetHold
-from mimoserve.billing.prices import Price
+from mimoserve.billing.prices import Price, cost_micros
 from mimoserve.billing.service import Budgets
 from mimoserve.chat.answer import Answer
 from mimoserve.chat.choices import IndexedEvent, merged, summed
@@ -205,9 +205,7 @@ class ChatService:
             prepared=backend.prepare(ChatRequest(request, entry, raw)),
             principal=principal,
             reserve_tokens=prompt_tokens + completion_tokens,
-            reserve_cost=(
-                entry.price.cost_micros(prompt_tokens, 0, completion_tokens) if entry.price else 0
-            ),
+            reserve_cost=cost_micros(entry.price, prompt_tokens, 0, completion_tokens),
             price=entry.price,
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
             api=api,

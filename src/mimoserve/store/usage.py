@@ -56,7 +56,6 @@ class RequestFilter:
     status: int | None = None
     errors_only: bool = False  # status 400 and above
     since: float = 0.0
-    until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -146,9 +145,6 @@ class SqlUsageStore:
                 params.append(value)
         if where.errors_only:
             clauses.append("status >= 400")
-        if where.until is not None:
-            clauses.append("created_at < ?")
-            params.append(where.until)
         if before_row is not None:
             clauses.append("id < ?")
             params.append(before_row)

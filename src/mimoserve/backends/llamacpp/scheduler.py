@@ -170,10 +170,9 @@ class Scheduler:
     def kv_cells(self) -> KvCells:
         """A momentary view of the pool (read without the lock, for metrics)."""
         cache = self._cache
-        private = sum(r.private for r in self._active())
         return KvCells(
             total=self._pool_cells,
-            used=private + cache.locked_cells,
+            used=self._private_cells() + cache.locked_cells,
             cached=cache.cells - cache.locked_cells,
         )
 
@@ -229,9 +228,12 @@ class Scheduler:
     def _active(self) -> list[Running]:
         return [running for running in self._lanes if running is not None]
 
+    def _private_cells(self) -> int:
+        """Cells the running sequences hold outside the prefix tree."""
+        return sum(r.private for r in self._active())
+
     def free_cells(self) -> int:
-        private = sum(r.private for r in self._active())
-        return self._pool_cells - self._cache.cells - private
+        return self._pool_cells - self._cache.cells - self._private_cells()
 
     # ---- admission ---------------------------------------------------------------------
 
