@@ -86,6 +86,8 @@ async function loadAccounts() {
   await loadKeys();
 }
 
+// A request refused before it named a model (bad JSON, a 401) is recorded without one.
+const modelName = (model) => model || "(no model)";
 const money = (amount, currency) => `${amount.toFixed(amount < 1 ? 6 : 2)} ${currency}`;
 const inUnit = (budget, amount) =>
   budget.unit === "tokens" ? `${Math.round(amount)} tokens` : money(amount, budget.currency);
@@ -178,7 +180,7 @@ async function setBudget(event) {
   event.preventDefault();
   const form = event.target;
   const [scope, id] = form.owner.value.split(":");
-  try {
+  await reporting("#budgets-error", async () => {
     await admin(`/budgets/${scope}/${encodeURIComponent(id)}`, {
       method: "PUT",
       body: JSON.stringify({
@@ -187,11 +189,8 @@ async function setBudget(event) {
       }),
     });
     form.amount.value = "";
-    $("#budgets-error").textContent = "";
     await loadKeys();
-  } catch (error) {
-    $("#budgets-error").textContent = error.message;
-  }
+  });
 }
 
 function editKeyLimits(key) {
@@ -207,32 +206,36 @@ function editKeyLimits(key) {
 async function saveKeyLimits(event) {
   event.preventDefault();
   const form = event.target;
-  try {
+  await reporting("#keys-error", async () => {
     await admin(`/keys/${encodeURIComponent(form.dataset.key)}`, {
       method: "PATCH",
       body: JSON.stringify({ rpm: optionalInt(form.rpm.value), tpm: optionalInt(form.tpm.value),
                              max_concurrent: optionalInt(form.max_concurrent.value) }),
     });
     form.hidden = true;
-    $("#keys-error").textContent = "";
     await loadKeys();
-  } catch (error) {
-    $("#keys-error").textContent = error.message;
-  }
+  });
 }
 
 async function saveAccountLimits(event) {
   event.preventDefault();
   const form = event.target;
-  try {
+  await reporting("#keys-error", async () => {
     await admin(`/accounts/${encodeURIComponent(state.account)}`, {
       method: "PATCH",
       body: JSON.stringify({ rpm: optionalInt(form.rpm.value), tpm: optionalInt(form.tpm.value) }),
     });
-    $("#keys-error").textContent = "";
     await loadAccounts();
+  });
+}
+
+// Runs a form's action: its failure is shown in `errorBox`, a success clears it.
+async function reporting(errorBox, action) {
+  try {
+    await action();
+    $(errorBox).textContent = "";
   } catch (error) {
-    $("#keys-error").textContent = error.message;
+    $(errorBox).textContent = error.message;
   }
 }
 
@@ -243,7 +246,7 @@ function optionalInt(value) {
 async function createAccount(event) {
   event.preventDefault();
   const form = event.target;
-  try {
+  await reporting("#keys-error", async () => {
     const account = await admin("/accounts", {
       method: "POST",
       body: JSON.stringify({
@@ -252,18 +255,15 @@ async function createAccount(event) {
     });
     state.account = account.id;
     form.reset();
-    $("#keys-error").textContent = "";
     await loadAccounts();
-  } catch (error) {
-    $("#keys-error").textContent = error.message;
-  }
+  });
 }
 
 async function createKey(event) {
   event.preventDefault();
   const form = event.target;
   const models = form.models.value.split(",").map((m) => m.trim()).filter(Boolean);
-  try {
+  await reporting("#keys-error", async () => {
     const created = await admin(`/accounts/${encodeURIComponent(state.account)}/keys`, {
       method: "POST",
       body: JSON.stringify({ name: form.name.value, allowed_models: models.length ? models : null }),
@@ -274,11 +274,8 @@ async function createKey(event) {
     $("#copy-status").textContent = "";
     $("#chat-key").value = created.key;
     form.reset();
-    $("#keys-error").textContent = "";
     await loadKeys();
-  } catch (error) {
-    $("#keys-error").textContent = error.message;
-  }
+  });
 }
 
 async function copyKey() {
@@ -314,13 +311,13 @@ async function loadUsage(event) {
   $("#usage-summary").textContent =
     `${requests} requests, ${tokens} tokens` + (currency ? `, ${money(cost, currency)}` : "");
   for (const id of ["#total-models", "#total-keys"]) $(id).textContent = `(${tokens} in total)`;
-  drawChart($("#chart-models"), points, (p) => p.model || "(no model)", start, step, hours);
+  drawChart($("#chart-models"), points, (p) => modelName(p.model), start, step, hours);
   drawChart($("#chart-keys"), points, (p) => p.key_id, start, step, hours);
   const body = $("#usage-table tbody");
   body.replaceChildren();
   for (const t of totals) {
     const row = document.createElement("tr");
-    for (const value of [t.key_id, t.model || "(no model)", t.requests, t.prompt_tokens, t.completion_tokens,
+    for (const value of [t.key_id, modelName(t.model), t.requests, t.prompt_tokens, t.completion_tokens,
                          t.reasoning_tokens, t.cached_tokens, money(t.cost, t.currency)]) cell(row, value);
     body.appendChild(row);
   }
@@ -417,7 +414,7 @@ async function loadRequestFilters() {
     form.key.add(new Option(names.has(id) ? `${names.get(id)} (${id})` : id, id));
   }
   for (const model of [...new Set(usage.map((u) => u.model))].sort()) {
-    form.model.add(new Option(model || "(no model)", model));
+    form.model.add(new Option(modelName(model), model));
   }
 }
 
@@ -440,7 +437,7 @@ async function loadRequests(event) {
   for (const r of page.data) {
     const row = document.createElement("tr");
     row.classList.toggle("failed", r.status >= 400);
-    for (const value of [new Date(r.time * 1000).toLocaleString(), r.key_id, r.model || "(no model)",
+    for (const value of [new Date(r.time * 1000).toLocaleString(), r.key_id, modelName(r.model),
                          r.door, r.status, r.prompt_tokens, r.completion_tokens, r.cached_tokens,
                          r.ttft_s == null ? null : `${r.ttft_s.toFixed(2)} s`,
                          `${r.duration_s.toFixed(2)} s`, r.cost.toFixed(6), r.request_id]) cell(row, value);
