@@ -118,3 +118,33 @@ def any_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Dat
         db = PostgresDatabase(request.getfixturevalue("postgres_url"))
     yield db
     db.close()
+
+
+# ---- test tiers ------------------------------------------------------------------------
+# The unit tier (`pytest -m unit`) is pure code and the app on the scripted backend: no
+# subprocess, no database server, no browser, no model. Every other tier is named by
+# what it needs; `.ci/run` runs the unit tier first, then the rest.
+_SERVICE_FIXTURES = {"postgres_url", "postgres_server_url", "redis_url"}
+_SERVICE_PARAMS = ("postgresql", "redis")
+_TIER_BY_FOLDER = {"tests/e2e/": "real_model", "tests/fuzz/": "fuzz", "tests/web/": "browser"}
+SLOW_TIERS = ("services", "browser", "fuzz", "load", "real_model", "slow")
+
+
+def _needs_services(item: pytest.Item) -> bool:
+    if _SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params.values() if callspec is not None else ()
+    return any(isinstance(p, str) and p in _SERVICE_PARAMS for p in params)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = str(item.path).replace("\\", "/")
+        for folder, tier in _TIER_BY_FOLDER.items():
+            if folder in path:
+                item.add_marker(getattr(pytest.mark, tier))
+        if _needs_services(item):
+            item.add_marker(pytest.mark.services)
+        if not any(item.get_closest_marker(tier) for tier in SLOW_TIERS):
+            item.add_marker(pytest.mark.unit)

@@ -70,9 +70,13 @@ class ScriptedBackend:
         if script.refuse_with is not None:
             raise script.refuse_with
         output = StructuredOutput(request.plan)
+        # Like an engine, it stops at `max_tokens` (one piece is one token here).
+        limit = request.sampling.max_tokens
+        pieces = script.pieces if limit is None else script.pieces[:limit]
+        reason = "length" if len(pieces) < len(script.pieces) else script.reason
         try:
             yield Started(script.prompt_tokens, script.cached_tokens)
-            for piece in script.pieces:
+            for piece in pieces:
                 if script.delay_s:
                     await asyncio.sleep(script.delay_s)
                 yield Progress(1)
@@ -82,8 +86,8 @@ class ScriptedBackend:
                 raise script.fail_with
             for event in output.finish():
                 yield event
-            usage = TokenUsage(script.prompt_tokens, len(script.pieces), script.cached_tokens)
-            yield Finished(script.reason, usage)
+            usage = TokenUsage(script.prompt_tokens, len(pieces), script.cached_tokens)
+            yield Finished(reason, usage)
         finally:
             self.closed_streams += 1
 

@@ -106,6 +106,7 @@ async def _client(
                         break
 
 
+@pytest.mark.load
 def test_one_record_per_request_under_load_with_disconnects(tmp_path: Path) -> None:
     database = Database(tmp_path / "m.db")
     keys = KeyStore(database)

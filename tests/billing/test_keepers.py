@@ -12,7 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mimoserve.billing.budgets import Budget, Spend
-from mimoserve.billing.keeper import BudgetKeeper, InsufficientQuotaError, LocalBudgetKeeper
+from mimoserve.billing.keeper import (
+    BudgetKeeper,
+    InsufficientQuotaError,
+    LocalBudgetKeeper,
+    Usage,
+)
 from mimoserve.billing.redis_keeper import RedisBudgetKeeper
 
 
@@ -30,6 +35,7 @@ class Records:
 
 Make = Callable[[Records], BudgetKeeper]
 NOON = datetime(2026, 12, 2, 12, tzinfo=UTC).timestamp()
+ANY_LEFT = Usage(0, 0)  # take what is left, however little
 
 
 @pytest.fixture(params=["in-process", "redis"])
@@ -48,7 +54,7 @@ def tokens(amount: int, period: str = "day", owner: str = "acct") -> Budget:
 async def test_a_request_settles_to_what_it_really_used(make: Make) -> None:
     keeper = make(Records())
     budget = tokens(1000)
-    hold = await keeper.reserve([budget], 600, 0, NOON)
+    hold = await keeper.reserve([budget], Usage(600, 0), ANY_LEFT, NOON)
     assert [c.reserved for c in hold.charges] == [600]
     assert await keeper.spend(budget, NOON) == Spend(spent=0, reserved=600)
     hold.settle(90, 0)  # shorter than reserved: the rest comes back
@@ -61,18 +67,18 @@ async def test_a_request_settles_to_what_it_really_used(make: Make) -> None:
 async def test_a_spent_budget_refuses_with_402_until_its_period_ends(make: Make) -> None:
     keeper = make(Records())
     budget = tokens(100)
-    hold = await keeper.reserve([budget], 500, 0, NOON)  # capped at what is left
+    hold = await keeper.reserve([budget], Usage(500, 0), ANY_LEFT, NOON)  # capped at what is left
     assert hold.charges[0].reserved == 100
     hold.settle(130, 0)  # used more than was left: the overshoot is this request's own
     await keeper.drain()
     with pytest.raises(InsufficientQuotaError) as refused:
-        await keeper.reserve([budget], 1, 0, NOON + 3600)
+        await keeper.reserve([budget], Usage(1, 0), ANY_LEFT, NOON + 3600)
     assert refused.value.status_code == 402
     assert refused.value.code == "insufficient_quota"
     assert "today (UTC)" in refused.value.message
     # The next UTC day is a new period: a fresh count.
     tomorrow = NOON + 86400
-    hold = await keeper.reserve([budget], 50, 0, tomorrow)
+    hold = await keeper.reserve([budget], Usage(50, 0), ANY_LEFT, tomorrow)
     assert await keeper.spend(budget, tomorrow) == Spend(spent=0, reserved=50)
     hold.settle(50, 0)
     await keeper.drain()
@@ -85,12 +91,12 @@ async def test_a_count_starts_from_the_usage_records(make: Make) -> None:
     month_start = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
     records.spent[("acct", month_start)] = 950  # spent before this process started
     keeper = make(records)
-    hold = await keeper.reserve([budget], 200, 0, NOON)
+    hold = await keeper.reserve([budget], Usage(200, 0), ANY_LEFT, NOON)
     assert hold.charges[0].reserved == 50
     assert records.asked == [("acct", month_start)]
     hold.settle(10, 0)
     await keeper.drain()
-    await keeper.reserve([budget], 1, 0, NOON)
+    await keeper.reserve([budget], Usage(1, 0), ANY_LEFT, NOON)
     assert records.asked == [("acct", month_start)], "counted from the records only once"
     await keeper.close()
 
@@ -99,11 +105,11 @@ async def test_every_budget_must_have_room_and_a_refusal_holds_nothing(make: Mak
     keeper = make(Records())
     account = tokens(1000)
     key = Budget("key", "k1", "money", 5, "none")  # 5 micros
-    hold = await keeper.reserve([account, key], 100, 5, NOON)
+    hold = await keeper.reserve([account, key], Usage(100, 5), ANY_LEFT, NOON)
     hold.settle(100, 5)
     await keeper.drain()
     with pytest.raises(InsufficientQuotaError) as refused:
-        await keeper.reserve([account, key], 100, 3, NOON)
+        await keeper.reserve([account, key], Usage(100, 3), ANY_LEFT, NOON)
     assert "API key's spending budget is spent" in refused.value.message
     assert await keeper.spend(account, NOON) == Spend(spent=100, reserved=0)
     await keeper.close()
@@ -117,7 +123,7 @@ async def test_concurrent_requests_cannot_overspend(make: Make) -> None:
 
     async def one(i: int) -> int:
         try:
-            hold = await keeper.reserve([budget], 30 + i % 7, 0, NOON)
+            hold = await keeper.reserve([budget], Usage(30 + i % 7, 0), ANY_LEFT, NOON)
         except InsufficientQuotaError:
             return 0
         await asyncio.sleep(0.001 * (i % 3))
@@ -143,7 +149,7 @@ async def test_two_redis_keepers_share_one_budget(redis_url: str) -> None:
     records = Records()
     a, b = (RedisBudgetKeeper(redis_url, records, prefix=prefix) for _ in range(2))
     budget = tokens(300)
-    holds = await asyncio.gather(*(k.reserve([budget], 100, 0, NOON) for k in (a, b, a, b)),
+    holds = await asyncio.gather(*(k.reserve([budget], Usage(100, 0), ANY_LEFT, NOON) for k in (a, b, a, b)),
                                  return_exceptions=True)  # fmt: skip
     refused = [h for h in holds if isinstance(h, InsufficientQuotaError)]
     admitted = [h for h in holds if not isinstance(h, BaseException)]
@@ -162,11 +168,11 @@ async def test_a_dead_replicas_reservation_ends_with_its_lease(redis_url: str) -
     dead = RedisBudgetKeeper(redis_url, Records(), prefix=prefix, lease_s=0.2)
     alive = RedisBudgetKeeper(redis_url, Records(), prefix=prefix)
     budget = tokens(100)
-    await dead.reserve([budget], 100, 0, NOON)  # never settled
+    await dead.reserve([budget], Usage(100, 0), ANY_LEFT, NOON)  # never settled
     with pytest.raises(InsufficientQuotaError):
-        await alive.reserve([budget], 10, 0, NOON)
+        await alive.reserve([budget], Usage(10, 0), ANY_LEFT, NOON)
     await asyncio.sleep(0.3)
-    hold = await alive.reserve([budget], 10, 0, NOON)
+    hold = await alive.reserve([budget], Usage(10, 0), ANY_LEFT, NOON)
     assert hold.charges[0].reserved == 10
     await dead.close()
     await alive.close()
@@ -189,7 +195,7 @@ def test_spend_passes_the_budget_only_by_what_requests_used_beyond_their_reserva
         holds = []
         for wanted, used in steps:
             try:
-                hold = await keeper.reserve([budget], wanted, 0, NOON)
+                hold = await keeper.reserve([budget], Usage(wanted, 0), ANY_LEFT, NOON)
             except InsufficientQuotaError:
                 spend = await keeper.spend(budget, NOON)
                 assert spend.spent + spend.reserved >= amount
@@ -214,11 +220,30 @@ def test_spend_passes_the_budget_only_by_what_requests_used_beyond_their_reserva
 async def test_past_periods_are_forgotten_once_settled() -> None:
     keeper = LocalBudgetKeeper(Records())
     budget = tokens(100)
-    late = await keeper.reserve([budget], 10, 0, NOON)  # still in flight at midnight
+    late = await keeper.reserve(
+        [budget], Usage(10, 0), ANY_LEFT, NOON
+    )  # still in flight at midnight
     for day in range(1, 4):
-        hold = await keeper.reserve([budget], 10, 0, NOON + day * 86400)
+        hold = await keeper.reserve([budget], Usage(10, 0), ANY_LEFT, NOON + day * 86400)
         hold.settle(10, 0)
     assert len(keeper.counts) == 2  # today's, and the one a request still holds
     late.settle(10, 0)  # its period's count is still there to settle into
-    await keeper.reserve([budget], 1, 0, NOON + 4 * 86400)
+    await keeper.reserve([budget], Usage(1, 0), ANY_LEFT, NOON + 4 * 86400)
     assert len(keeper.counts) == 1
+
+
+async def test_a_request_whose_minimum_does_not_fit_is_refused_and_holds_nothing(
+    make: Make,
+) -> None:
+    keeper = make(Records())
+    budget = tokens(1000)
+    first = await keeper.reserve([budget], Usage(700, 0), Usage(700, 0), NOON)
+    with pytest.raises(InsufficientQuotaError):  # 300 left, 400 needed at least
+        await keeper.reserve([budget], Usage(900, 0), Usage(400, 0), NOON)
+    partial = await keeper.reserve([budget], Usage(900, 0), Usage(200, 0), NOON)
+    assert [c.reserved for c in partial.charges] == [300]  # what is left, not more
+    first.settle(700, 0)
+    partial.settle(300, 0)
+    await keeper.drain()
+    assert await keeper.spend(budget, NOON) == Spend(1000, 0)
+    await keeper.close()

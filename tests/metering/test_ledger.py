@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
 from mimoserve.metering.ledger import UsageLedger, UsageRecord
 from mimoserve.store.sqlite import Database
 from mimoserve.store.usage import SqlUsageStore
+from tests.waiting import until
 
 
 class FlakyStore:
@@ -14,9 +14,11 @@ class FlakyStore:
 
     def __init__(self) -> None:
         self.down = False
+        self.attempts = 0
         self.batches: list[list[UsageRecord]] = []
 
     def insert_usage(self, records: Sequence[UsageRecord]) -> None:
+        self.attempts += 1
         if self.down:
             raise ConnectionError("store down")
         self.batches.append(list(records))
@@ -33,7 +35,7 @@ async def test_records_are_written_in_batches_off_the_request_path() -> None:
     for i in range(25):
         ledger.record(rec(i))
     assert store.batches == [], "recording never writes on the caller's path"
-    await asyncio.sleep(0.3)
+    await until(lambda: ledger.pending == 0, "the background task wrote every record")
     await ledger.close()
     written = [r.prompt_tokens for batch in store.batches for r in batch]
     assert written == list(range(25))
@@ -47,12 +49,55 @@ async def test_a_store_outage_loses_nothing() -> None:
     store.down = True
     for i in range(12):
         ledger.record(rec(i))
-    await asyncio.sleep(0.1)
-    assert store.batches == [] and ledger.pending == 12
+    await until(lambda: store.attempts >= 3, "the ledger tried the store while it was down")
+    assert store.batches == [] and ledger.pending == 12 and ledger.set_aside_total == 0
     store.down = False
-    await asyncio.sleep(0.1)
+    await until(lambda: ledger.pending == 0, "the ledger wrote everything once the store came back")
     await ledger.close()
     assert [r.prompt_tokens for batch in store.batches for r in batch] == list(range(12))
+
+
+class ComesBackStore(FlakyStore):
+    """Down for its first `failures` writes, then up: the store returns while the ledger
+    is retrying a batch record by record."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def insert_usage(self, records: Sequence[UsageRecord]) -> None:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise ConnectionError("store down")
+        self.batches.append(list(records))
+
+
+async def test_a_store_that_comes_back_mid_retry_sets_nothing_aside() -> None:
+    # The batch write and the first one-by-one write find the store down; the second
+    # record's write succeeds. The first record was not refused for its content: it must
+    # be written, not set aside (it used to be, and the journal was cleared after it).
+    store = ComesBackStore(failures=2)
+    ledger = UsageLedger(store, batch_size=5, flush_interval_s=0.01)
+    ledger.start()
+    for i in range(5):
+        ledger.record(rec(i))
+    await until(lambda: ledger.pending == 0, "every record written")
+    await ledger.close()
+    assert ledger.set_aside_total == 0
+    assert sorted(r.prompt_tokens for batch in store.batches for r in batch) == list(range(5))
+
+
+async def test_the_ledger_backs_off_while_the_store_is_down() -> None:
+    store = FlakyStore()
+    ledger = UsageLedger(store, batch_size=5, flush_interval_s=0.01)
+    store.down = True
+    ledger.record(rec(0))
+    for _ in range(4):
+        await ledger.flush()
+    assert ledger._wait_s() > 0.01 * 8  # doubled for each failed attempt
+    store.down = False
+    await ledger.flush()
+    assert ledger._wait_s() == 0.01 and ledger.pending == 0
 
 
 async def test_close_drains_what_is_queued() -> None:

@@ -118,6 +118,7 @@ def test_postgres_migrations_run_once_for_replicas(postgres_url: str) -> None:
     second.close()
 
 
+@pytest.mark.services
 def test_postgres_outage_raises_store_error_then_recovers() -> None:
     with postgres_server() as cluster:
         db = PostgresDatabase(cluster.url, timeout_s=1.0)

@@ -341,9 +341,22 @@ _CSV_COLUMNS = ("time_utc", "key_id", "account_id", "model", "door", "status", "
 _CSV_PAGE = 1000  # records read at a time: a long ledger is never held in memory at once
 
 
+# A cell starting with one of these is a formula to spreadsheet programs (CSV injection):
+# a client chooses the model name of a refused request and its x-request-id.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """The value as a spreadsheet shows it, never run as a formula: text that would be one
+    gets a leading apostrophe (OWASP's advice). Numbers are left as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _csv_line(values: list[object]) -> str:
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\r\n").writerow(values)
+    csv.writer(buffer, lineterminator="\r\n").writerow([csv_cell(v) for v in values])
     return buffer.getvalue()
 
 

@@ -9,7 +9,6 @@ stop reason and the output tokens, and `message_stop`.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -29,6 +28,7 @@ from mimoserve.backends.base import (
 from mimoserve.chat.answer import Answer
 from mimoserve.chat.service import PreparedChat
 from mimoserve.errors import ContextLengthExceededError, EngineError, MimoError
+from mimoserve.parsing.safe_json import loads_for_wire
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,8 @@ def stop_reason(finished: Finished, has_calls: bool) -> str:
 
 
 def _input(arguments: str) -> Any:
-    try:
-        return json.loads(arguments or "{}")
-    except ValueError:
-        return {}
+    value = loads_for_wire(arguments or "{}", fallback={})
+    return value if isinstance(value, dict) else {}
 
 
 def to_message(chat: PreparedChat, answer: Answer) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from mimoserve.backends.base import (
 from mimoserve.chat.answer import Answer
 from mimoserve.chat.service import PreparedChat
 from mimoserve.errors import EngineError, MimoError
+from mimoserve.parsing.safe_json import loads_for_wire
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,8 @@ class ResponseShape:
 
     def call_item(self, item_id: str, call_id: str, name: str, arguments: str) -> dict[str, Any]:
         if name in self.custom:  # a custom tool (Codex's apply_patch): its one string input
-            try:
-                value = json.loads(arguments or "{}").get("input", "")
-            except (ValueError, AttributeError):
-                value = ""
+            decoded = loads_for_wire(arguments or "{}", fallback={})
+            value = decoded.get("input", "") if isinstance(decoded, dict) else ""
             return {
                 "type": "custom_tool_call",
                 "id": item_id,

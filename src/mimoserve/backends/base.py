@@ -86,6 +86,12 @@ class GenerationRequest:
     # How the engine's text becomes events: think blocks, tool-call formats, forced calls.
     plan: OutputPlan = field(default_factory=OutputPlan)
 
+    def capped(self, max_tokens: int) -> GenerationRequest:
+        """Stops after `max_tokens` completion tokens, or the client's cap if lower."""
+        mine = self.sampling.max_tokens
+        limit = max_tokens if mine is None else min(mine, max_tokens)
+        return replace(self, sampling=replace(self.sampling, max_tokens=limit))
+
     def for_choice(self, index: int) -> GenerationRequest:
         """Choice `index` of the client's n: with a seed, its own (seed + index), so the
         choices differ and a rerun repeats them; without, each sequence draws its own."""

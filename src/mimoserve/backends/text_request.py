@@ -133,6 +133,16 @@ def _tool_schemas(request: ChatCompletionRequest) -> dict[str, dict[str, Any]]:
                 param="tools",
                 code="invalid_schema",
             )
+        properties = parameters.get("properties", {})
+        if not isinstance(properties, dict) or not all(
+            isinstance(value, dict | bool) for value in properties.values()
+        ):
+            raise InvalidRequestError(
+                f"tools: the properties of {tool.function.name!r} must be an object whose"
+                " values are JSON schemas",
+                param="tools",
+                code="invalid_schema",
+            )
         schemas[tool.function.name] = {"type": "object", **parameters}
     return schemas
 

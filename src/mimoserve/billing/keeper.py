@@ -1,11 +1,12 @@
 """Reserve-then-settle against budgets, counted in this process.
 
-A request is admitted while its budgets have something left once what requests in
-flight reserved is counted; it reserves what it may use (its token estimate, or that
-priced), capped at what is left, and settles to its real use when it ends. So the
-spend of a period can pass the budget only by what admitted requests used beyond their
-reservations: never by more than what was in flight. The count of a period starts from
-the usage records (the durable truth) the first time it is needed.
+A request reserves what it may spend (its prompt estimate and its whole possible
+output, every choice, or that priced) once what requests in flight reserved is counted.
+Where less than that is left, it gets what is left, provided that is at least its
+`minimum` (else 402): the core then caps its output to what it got, so it can never
+spend beyond its reservation by more than its prompt's estimate was short. It settles
+to its real use when it ends. The count of a period starts from the usage records (the
+durable truth) the first time it is needed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ def spent_error(budget: Budget) -> InsufficientQuotaError:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """An amount in both units a budget may count: tokens and money (micros)."""
+
+    tokens: int
+    cost_micros: int
+
+    def counted_by(self, budget: Budget) -> int:
+        return budget.charge(self.tokens, self.cost_micros)
+
+
+@dataclass(frozen=True)
 class Charge:
     """One budget a request draws from, and how much it reserved there."""
 
@@ -58,9 +70,10 @@ class BudgetHold(Protocol):
 
 class BudgetKeeper(Protocol):
     async def reserve(
-        self, budgets: Sequence[Budget], tokens: int, cost_micros: int, now: float
+        self, budgets: Sequence[Budget], wanted: Usage, minimum: Usage, now: float
     ) -> BudgetHold:
-        """Reserves against every budget, or raises InsufficientQuotaError (nothing held)."""
+        """Reserves `wanted` against every budget, or what is left where that is less but
+        at least `minimum`; else raises InsufficientQuotaError (nothing held)."""
 
     async def spend(self, budget: Budget, now: float) -> Spend: ...
 
@@ -121,17 +134,17 @@ class LocalBudgetKeeper:
             del self.counts[other]
 
     async def reserve(
-        self, budgets: Sequence[Budget], tokens: int, cost_micros: int, now: float
+        self, budgets: Sequence[Budget], wanted: Usage, minimum: Usage, now: float
     ) -> LocalHold:
         counts = [await self._count(budget, now) for budget in budgets]
         # From here to the end nothing awaits: the checks and the charges are one step.
         charges = []
         for budget, count in zip(budgets, counts, strict=True):
             left = budget.amount - count.spent - count.reserved
-            if left <= 0:
+            if left <= 0 or left < minimum.counted_by(budget):
                 raise spent_error(budget)
-            wanted = budget.charge(tokens, cost_micros)
-            charges.append(Charge(budget, budget.counter(now), min(wanted, left)))
+            granted = min(wanted.counted_by(budget), left)
+            charges.append(Charge(budget, budget.counter(now), granted))
         for charge, count in zip(charges, counts, strict=True):
             count.reserved += charge.reserved
         self.changed(charges)

@@ -21,9 +21,9 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from mimoserve.billing.budgets import Budget, Spend
-from mimoserve.billing.keeper import Charge, SpentSince, spent_error
+from mimoserve.billing.keeper import Charge, SpentSince, Usage, spent_error
 from mimoserve.store.base import StoreError
-from mimoserve.store.redis_scripts import LUA_NOW, Settlements
+from mimoserve.store.redis_scripts import LUA_NOW, LeaseRenewer, Settlements
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ end
 )
 
 # KEYS: per budget a hash and a lease set. ARGV: now (-1: Redis time), n, ticket, lease_s,
-# then per budget: amount, wanted, ttl. Returns {1, granted...}; {0, i} when budget i is
+# then per budget: amount, wanted, minimum, ttl. Returns {1, granted...}; {0, i} when budget i is
 # spent; {-1, i} when Redis holds no count for budget i (the caller starts it, then retries).
 _RESERVE = (
     _HELPERS
@@ -54,15 +54,15 @@ for i = 1, n do
     redis.call('HDEL', h, 'r:' .. old)
     redis.call('ZREM', z, old)
   end
-  local base = 3 * i + 2
+  local base = 4 * i + 1
   local left = tonumber(ARGV[base]) - tonumber(redis.call('HGET', h, 'spent'))
                - tonumber(redis.call('HGET', h, 'reserved') or '0')
-  if left <= 0 then return {0, i} end
+  if left <= 0 or left < tonumber(ARGV[base + 2]) then return {0, i} end
   granted[i] = math.min(tonumber(ARGV[base + 1]), left)
 end
 local answer = {1}
 for i = 1, n do
-  local h, z, ttl = KEYS[2 * i - 1], KEYS[2 * i], tonumber(ARGV[3 * i + 4])
+  local h, z, ttl = KEYS[2 * i - 1], KEYS[2 * i], tonumber(ARGV[4 * i + 4])
   redis.call('HINCRBY', h, 'reserved', granted[i])
   redis.call('HSET', h, 'r:' .. ticket, granted[i])
   redis.call('ZADD', z, now + lease, ticket)
@@ -86,16 +86,20 @@ return 1
 """
 )
 
-# KEYS: per budget a hash and a lease set. ARGV: n, ticket, then per budget: used, ttl.
-# Returns spent and reserved per budget after settling.
+# KEYS: per budget a hash and a lease set, then the ticket's "settled" marker. ARGV: n,
+# ticket, then per budget: used, ttl. Returns spent and reserved per budget after
+# settling. Runs at most once per ticket (the marker), so a settlement whose answer was
+# lost can be sent again without counting the use twice.
 _SETTLE = (
     _HELPERS
     + """
 local n, ticket = tonumber(ARGV[1]), ARGV[2]
 local answer = {}
+local marker = KEYS[2 * n + 1]
+local first = redis.call('SET', marker, 1, 'NX', 'EX', 86400)
 for i = 1, n do
   local h, z = KEYS[2 * i - 1], KEYS[2 * i]
-  if redis.call('EXISTS', h) == 1 then  -- a count that expired starts again from the records
+  if first and redis.call('EXISTS', h) == 1 then  -- an expired count restarts from the records
     local amount = redis.call('HGET', h, 'r:' .. ticket)
     if amount then
       redis.call('HINCRBY', h, 'reserved', -tonumber(amount))
@@ -112,6 +116,7 @@ return answer
 """
 )
 
+_SETTLE_ATTEMPTS = 8  # about 20 s of backing off
 _NO_RESET_TTL_S = 7 * 86400  # a count idle this long is dropped; the records restart it
 
 
@@ -145,7 +150,11 @@ class RedisBudgetKeeper:
         self._settle = self._redis.register_script(_SETTLE)
         self._spent_since = spent_since
         self._prefix = prefix
-        self._lease_s = lease_s  # longer than any request
+        # How long a reservation outlives its replica. A running request's lease is
+        # renewed every third of it, so a request may run for hours (a long prompt on a
+        # slow CPU) without its hold lapsing; a dead replica's holds end within a lease.
+        self._lease_s = lease_s
+        self.leases = LeaseRenewer(self._redis, lease_s)  # the sets' ttl is the period's
         self._on_change = on_change
         self._settlements = Settlements()
 
@@ -172,7 +181,7 @@ class RedisBudgetKeeper:
                         [spent, self._ttl(budget, now)])  # fmt: skip
 
     async def reserve(
-        self, budgets: Sequence[Budget], tokens: int, cost_micros: int, now: float
+        self, budgets: Sequence[Budget], wanted: Usage, minimum: Usage, now: float
     ) -> RedisHold:
         if not budgets:
             return RedisHold(self, "", [])
@@ -181,7 +190,8 @@ class RedisBudgetKeeper:
         keys = [key for counter in counters for key in self._keys(counter)]
         args: list[str | int | float] = [-1, len(budgets), ticket, self._lease_s]
         for budget in budgets:
-            args += [budget.amount, budget.charge(tokens, cost_micros), self._ttl(budget, now)]
+            args += [budget.amount, wanted.counted_by(budget), minimum.counted_by(budget),
+                     self._ttl(budget, now)]  # fmt: skip
         for _ in range(len(budgets) + 1):  # at most one start per budget
             result = await self._run(self._reserve, keys, args)
             if int(result[0]) == -1:
@@ -193,10 +203,12 @@ class RedisBudgetKeeper:
                 Charge(budget, counter, int(granted))
                 for budget, counter, granted in zip(budgets, counters, result[1:], strict=True)
             ]
+            self.leases.hold(ticket, tuple(keys[1::2]))
             return RedisHold(self, ticket, charges)
         raise StoreError("redis: a budget's count vanished while it was being started")
 
     def _settle_later(self, hold: RedisHold, tokens: int, cost_micros: int) -> None:
+        self.leases.release(hold._ticket)
         if not hold.charges:
             return
         self._settlements.start(self._settle_now(hold, tokens, cost_micros))
@@ -204,16 +216,26 @@ class RedisBudgetKeeper:
     async def _settle_now(self, hold: RedisHold, tokens: int, cost_micros: int) -> None:
         now = time.time()
         keys = [key for charge in hold.charges for key in self._keys(charge.counter)]
+        keys.append(f"{self._prefix}:budget-settled:{hold._ticket}")
         args: list[str | int | float] = [len(hold.charges), hold._ticket]
         for charge in hold.charges:
             args += [charge.budget.charge(tokens, cost_micros), self._ttl(charge.budget, now)]
-        try:
-            result = await self._run(self._settle, keys, args)
-        except StoreError as exc:
-            # The use stays in the usage records (a later count starts from them) and the
-            # lease ends the reservation: budgets err on the safe side meanwhile.
-            log.warning("could not settle a budget in redis: %s", exc)
-            return
+        # A transient failure must not drop the spend from the period's count (the count
+        # would then say less was spent than the records do): try again, backing off.
+        # The script runs at most once per ticket, so a retry never counts twice.
+        delay = 0.05
+        for attempt in range(_SETTLE_ATTEMPTS):
+            try:
+                result = await self._run(self._settle, keys, args)
+                break
+            except StoreError as exc:
+                if attempt == _SETTLE_ATTEMPTS - 1:
+                    # Redis stays down: the use is in the usage records, and a count that
+                    # Redis loses restarts from them; the lease ends the reservation.
+                    log.error("could not settle a budget in redis: %s", exc)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
         if self._on_change is not None:
             for i, charge in enumerate(hold.charges):
                 self._on_change(charge.budget, Spend(int(result[2 * i]), int(result[2 * i + 1])))
@@ -233,5 +255,6 @@ class RedisBudgetKeeper:
         await self._settlements.drain()
 
     async def close(self) -> None:
+        await self.leases.close()
         await self.drain()
         await self._redis.aclose()

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from mimoserve.billing.budgets import Budget, BudgetStore, Scope, Spend
-from mimoserve.billing.keeper import BudgetHold, BudgetKeeper
+from mimoserve.billing.keeper import BudgetHold, BudgetKeeper, Usage
 from mimoserve.metering.metrics import Metrics
 
 
@@ -30,10 +30,7 @@ class BudgetStatus:
 
 def report(metrics: Metrics, budget: Budget, spend: Spend) -> None:
     """Sets the budget's gauges (the soft threshold is what alerts watch)."""
-    labels = (budget.scope, budget.owner)
-    ratio = spend.spent / budget.amount if budget.amount else 1.0
-    metrics.child(metrics.budget_used, *labels).set(ratio)
-    metrics.child(metrics.budget_over_soft, *labels).set(1 if budget.over_soft(spend.spent) else 0)
+    metrics.budget_flag(budget.scope, budget.owner, budget.over_soft(spend.spent))
 
 
 class Budgets:
@@ -48,14 +45,15 @@ class Budgets:
         return await asyncio.to_thread(self.store.applying, account_id, key_id)
 
     async def reserve(
-        self, account_id: str, key_id: str, tokens: int, cost_micros: int
+        self, account_id: str, key_id: str, wanted: Usage, minimum: Usage | None = None
     ) -> BudgetHold | None:
-        """Holds the request's share of its budgets, or raises InsufficientQuotaError;
-        None when no budget applies."""
+        """Holds `wanted` of the request's budgets, or what is left where that is less but
+        at least `minimum` (default: `wanted`); else raises InsufficientQuotaError. None
+        when no budget applies."""
         budgets = await self._applying(account_id, key_id)
         if not budgets:
             return None
-        return await self.keeper.reserve(budgets, tokens, cost_micros, time.time())
+        return await self.keeper.reserve(budgets, wanted, minimum or wanted, time.time())
 
     async def status(self, budget: Budget) -> BudgetStatus:
         now = time.time()

@@ -43,6 +43,22 @@ def for_choice(prepared: Any, index: int) -> Any:
     return prepared.for_choice(index)
 
 
+@runtime_checkable
+class CapsOutput(Protocol):
+    """A backend's prepared request that can be told to stop after `max_tokens`
+    completion tokens (a budget's cap; the client's own stays if it is lower)."""
+
+    def capped(self, max_tokens: int) -> Any: ...
+
+
+def capped(prepared: Any, max_tokens: int) -> Any:
+    """The request capped at `max_tokens` per choice. Every backend that can be metered
+    by a budget must support it: a silent no-op would let a budget be overspent."""
+    if not isinstance(prepared, CapsOutput):
+        raise TypeError(f"{type(prepared).__name__} cannot cap its output")
+    return prepared.capped(max_tokens)
+
+
 def summed(finished: list[Finished]) -> TokenUsage:
     """The request's usage: the prompt once, the choices' completions added up."""
     first = finished[0].usage

@@ -8,7 +8,7 @@ import time
 
 from mimoserve.auth.keys import Principal
 from mimoserve.backends.base import TokenUsage
-from mimoserve.billing.keeper import BudgetHold, InsufficientQuotaError
+from mimoserve.billing.keeper import BudgetHold, InsufficientQuotaError, Usage
 from mimoserve.billing.prices import Price, cost_micros
 from mimoserve.billing.service import Budgets
 from mimoserve.context import current_request_id
@@ -23,13 +23,13 @@ log = logging.getLogger(__name__)
 
 
 async def reserve_budgets(
-    budgets: Budgets | None, metrics: Metrics, principal: Principal, model: str, tokens: int,
-    cost: int,
+    budgets: Budgets | None, metrics: Metrics, principal: Principal, model: str, wanted: Usage,
+    minimum: Usage,
 ) -> BudgetHold | None:  # fmt: skip
     if budgets is None:
         return None
     try:
-        return await budgets.reserve(principal.account_id, principal.key_id, tokens, cost)
+        return await budgets.reserve(principal.account_id, principal.key_id, wanted, minimum)
     except InsufficientQuotaError:
         metrics.budget_refused.labels(model).inc()
         raise
@@ -42,7 +42,7 @@ async def reserve_budgets(
 
 async def admit(
     limiter: Limiter, policy: AdmissionPolicy, metrics: Metrics, principal: Principal,
-    model: str, tokens: int,
+    model: str, tokens: int, *, places: int = 1,
 ) -> Admission:  # fmt: skip
     try:
         return await limiter.acquire(
@@ -52,6 +52,7 @@ async def admit(
             account_limits=policy.defaults.overridden_by(principal.account_limits),
             key_limits=principal.key_limits,
             tokens=tokens,
+            places=places,
         )
     except RateLimitedError:
         metrics.rate_limited.labels(model).inc()

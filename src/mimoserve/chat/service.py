@@ -9,6 +9,7 @@ knows its wire format.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping
@@ -25,12 +26,13 @@ from mimoserve.backends.base import (
     KvCells,
     Progress,
     Started,
+    TokenUsage,
 )
-from mimoserve.billing.keeper import BudgetHold
+from mimoserve.billing.keeper import BudgetHold, Usage
 from mimoserve.billing.prices import Price, cost_micros
 from mimoserve.billing.service import Budgets
 from mimoserve.chat.answer import Answer
-from mimoserve.chat.choices import IndexedEvent, merged, summed
+from mimoserve.chat.choices import IndexedEvent, capped, merged, summed
 from mimoserve.chat.meter import RequestMeter, admit, reserve_budgets
 from mimoserve.context import current_request_id
 from mimoserve.errors import (
@@ -43,6 +45,7 @@ from mimoserve.limits.admission import (
     AdmissionPolicy,
     completion_budget,
     estimate_prompt_tokens,
+    requested_output,
 )
 from mimoserve.limits.limiter import Admission, Limiter, RateLimiter
 from mimoserve.metering.ledger import UsageLedger, UsageRecord
@@ -65,12 +68,16 @@ class PreparedChat:
     prepared: Any  # the backend's own request
     principal: Principal
     reserve_tokens: int  # what rate limits reserve at admission, settled at the end
-    reserve_cost: int  # what money budgets reserve (micros), settled at the end
     price: Price | None
     include_usage: bool
     api: str  # the front door, recorded with the usage
     logprobs: bool = False  # the answer carries each token's log-probability
     n: int = 1  # choices (OpenAI's `n`): generations of the same prompt
+    prompt_estimate: int = 0  # prompt tokens, as far as they are known before the engine
+    # The most completion tokens one choice can produce (the client's cap, else a whole
+    # context window), and whether the client set it: what budgets must hold.
+    output_limit: int = 0
+    output_explicit: bool = False
 
 
 class ChatService:
@@ -196,7 +203,9 @@ class ChatService:
         entry = self._registry.get(request.model)
         assert entry is not None  # every backend comes from a registry entry
         prompt_tokens = estimate_prompt_tokens(request, raw)
-        completion_tokens = n * completion_budget(request, self._policy.completion_reserve)
+        context = backend.capabilities.context_length or _UNKNOWN_CONTEXT
+        completion_tokens = n * completion_budget(request, self._policy.completion_reserve, context)
+        explicit = requested_output(request)
         return PreparedChat(
             completion_id=f"{id_prefix}{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -205,12 +214,14 @@ class ChatService:
             prepared=backend.prepare(ChatRequest(request, entry, raw)),
             principal=principal,
             reserve_tokens=prompt_tokens + completion_tokens,
-            reserve_cost=cost_micros(entry.price, prompt_tokens, 0, completion_tokens),
             price=entry.price,
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
             api=api,
             logprobs=bool(request.logprobs),
             n=n,
+            prompt_estimate=prompt_tokens,
+            output_limit=min(explicit or context, context),
+            output_explicit=explicit is not None,
         )
 
     async def choice_events(self, chat: PreparedChat) -> AsyncGenerator[IndexedEvent, None]:
@@ -220,11 +231,15 @@ class ChatService:
                              chat.completion_id, chat.api, chat.price)  # fmt: skip
         try:
             meter.hold = await self._reserve_budgets(chat)
+            prepared = capped_to(chat, meter.hold)
             meter.ticket = await self._admit(chat)
         except Exception as exc:
             meter.failed(exc)
             raise
-        events = merged(chat.backend.generate, chat.prepared, chat.n)
+        except BaseException:  # cancelled while waiting (the client left): settle the holds
+            meter.close()
+            raise
+        events = merged(chat.backend.generate, prepared, chat.n)
         finished: list[Finished] = []
         try:
             async for index, event in events:
@@ -248,15 +263,15 @@ class ChatService:
             await events.aclose()
 
     async def _reserve_budgets(self, chat: PreparedChat) -> BudgetHold | None:
+        wanted, minimum = budget_claim(chat)
         return await reserve_budgets(
-            self._budgets, self._metrics, chat.principal, chat.model, chat.reserve_tokens,
-            chat.reserve_cost,
-        )  # fmt: skip
+            self._budgets, self._metrics, chat.principal, chat.model, wanted, minimum
+        )
 
     async def _admit(self, chat: PreparedChat) -> Admission:
         return await admit(
             self._limiter, self._policy, self._metrics, chat.principal, chat.model,
-            chat.reserve_tokens,
+            chat.reserve_tokens, places=chat.n,
         )  # fmt: skip
 
     async def events(self, chat: PreparedChat) -> AsyncGenerator[GenerationEvent, None]:
@@ -280,8 +295,27 @@ class ChatService:
         return await _opened(self.choice_events(chat))
 
     async def count_tokens(self, chat: PreparedChat) -> int:
-        """The prompt's tokens, without generating (nothing is admitted or metered)."""
-        return await chat.backend.count_tokens(chat.prepared)
+        """The prompt's tokens, without generating. Admitted like a request (rate limits,
+        the key's concurrency: counting a 1 MiB prompt is template and tokenizer work on
+        the server) and recorded with no output, so it is neither free nor unlimited."""
+        # Recorded under its own door name, with no tokens: counting is not generating,
+        # and hosted platforms do not bill it, but it is seen and limited.
+        meter = RequestMeter(self._metrics, self._ledger, chat.model, chat.principal,
+                             chat.completion_id, f"{chat.api}.count_tokens")  # fmt: skip
+        try:
+            meter.ticket = await admit(
+                self._limiter, self._policy, self._metrics, chat.principal, chat.model,
+                chat.prompt_estimate,
+            )  # fmt: skip
+            counted = await chat.backend.count_tokens(chat.prepared)
+        except Exception as exc:
+            meter.failed(exc)
+            raise
+        except BaseException:
+            meter.close()
+            raise
+        meter.finished("stop", TokenUsage(prompt_tokens=0, completion_tokens=0))
+        return counted
 
     async def complete(self, chat: PreparedChat) -> Answer:
         return (await self.complete_choices(chat))[0]
@@ -299,6 +333,50 @@ class ChatService:
 
 
 T = TypeVar("T")
+
+# A model whose engine did not say how long a context it takes (an upstream engine
+# without `context_length` in the registry): what no request can plausibly exceed.
+_UNKNOWN_CONTEXT = 1 << 20
+
+
+def budget_claim(chat: PreparedChat) -> tuple[Usage, Usage]:
+    """(what the request may spend, the least it needs) in tokens and money. With its
+    own `max_tokens` a request needs all it asked for (else 402: it would be cut short
+    of what the client said it wants); without, it needs its prompt and one token per
+    choice, and gets what is left up to a whole context per choice (then its output is
+    capped to what it got: `capped_to`)."""
+    prompt = chat.prompt_estimate
+    output = chat.n * chat.output_limit
+    wanted = Usage(prompt + output, cost_micros(chat.price, prompt, 0, output))
+    if chat.output_explicit:
+        return wanted, wanted
+    return wanted, Usage(prompt + chat.n, cost_micros(chat.price, prompt, 0, chat.n))
+
+
+def affordable_output(chat: PreparedChat, hold: BudgetHold) -> int:
+    """Completion tokens per choice that the hold pays for, after the prompt's estimate."""
+    per_choice = chat.output_limit
+    price = chat.price
+    for charge in hold.charges:
+        if charge.budget.unit == "tokens":
+            room = charge.reserved - chat.prompt_estimate
+        elif price is not None and price.output > 0:
+            # Prices are per million tokens, costs in millionths: `output` micros a token.
+            room = math.floor(
+                (charge.reserved - cost_micros(price, chat.prompt_estimate, 0, 0)) / price.output
+            )
+        else:
+            continue  # output costs nothing under this budget
+        per_choice = min(per_choice, room // chat.n)
+    return max(per_choice, 1)
+
+
+def capped_to(chat: PreparedChat, hold: BudgetHold | None) -> Any:
+    """The backend's request, its output capped to what the budgets hold for it: a
+    generation stops (finish_reason `length`) when its reservation is used up."""
+    if hold is None:
+        return chat.prepared
+    return capped(chat.prepared, affordable_output(chat, hold))
 
 
 async def _opened(stream: AsyncGenerator[T, None]) -> OwnedStream[T]:

@@ -28,6 +28,15 @@ def estimate_prompt_tokens(request: ChatCompletionRequest, raw: bytes | None = N
     return math.ceil(size / _CHARS_PER_TOKEN)
 
 
-def completion_budget(request: ChatCompletionRequest, completion_reserve: int) -> int:
-    """The completion tokens a request may use, as far as admission can know."""
-    return request.max_completion_tokens or request.max_tokens or completion_reserve
+def requested_output(request: ChatCompletionRequest) -> int | None:
+    """The client's own cap on completion tokens per choice, if it set one."""
+    return request.max_completion_tokens or request.max_tokens
+
+
+def completion_budget(
+    request: ChatCompletionRequest, completion_reserve: int, context_length: int
+) -> int:
+    """The completion tokens per choice rate limits reserve: the client's cap or the
+    policy's default, never more than a context window holds (a `max_tokens` of 400
+    digits is a number no engine can reach)."""
+    return min(requested_output(request) or completion_reserve, context_length)

@@ -2,7 +2,8 @@
 
 Requests/min and tokens/min are buckets per (account, model), shared by all of the
 account's keys; a key with limits of its own also has buckets per (key, model).
-Concurrency is counted per key. A request reserves its estimated tokens at admission
+Concurrency is counted per key, in places: a request with n choices takes n (each is a
+sequence the engine runs). A request reserves its estimated tokens at admission
 and settles to what it really used at the end; using more than reserved leaves the
 bucket in debt, so the rate over a minute still holds. Every operation runs on the
 event loop without awaiting, so counts are exact however many requests race.
@@ -63,7 +64,13 @@ def charges(
     return found
 
 
-def too_many_in_flight(limit: int) -> RateLimitedError:
+def too_many_in_flight(limit: int, places: int = 1) -> RateLimitedError:
+    if places > limit:
+        return RateLimitedError(
+            f"This request's {places} choices need {places} concurrent places; this key may"
+            f" hold {limit}. Ask for fewer choices (n).",
+            retry_after_s=1,
+        )
     return RateLimitedError(
         f"Too many concurrent requests for this key (limit {limit}).", retry_after_s=1
     )
@@ -90,9 +97,10 @@ class Limiter(Protocol):
 
     async def acquire(
         self, *, account_id: str, key_id: str, model: str, account_limits: Limits,
-        key_limits: Limits, tokens: int,
+        key_limits: Limits, tokens: int, places: int = 1,
     ) -> Admission:  # fmt: skip
-        """Admits the request or raises RateLimitedError (or StoreError)."""
+        """Admits the request, holding `places` of the key's concurrency (one per choice),
+        or raises RateLimitedError (or StoreError)."""
 
     async def in_flight(self, key_id: str) -> int: ...
 
@@ -128,6 +136,7 @@ class Ticket:
     _key_id: str
     _token_charges: list[tuple[_Bucket, float]]  # token buckets and what each was charged
     reserved: int
+    _places: int = 1
     _open: bool = field(default=True)
 
     def settle(self, used_tokens: int) -> None:
@@ -139,7 +148,7 @@ class Ticket:
         for bucket, charged in self._token_charges:
             bucket.refill(now)
             bucket.level = min(bucket.capacity, bucket.level + charged - used_tokens)
-        self._limiter._release(self._key_id)
+        self._limiter._release(self._key_id, self._places)
 
 
 class RateLimiter:
@@ -158,11 +167,11 @@ class RateLimiter:
 
     async def acquire(
         self, *, account_id: str, key_id: str, model: str, account_limits: Limits,
-        key_limits: Limits, tokens: int,
+        key_limits: Limits, tokens: int, places: int = 1,
     ) -> Ticket:  # fmt: skip
         return self.admit(
             account_id=account_id, key_id=key_id, model=model,
-            account_limits=account_limits, key_limits=key_limits, tokens=tokens,
+            account_limits=account_limits, key_limits=key_limits, tokens=tokens, places=places,
         )  # fmt: skip
 
     async def drain(self) -> None:
@@ -183,13 +192,14 @@ class RateLimiter:
         account_limits: Limits,
         key_limits: Limits,
         tokens: int,
+        places: int = 1,
     ) -> Ticket:
         now = self.clock()
         effective = account_limits.overridden_by(key_limits)
         if effective.max_concurrent is not None and (
-            self._in_flight.get(key_id, 0) >= effective.max_concurrent
+            self._in_flight.get(key_id, 0) + places > effective.max_concurrent
         ):
-            raise too_many_in_flight(effective.max_concurrent)
+            raise too_many_in_flight(effective.max_concurrent, places)
         checks = [
             (self._bucket(charge.name, charge.capacity, now), charge)
             for charge in charges(account_id=account_id, key_id=key_id, model=model,
@@ -202,11 +212,11 @@ class RateLimiter:
         for bucket, charge in checks:
             bucket.level -= charge.cost
         token_charges = [(bucket, float(c.cost)) for bucket, c in checks if c.is_tokens]
-        self._in_flight[key_id] = self._in_flight.get(key_id, 0) + 1
-        return Ticket(self, key_id, token_charges, tokens)
+        self._in_flight[key_id] = self._in_flight.get(key_id, 0) + places
+        return Ticket(self, key_id, token_charges, tokens, places)
 
-    def _release(self, key_id: str) -> None:
-        remaining = self._in_flight.get(key_id, 0) - 1
+    def _release(self, key_id: str, places: int = 1) -> None:
+        remaining = self._in_flight.get(key_id, 0) - places
         if remaining > 0:
             self._in_flight[key_id] = remaining
         else:

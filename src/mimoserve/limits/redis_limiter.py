@@ -11,6 +11,7 @@ tickets with a lease, so the slots of a replica that dies come back when the lea
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from redis.exceptions import RedisError
 from mimoserve.limits.limiter import charges, short_of, too_many_in_flight
 from mimoserve.limits.policy import Limits
 from mimoserve.store.base import StoreError
-from mimoserve.store.redis_scripts import LUA_NOW, Settlements
+from mimoserve.store.redis_scripts import LUA_NOW, LeaseRenewer, Settlements
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,9 @@ end
 )
 
 # KEYS: n buckets, then the key's concurrency set.
-# ARGV: now (-1: Redis time), n, max_concurrent (-1: none), ticket, lease_s,
-#       then capacity and cost per bucket.
+# ARGV: now (-1: Redis time), n, max_concurrent (-1: none), ticket, lease_s, places,
+#       then capacity and cost per bucket. A request of several places (choices) holds
+#       members ticket, ticket#2, ... ticket#places.
 # Returns {1} when admitted; {0, -1} when the key is at its concurrency limit;
 # {0, i, wait_s} when bucket i lacks the cost.
 _ADMIT = (
@@ -54,38 +56,42 @@ _ADMIT = (
 local now = now_s(tonumber(ARGV[1]))
 local n, max_cc = tonumber(ARGV[2]), tonumber(ARGV[3])
 local slots = KEYS[n + 1]
+local places = tonumber(ARGV[6])
 if max_cc >= 0 then
   redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
-  if redis.call('ZCARD', slots) >= max_cc then return {0, -1} end
+  if redis.call('ZCARD', slots) + places > max_cc then return {0, -1} end
 end
 local levels = {}
 for i = 1, n do
-  local cap, cost = tonumber(ARGV[4 + 2 * i]), tonumber(ARGV[5 + 2 * i])
+  local cap, cost = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
   levels[i] = level_of(KEYS[i], cap, now)
   if levels[i] < cost then return {0, i, tostring((cost - levels[i]) * 60 / cap)} end
 end
 for i = 1, n do
-  local cap, cost = tonumber(ARGV[4 + 2 * i]), tonumber(ARGV[5 + 2 * i])
+  local cap, cost = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
   store(KEYS[i], cap, levels[i] - cost, now)
 end
 local lease = tonumber(ARGV[5])
 redis.call('ZADD', slots, now + lease, ARGV[4])
+for p = 2, places do redis.call('ZADD', slots, now + lease, ARGV[4] .. '#' .. p) end
 redis.call('EXPIRE', slots, math.ceil(lease) + 1)
 return {1}
 """
 )
 
-# KEYS: n token buckets, then the concurrency set. ARGV: now, n, ticket, used, then cap,charged.
+# KEYS: n token buckets, then the concurrency set. ARGV: now, n, ticket, used, places,
+# then cap, charged per bucket.
 _SETTLE = (
     _REFILL
     + """
 local now = now_s(tonumber(ARGV[1]))
 local n, used = tonumber(ARGV[2]), tonumber(ARGV[4])
 for i = 1, n do
-  local cap, charged = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
+  local cap, charged = tonumber(ARGV[4 + 2 * i]), tonumber(ARGV[5 + 2 * i])
   store(KEYS[i], cap, math.min(cap, level_of(KEYS[i], cap, now) + charged - used), now)
 end
 redis.call('ZREM', KEYS[n + 1], ARGV[3])
+for p = 2, tonumber(ARGV[5]) do redis.call('ZREM', KEYS[n + 1], ARGV[3] .. '#' .. p) end
 return 1
 """
 )
@@ -98,6 +104,7 @@ class RedisTicket:
     _slots_key: str
     _token_buckets: list[tuple[str, int, int]]  # key, capacity, charged
     reserved: int
+    _places: int = 1
     _open: bool = field(default=True)
 
     def settle(self, used_tokens: int) -> None:
@@ -120,7 +127,10 @@ class RedisRateLimiter:
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
         self._prefix = prefix
-        self._lease_s = lease_s  # longer than any request: a dead replica's slots come back
+        # A dead replica's slots come back when their lease ends; a running request's
+        # lease is renewed as long as it runs (however long that is).
+        self._lease_s = lease_s
+        self.leases = LeaseRenewer(self._redis, lease_s, set_ttl_s=math.ceil(lease_s) + 1)
         self._clock = clock  # tests only; None uses Redis's clock
         self._settlements = Settlements()
 
@@ -132,7 +142,7 @@ class RedisRateLimiter:
 
     async def acquire(
         self, *, account_id: str, key_id: str, model: str, account_limits: Limits,
-        key_limits: Limits, tokens: int,
+        key_limits: Limits, tokens: int, places: int = 1,
     ) -> RedisTicket:  # fmt: skip
         effective = account_limits.overridden_by(key_limits)
         found = charges(
@@ -145,7 +155,7 @@ class RedisRateLimiter:
         args: list[str | int | float] = [
             self._now(), len(found),
             -1 if effective.max_concurrent is None else effective.max_concurrent,
-            ticket, self._lease_s,
+            ticket, self._lease_s, places,
         ]  # fmt: skip
         for charge in found:
             args += [charge.capacity, charge.cost]
@@ -156,16 +166,18 @@ class RedisRateLimiter:
         if int(result[0]) != 1:
             if int(result[1]) == -1:
                 assert effective.max_concurrent is not None
-                raise too_many_in_flight(effective.max_concurrent)
+                raise too_many_in_flight(effective.max_concurrent, places)
             raise short_of(found[int(result[1]) - 1], float(result[2]))
         token_buckets = [
             (key, charge.capacity, charge.cost)
             for key, charge in zip(keys, found, strict=True)
             if charge.is_tokens
         ]
-        return RedisTicket(self, ticket, slots, token_buckets, tokens)
+        self.leases.hold(ticket, (slots,), places)
+        return RedisTicket(self, ticket, slots, token_buckets, tokens, places)
 
     def _settle_later(self, ticket: RedisTicket, used_tokens: int) -> None:
+        self.leases.release(ticket._ticket)
         self._settlements.start(self._settle_now(ticket, used_tokens))
 
     async def _settle_now(self, ticket: RedisTicket, used_tokens: int) -> None:
@@ -174,6 +186,7 @@ class RedisRateLimiter:
             len(ticket._token_buckets),
             ticket._ticket,
             used_tokens,
+            ticket._places,
         ]
         for _, capacity, charged in ticket._token_buckets:
             args += [capacity, charged]
@@ -198,5 +211,6 @@ class RedisRateLimiter:
         await self._settlements.drain()
 
     async def close(self) -> None:
+        await self.leases.close()
         await self.drain()
         await self._redis.aclose()

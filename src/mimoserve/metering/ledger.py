@@ -5,10 +5,13 @@ one: see journal.py); a background task writes what has gathered every
 `flush_interval_s` (or sooner when a batch fills). `close()` drains the queue, so a
 graceful shutdown loses nothing that was accepted.
 
-A failed batch is retried record by record. If none can be written, the store is down:
-everything stays queued, in order, for the next attempt. If some can and others
-cannot, those others can never be written (a value the database refuses): they are set
-aside, counted and logged, so one bad record never blocks the ledger.
+A failed batch is retried record by record. A record the store refuses for its
+content (`RecordRefusedError`, `ConstraintError`: writing it again would fail again) is
+set aside, counted and logged, so one bad record never blocks the ledger. Any other
+failure means the store is unreachable, for this record as for the rest: what is not
+written goes back to the head of the queue, in order, and the next attempt waits a
+little longer each time (up to `_MAX_BACKOFF_S`). A record is never set aside because
+the store was down when its turn came.
 """
 
 from __future__ import annotations
@@ -22,12 +25,20 @@ from typing import Protocol
 
 from mimoserve.metering.journal import UsageJournal
 from mimoserve.metering.records import UsageRecord, sanitized
+from mimoserve.store.base import ConstraintError, RecordRefusedError
 
 __all__ = ["UsageLedger", "UsageRecord", "UsageStore"]
 
 log = logging.getLogger(__name__)
 
 _SET_ASIDE_KEPT = 100  # the latest refused records, kept in memory for inspection
+_MAX_BACKOFF_S = 30.0  # the longest wait between two attempts while the store is down
+
+
+def refused_for_content(error: BaseException) -> bool:
+    """Whether the store refused the record itself (it will never take it), as opposed to
+    being unreachable (it may take it later)."""
+    return isinstance(error, RecordRefusedError | ConstraintError | ValueError | TypeError)
 
 
 class UsageStore(Protocol):
@@ -48,6 +59,8 @@ class UsageLedger:
         self._interval = flush_interval_s
         self._journal = journal
         self._queue: deque[UsageRecord] = deque()
+        self._in_flight = 0  # taken from the queue, being written now
+        self._failures = 0  # attempts in a row that found the store down
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # One flush at a time: a flush returns once everything recorded before it is
@@ -59,7 +72,8 @@ class UsageLedger:
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        """Records accepted and not yet in the store (queued or being written)."""
+        return len(self._queue) + self._in_flight
 
     def record(self, record: UsageRecord) -> None:
         record = sanitized(record)
@@ -80,9 +94,16 @@ class UsageLedger:
     async def _run(self) -> None:
         while not self._closing:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+                await asyncio.wait_for(self._wake.wait(), self._wait_s())
             self._wake.clear()
             await self.flush()
+
+    def _wait_s(self) -> float:
+        """The flush interval, doubled for each attempt in a row that found the store
+        down (so an outage is not hammered), back to normal after a success."""
+        if not self._failures:
+            return self._interval
+        return min(_MAX_BACKOFF_S, self._interval * 2.0 ** min(self._failures, 16))
 
     async def flush(self) -> None:
         async with self._flushing:
@@ -91,33 +112,38 @@ class UsageLedger:
     async def _flush(self) -> None:
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
+            self._in_flight = len(batch)
             try:
                 await asyncio.to_thread(self._store.insert_usage, batch)
             except Exception:
                 if not await self._write_one_by_one(batch):
+                    self._failures += 1
                     return
+            finally:
+                self._in_flight = 0
+            self._failures = 0
         if self._journal is not None:
             # Nothing is queued: every journaled record is in the database.
             self._journal.clear()
 
     async def _write_one_by_one(self, batch: list[UsageRecord]) -> bool:
-        """False when the store took none of them (down): all are queued again."""
-        refused: list[tuple[UsageRecord, Exception]] = []
-        written = 0
-        for record in batch:
+        """Writes the batch record by record, setting aside those refused for their
+        content. False when the store is down: the record that found it down and all
+        after it go back to the head of the queue, in order."""
+        for position, record in enumerate(batch):
             try:
                 await asyncio.to_thread(self._store.insert_usage, [record])
-                written += 1
             except Exception as error:
-                refused.append((record, error))
-        if written == 0:
-            self._queue.extendleft(reversed(batch))
-            log.warning("writing %d usage records failed; will retry", len(batch))
-            return False
-        for record, exc in refused:
-            self.set_aside.append(record)
-            self.set_aside_total += 1
-            log.error("usage record set aside, the store refuses it: %r (%s)", record, exc)
+                if not refused_for_content(error):
+                    self._queue.extendleft(reversed(batch[position:]))
+                    log.warning(
+                        "the usage store is unavailable (%s); %d records wait for it",
+                        error, len(self._queue),
+                    )  # fmt: skip
+                    return False
+                self.set_aside.append(record)
+                self.set_aside_total += 1
+                log.error("usage record set aside, the store refuses it: %r (%s)", record, error)
         return True
 
     async def close(self) -> None:

@@ -73,16 +73,14 @@ class Metrics:
             "mimoserve:budget_refusals", "Requests refused because a budget was spent (402)",
             ["model"], registry=r,
         )  # fmt: skip
-        # Budget owners are accounts and keys the admin created: a bounded label set.
-        self.budget_used = Gauge(
-            "mimoserve:budget_used_ratio", "Share of a budget's period spent (settled use)",
-            ["scope", "owner"], registry=r,
+        # No account or key appears in a label: /metrics is open to whoever reaches the
+        # port, and per-owner series told anyone which accounts exist and how much of
+        # their budget each had spent. Who is over: the admin API and the dashboard.
+        self.budgets_over_soft = Gauge(
+            "mimoserve:budgets_over_soft_threshold",
+            "Budgets whose spend has passed their soft threshold", ["scope"], registry=r,
         )  # fmt: skip
-        self.budget_over_soft = Gauge(
-            "mimoserve:budget_over_soft_threshold",
-            "1 when a budget's spend has passed its soft threshold", ["scope", "owner"],
-            registry=r,
-        )  # fmt: skip
+        self._over_soft: dict[tuple[str, str], bool] = {}
         self.running = Gauge(
             "mimoserve:num_requests_running", "Requests generating now", ["model"], registry=r
         )
@@ -117,6 +115,13 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def budget_flag(self, scope: str, owner: str, over_soft: bool) -> None:
+        """Notes whether one budget is past its soft threshold; /metrics shows the count
+        per scope."""
+        self._over_soft[(scope, owner)] = over_soft
+        count = sum(1 for (s, _), over in self._over_soft.items() if s == scope and over)
+        self.child(self.budgets_over_soft, scope).set(count)
 
     def render(self) -> bytes:
         if self._load_probe is not None:

@@ -53,7 +53,10 @@ def _strip_one_newline(value: str) -> str:
 def convert_parameter(value: str, schema: Mapping[str, Any]) -> Any:
     """MiMo-V2 writes every value as text; the schema says what it really is."""
     kind = schema.get("type")
-    kinds = set(kind) if isinstance(kind, list) else {kind}
+    # A client's schema: `type` may be anything, a list of anything.
+    kinds = {k for k in kind if isinstance(k, str)} if isinstance(kind, list) else {kind}
+    if not all(isinstance(k, str | None) for k in kinds):
+        kinds = {None}
     if "string" in kinds and len(kinds) == 1:
         return value
     text = value.strip()
@@ -82,10 +85,15 @@ def parse_mimo_xml(body: str, tools: ToolSchemas) -> ToolCallParsed | None:
     if match is None or match.group(1) not in tools:
         return None
     name, inner = match.group(1), match.group(2)
-    properties = tools[name].get("properties", {}) or {}
+    properties = tools[name].get("properties")
+    if not isinstance(properties, Mapping):  # a client's schema may say anything here
+        properties = {}
     arguments: dict[str, Any] = {}
     for param, raw in _PARAMETER.findall(inner):
-        arguments[param] = convert_parameter(_strip_one_newline(raw), properties.get(param, {}))
+        schema = properties.get(param)
+        arguments[param] = convert_parameter(
+            _strip_one_newline(raw), schema if isinstance(schema, Mapping) else {}
+        )
     leftover = _PARAMETER.sub("", inner).strip()
     if leftover:
         return None  # text outside any parameter: not a well-formed call

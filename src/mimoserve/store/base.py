@@ -20,6 +20,11 @@ class ConstraintError(Exception):
     """A write broke a uniqueness or integrity constraint."""
 
 
+class RecordRefusedError(StoreError):
+    """The store is up but refuses this data for its content (a value out of range, a
+    character it cannot hold): writing it again will fail again."""
+
+
 class Cursor(Protocol):
     @property
     def rowcount(self) -> int: ...

@@ -15,7 +15,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from mimoserve.store.base import ConstraintError, StoreError
+from mimoserve.store.base import ConstraintError, RecordRefusedError, StoreError
 
 # The schema as SQLite reaches it after its migrations, in PostgreSQL's types: DOUBLE
 # PRECISION for times (REAL is 4 bytes here) and BIGINT identities. Each entry moves the
@@ -160,6 +160,9 @@ class PostgresDatabase:
                 yield _Connection(conn)
         except psycopg.errors.IntegrityError as exc:
             raise ConstraintError(str(exc)) from exc
+        except psycopg.DataError as exc:
+            # A value PostgreSQL will not hold (NUL in text, out of range): the data.
+            raise RecordRefusedError(f"postgresql: {exc}") from exc
         except (psycopg.Error, PoolTimeout) as exc:
             raise StoreError(f"postgresql: {exc}") from exc
 

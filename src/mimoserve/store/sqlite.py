@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mimoserve.store.base import ConstraintError, StoreError
+from mimoserve.store.base import ConstraintError, RecordRefusedError, StoreError
 
 # Each entry moves the schema one version up; never edit a released entry, append a new one
 # (and the same change to the PostgreSQL schema in store/postgres.py).
@@ -142,6 +142,9 @@ class SqliteDatabase:
                 self._conn.execute("COMMIT")
             except sqlite3.IntegrityError as exc:
                 raise ConstraintError(str(exc)) from exc
+            except (sqlite3.DataError, sqlite3.InterfaceError, OverflowError) as exc:
+                # A value SQLite cannot bind or hold: the data, not the database.
+                raise RecordRefusedError(f"sqlite: {exc}") from exc
             except sqlite3.Error as exc:
                 raise StoreError(f"sqlite: {exc}") from exc
 

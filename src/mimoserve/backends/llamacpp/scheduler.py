@@ -449,7 +449,18 @@ class Scheduler:
             return
         for running, _chunk in added:
             if not running.pending:  # the rest of a prompt waits for the next step
-                self._advance(running)
+                self._advance_alone(running)
+
+    def _advance_alone(self, running: Running) -> None:
+        """`_advance`, where a failure is this sequence's alone: what one request brought
+        (its schema, its tools, its text) ends that request, never its batch company.
+        The decode itself succeeded, so the cells stay valid and the others go on."""
+        try:
+            self._advance(running)
+        except Exception:
+            log.exception("a sequence failed after its decode step; ending it alone")
+            running.job.emit(EngineError("engine failed while generating"))
+            self._release(running)
 
     def _undo(self, added: list[tuple[Running, list[int]]]) -> None:
         """llama.cpp found no cells for the batch (our count and its own disagree, e.g.

@@ -30,12 +30,19 @@ class UpstreamRequest:
     chat: ChatRequest
     media_urls: tuple[MediaUrl, ...]  # hosts still to check for internal addresses
     choice: int = 0  # which of the client's n choices this request generates
+    max_tokens: int | None = None  # a budget's cap on the output, beside the client's
 
     def body_for(self, replica: Replica) -> dict[str, Any]:
         chat = self.chat
         return wire.request_body(
-            chat.request, replica.spec, chat.request.model, chat.raw, choice=self.choice
-        )
+            chat.request, replica.spec, chat.request.model, chat.raw, choice=self.choice,
+            max_tokens=self.max_tokens,
+        )  # fmt: skip
+
+    def capped(self, max_tokens: int) -> UpstreamRequest:
+        mine = self.max_tokens
+        limit = max_tokens if mine is None else min(mine, max_tokens)
+        return dataclasses.replace(self, max_tokens=limit)
 
     def for_choice(self, index: int) -> UpstreamRequest:
         return dataclasses.replace(self, choice=index)

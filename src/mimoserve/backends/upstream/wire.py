@@ -36,7 +36,7 @@ class UpstreamFailure(MimoError):
 
 def request_body(
     request: ChatCompletionRequest, spec: UpstreamSpec, model_id: str, raw: bytes | None = None,
-    *, choice: int = 0,
+    *, choice: int = 0, max_tokens: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The engine's body: the client's own JSON when at hand (already validated as
     `request`; parsing it again is cheaper than dumping the model), else the model's.
@@ -66,6 +66,8 @@ def request_body(
         enabled = thinking.get("type") == "enabled"
         body["chat_template_kwargs"] = {"enable_thinking": enabled}
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:  # a budget's cap: the client's own stays if it is lower
+        limit = max_tokens if not isinstance(limit, int) else min(limit, max_tokens)
     if spec.kind == "openai":
         for name in _EXTENSIONS:
             body.pop(name, None)
