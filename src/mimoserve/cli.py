@@ -280,6 +280,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--n-parallel", type=int, help="requests decoded together (default 4)")
     serve.add_argument("--n-batch", type=int, help="tokens decoded per step (default 512)")
     serve.add_argument("--max-queue", type=int, help="waiting requests before 503 (default 16)")
+    serve.add_argument("--stream-write-timeout-s", type=float, help="end a stream whose client "
+                       "reads nothing for this long (default 60)")  # fmt: skip
     serve.add_argument("--access-log", action="store_true", default=None,
                        help="log every request (the usage ledger records them anyway)")  # fmt: skip
     serve.add_argument("--opentelemetry", action="store_true", default=None,

@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         default=16, ge=0, description="Requests that may wait for a busy engine before 503"
     )
+    stream_write_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="A stream whose client takes no bytes for this long is ended (499) and "
+        "gives back its place in the engine",
+    )
     access_log: bool = Field(default=False, description="Log every request line (uvicorn's)")
     log_format: Literal["text", "json"] = Field(
         default="text", description="Log lines as text or one JSON object each (with request ids)"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from mimoserve.app import create_app
 from mimoserve.auth.admin import AdminCredential

@@ -17,7 +17,7 @@ from mimoserve.api.anthropic_out import error_body, stream_frames, to_message
 from mimoserve.api.auth import require_principal
 from mimoserve.api.body import read_json_body
 from mimoserve.api.chat import until_disconnect
-from mimoserve.api.sse import EventStreamResponse
+from mimoserve.api.sse import EventStreamResponse, write_timeout
 from mimoserve.chat.service import ChatService, PreparedChat
 from mimoserve.errors import MimoError, StoreUnavailableError
 from mimoserve.protocol.anthropic import CountTokensRequest, MessagesRequest
@@ -61,7 +61,7 @@ async def create_message(request: Request) -> Response:
     except StoreError:
         return _error(_STORE_DOWN)
     frames = stream_frames(chat, with_heartbeat(events, _PING_INTERVAL_S))
-    return EventStreamResponse(OwnedStream(frames, events.aclose))
+    return EventStreamResponse(OwnedStream(frames, events.aclose), write_timeout(request))
 
 
 async def count_tokens(request: Request) -> Response:

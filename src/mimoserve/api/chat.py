@@ -13,7 +13,7 @@ from starlette.routing import Route
 from mimoserve.api.auth import require_principal
 from mimoserve.api.body import read_json_body
 from mimoserve.api.openai_chat import to_chunks, to_completion
-from mimoserve.api.sse import EventStreamResponse, sse_frames
+from mimoserve.api.sse import EventStreamResponse, sse_frames, write_timeout
 from mimoserve.chat.service import ChatService
 from mimoserve.errors import ClientDisconnected, MimoError
 from mimoserve.protocol.chat import ChatCompletionRequest
@@ -69,7 +69,8 @@ async def create_chat_completion(request: Request) -> Response:
         # Waiting for the engine to take the request can mean waiting for a free slot: a
         # client that leaves meanwhile gives up its place in the queue.
         events = await until_disconnect(request, service.open_choices(chat))
-        return EventStreamResponse(sse_frames(OwnedStream(to_chunks(chat, events), events.aclose)))
+        frames = sse_frames(OwnedStream(to_chunks(chat, events), events.aclose))
+        return EventStreamResponse(frames, write_timeout(request))
     answers = await until_disconnect(request, service.complete_choices(chat))
     return JSONResponse(to_completion(chat, answers).model_dump(mode="json"))
 

@@ -11,7 +11,7 @@ from mimoserve.api.body import read_json_body
 from mimoserve.api.chat import until_disconnect
 from mimoserve.api.responses_in import to_chat_request
 from mimoserve.api.responses_out import ResponseShape, stream_frames, to_response
-from mimoserve.api.sse import EventStreamResponse
+from mimoserve.api.sse import EventStreamResponse, write_timeout
 from mimoserve.chat.service import ChatService
 from mimoserve.errors import MimoError
 from mimoserve.protocol.responses import ResponsesRequest
@@ -38,7 +38,8 @@ async def create_response(request: Request) -> Response:
         answer = await until_disconnect(request, service.complete(chat))
         return JSONResponse(to_response(shape, answer))
     events = await until_disconnect(request, service.open_stream(chat))
-    return EventStreamResponse(OwnedStream(stream_frames(shape, events), events.aclose))
+    frames = OwnedStream(stream_frames(shape, events), events.aclose)
+    return EventStreamResponse(frames, write_timeout(request))
 
 
 routes = [Route("/v1/responses", create_response, methods=["POST"])]

@@ -9,7 +9,7 @@ with the usage. No event knows a wire format.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
@@ -107,6 +107,11 @@ class Started:
 
     prompt_tokens: int
     cached_tokens: int = 0
+    # The engine's own count of completion tokens generated so far, read or not (None:
+    # only what was read is known). A request cut short is billed for what it cost.
+    generated: Callable[[], int] | None = field(default=None, compare=False, repr=False)
+    # `prompt_tokens` is an estimate (an upstream engine counts only when it answers).
+    estimated: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,7 @@ class TokenUsage:
     completion_tokens: int
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    estimated: bool = False  # the engine did not count them all: the server estimated
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,10 @@ class KvCells:
     total: int
     used: int
     cached: int
+    # Counted since the engine started, reported beside the pool: sequences pre-empted
+    # for room, and sequences ended because one constrained token took too long.
+    preemptions: int = 0
+    constraint_timeouts: int = 0
 
     @property
     def free(self) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import replace
 from typing import Any, Protocol, runtime_checkable
 
 from mimoserve.backends.base import (
@@ -59,6 +60,10 @@ def capped(prepared: Any, max_tokens: int) -> Any:
     return prepared.capped(max_tokens)
 
 
+def _sum_of(counts: list[Callable[[], int]]) -> Callable[[], int]:
+    return lambda: sum(count() for count in counts)
+
+
 def summed(finished: list[Finished]) -> TokenUsage:
     """The request's usage: the prompt once, the choices' completions added up."""
     first = finished[0].usage
@@ -67,6 +72,7 @@ def summed(finished: list[Finished]) -> TokenUsage:
         completion_tokens=sum(f.usage.completion_tokens for f in finished),
         cached_tokens=first.cached_tokens,
         reasoning_tokens=sum(f.usage.reasoning_tokens for f in finished),
+        estimated=any(f.usage.estimated for f in finished),
     )
 
 
@@ -98,6 +104,7 @@ async def merged(
 
     tasks = [asyncio.create_task(pump(i)) for i in range(n)]
     running, started = n, False
+    counts: list[Callable[[], int]] = []  # each started choice's count of generated tokens
     try:
         while running:
             index, item = await queue.get()
@@ -106,9 +113,12 @@ async def merged(
             elif isinstance(item, BaseException):
                 raise item
             elif isinstance(item, Started):
-                if not started:  # the prompt is counted once
+                if item.generated is not None:
+                    counts.append(item.generated)
+                if not started:  # the prompt is counted once; generated, over all choices
                     started = True
-                    yield index, item
+                    total = None if item.generated is None else _sum_of(counts)
+                    yield index, replace(item, generated=total)
             else:
                 assert not isinstance(item, BaseException)
                 yield index, item  # type: ignore[misc]

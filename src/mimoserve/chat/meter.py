@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from mimoserve.auth.keys import Principal
-from mimoserve.backends.base import TokenUsage
+from mimoserve.backends.base import Started, TokenUsage
 from mimoserve.billing.keeper import BudgetHold, InsufficientQuotaError, Usage
 from mimoserve.billing.prices import Price, cost_micros
 from mimoserve.billing.service import Budgets
@@ -71,7 +72,11 @@ class RequestMeter:
     def __init__(
         self, metrics: Metrics, ledger: UsageLedger | None, model: str, principal: Principal,
         completion_id: str, api: str = "chat.completions", price: Price | None = None,
+        prompt_estimate: int = 0,
     ) -> None:  # fmt: skip
+        self._prompt_estimate = prompt_estimate
+        self._estimated = False  # some counts are the server's estimate, not the engine's
+        self._generated: Callable[[], int] | None = None
         self._api = api
         self._price = price
         self.hold: BudgetHold | None = None
@@ -83,8 +88,18 @@ class RequestMeter:
         self._prompt_tokens = self._cached_tokens = self._completion_tokens = 0
         self._done = False
 
-    def started(self, prompt_tokens: int, cached_tokens: int) -> None:
-        self._prompt_tokens, self._cached_tokens = prompt_tokens, cached_tokens
+    def started(self, event: Started) -> None:
+        prompt_tokens = event.prompt_tokens
+        if event.estimated:  # the engine tells only at the end: until then, the estimate
+            prompt_tokens = max(prompt_tokens, self._prompt_estimate)
+            self._estimated = True
+        self._prompt_tokens, self._cached_tokens = prompt_tokens, event.cached_tokens
+        self._generated = event.generated
+
+    def _completion_so_far(self) -> int:
+        """What was generated, read by the client or not (as far as the engine says)."""
+        generated = self._generated() if self._generated is not None else 0
+        return max(self._completion_tokens, generated)
 
     def text(self, tokens: int) -> None:
         self._completion_tokens += tokens
@@ -101,6 +116,7 @@ class RequestMeter:
         m.child(m.generation_tokens, model).inc(usage.completion_tokens)
         m.child(m.cached_tokens, model).inc(usage.cached_tokens)
         m.child(m.e2e_latency, model).observe(latency)
+        self._estimated = usage.estimated
         self._record(200, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
                      usage.reasoning_tokens, reason)  # fmt: skip
 
@@ -111,13 +127,13 @@ class RequestMeter:
         code = (error.code if isinstance(error, MimoError) else None) or "internal_error"
         if self._ttft is not None:
             self._metrics.aborted.labels(self._model, code).inc()
-        self._record(status, self._prompt_tokens, self._completion_tokens,
+        self._record(status, self._prompt_tokens, self._completion_so_far(),
                      self._cached_tokens, 0, None)  # fmt: skip
 
     def close(self) -> None:
         if not self._done:  # closed before finishing: the client went away
             self._metrics.aborted.labels(self._model, "client_disconnected").inc()
-            self._record(499, self._prompt_tokens, self._completion_tokens,
+            self._record(499, self._prompt_tokens, self._completion_so_far(),
                          self._cached_tokens, 0, None)  # fmt: skip
 
     def _record(
@@ -149,5 +165,6 @@ class RequestMeter:
                     api=self._api,
                     http_request_id=current_request_id.get(),
                     cost_micros=cost,
+                    usage_source="estimate" if self._estimated else "engine",
                 )
             )

@@ -228,7 +228,8 @@ class ChatService:
         """Admits the request and yields its choices' events, metering them as one
         request; the admission and the slots are released however the stream ends."""
         meter = RequestMeter(self._metrics, self._ledger, chat.model, chat.principal,
-                             chat.completion_id, chat.api, chat.price)  # fmt: skip
+                             chat.completion_id, chat.api, chat.price,
+                             chat.prompt_estimate)  # fmt: skip
         try:
             meter.hold = await self._reserve_budgets(chat)
             prepared = capped_to(chat, meter.hold)
@@ -246,7 +247,7 @@ class ChatService:
                 if isinstance(event, Progress):
                     meter.text(event.tokens)
                 elif isinstance(event, Started):
-                    meter.started(event.prompt_tokens, event.cached_tokens)
+                    meter.started(event)
                 elif isinstance(event, Finished):
                     finished.append(event)
                     if len(finished) == chat.n:

@@ -97,6 +97,16 @@ class Metrics:
             "mimoserve:kv_cache_usage_perc", "Share of the KV pool running requests use (0-1)",
             ["model"], registry=r,
         )  # fmt: skip
+        self.preemptions = Counter(
+            "mimoserve:kv_preemptions", "Sequences pre-empted because the KV pool was full",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.constraint_timeouts = Counter(
+            "mimoserve:constraint_step_timeouts",
+            "Sequences ended because their grammar took too long for one token", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self._engine_counts: dict[tuple[str, str], int] = {}
         self.ledger_pending = Gauge(
             "mimoserve:usage_records_pending", "Usage records not yet in the database",
             registry=r,
@@ -123,6 +133,13 @@ class Metrics:
         count = sum(1 for (s, _), over in self._over_soft.items() if s == scope and over)
         self.child(self.budgets_over_soft, scope).set(count)
 
+    def _count_up(self, counter: Counter, model: str, name: str, total: int) -> None:
+        """Moves a counter to an engine's own running total (engines count, we export)."""
+        seen = self._engine_counts.get((model, name), 0)
+        if total > seen:
+            counter.labels(model).inc(total - seen)
+            self._engine_counts[(model, name)] = total
+
     def render(self) -> bytes:
         if self._load_probe is not None:
             for model, (running, waiting) in self._load_probe().items():
@@ -134,6 +151,10 @@ class Metrics:
                 self.kv_cells.labels(model, "cached").set(cells.cached)
                 self.kv_cells.labels(model, "free").set(cells.free)
                 self.kv_usage.labels(model).set(cells.used / cells.total if cells.total else 0)
+                self._count_up(self.preemptions, model, "preemptions", cells.preemptions)
+                self._count_up(
+                    self.constraint_timeouts, model, "constraint", cells.constraint_timeouts
+                )
         if self._ledger_probe is not None:
             pending, set_aside = self._ledger_probe()
             self.ledger_pending.set(pending)

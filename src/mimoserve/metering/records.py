@@ -30,6 +30,9 @@ class UsageRecord:
     api: str = "chat.completions"  # the front door: chat.completions, messages, responses
     http_request_id: str = ""  # the x-request-id of the HTTP request
     cost_micros: int = 0  # millionths of the registry's currency (billing/prices.py)
+    # "engine": the engine counted the tokens; "estimate": it did not (a relayed stream
+    # cut short before the engine's usage, an engine that sends none), the server did.
+    usage_source: str = "engine"
 
 
 def safe_text(text: str) -> str:

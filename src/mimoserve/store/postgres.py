@@ -97,6 +97,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (scope, owner)
     );
     """,
+    # Whether a record's tokens were counted by the engine or estimated by the server.
+    """
+    ALTER TABLE usage_records ADD COLUMN usage_source TEXT NOT NULL DEFAULT 'engine';
+    """,
 )
 _MIGRATION_LOCK = 0x6D696D6F  # any constant shared by every replica
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -21,6 +22,7 @@ from mimoserve.backends.base import (
     KvCells,
     Logprobs,
     Progress,
+    Started,
 )
 from mimoserve.backends.llamacpp.grammar import build_grammar
 from mimoserve.backends.llamacpp.model import PREFIX_HOLDERS, EngineConfig, LoadedModel
@@ -28,6 +30,7 @@ from mimoserve.backends.llamacpp.native import NativeContext
 from mimoserve.backends.llamacpp.scheduler import Scheduler, engine_down
 from mimoserve.backends.llamacpp.sequence import (
     FORCED_CLOSE,
+    MAX_UNREAD_STEPS,
     DecodeJob,
     EngineEvent,
     Generated,
@@ -204,12 +207,19 @@ class LlamaCppBackend:
                 if isinstance(event, BaseException):
                     raise event
                 if isinstance(event, Generated):
+                    job.taken += 1
+                    if job.backlog == MAX_UNREAD_STEPS - 1:  # it may be paused: resume it
+                        self._scheduler.wake()
                     yield Progress(event.tokens)
                     if event.logprobs:
                         yield Logprobs(event.logprobs)
                     for output in event.events:
                         yield output
                     continue
+                if isinstance(event, Started):
+                    # What the engine generated, read or not: a client that stops reading
+                    # is billed for the tokens it made the engine compute.
+                    event = dataclasses.replace(event, generated=lambda: job.generated_tokens)
                 yield event
                 if isinstance(event, Finished):
                     return

@@ -32,7 +32,13 @@ from mimoserve.backends.base import Finished, KvCells, Started, TokenLogprob, To
 from mimoserve.backends.llamacpp.logprobs import log_softmax, token_logprob
 from mimoserve.backends.llamacpp.native import Batch, NativeContext, NativeModel, Sampler
 from mimoserve.backends.llamacpp.prefix_cache import Node, PrefixCache, common_prefix
-from mimoserve.backends.llamacpp.sequence import DecodeJob, Generated, SequenceOutput, Step
+from mimoserve.backends.llamacpp.sequence import (
+    MAX_UNREAD_STEPS,
+    DecodeJob,
+    Generated,
+    SequenceOutput,
+    Step,
+)
 from mimoserve.errors import EngineError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,10 @@ _NO_KV_SLOT = 1
 # flowing, prompts go in whole batches.
 _STEP_BUDGET_S = 1.0
 _MIN_PROMPT_SHARE = 32
+# The second line behind the pattern check (grammar.py): a sequence whose grammar takes
+# longer than this to pick one token is ended after it (finish_reason `length`), so a
+# costly constraint stalls the other streams for at most about this long, once.
+CONSTRAINT_STEP_LIMIT_S = 2.0
 
 
 class StepCost:
@@ -141,6 +151,8 @@ class Scheduler:
         self._stopping = False
         self._dead = False  # the thread ended on an unexpected error: nothing will run again
         self.preemptions = 0
+        self.constraint_timeouts = 0  # sequences ended for a grammar step too slow
+        self.constraint_step_limit_s = CONSTRAINT_STEP_LIMIT_S
         self._step_cost = StepCost()
         self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self._thread.start()
@@ -174,6 +186,8 @@ class Scheduler:
             total=self._pool_cells,
             used=self._private_cells() + cache.locked_cells,
             cached=cache.cells - cache.locked_cells,
+            preemptions=self.preemptions,
+            constraint_timeouts=self.constraint_timeouts,
         )
 
     def stop(self) -> None:
@@ -204,8 +218,12 @@ class Scheduler:
                 self._admit()
             try:
                 self._drop_cancelled()
-                if self._active():
-                    self._step()
+                if self._active() and not self._step():
+                    # Every running sequence waits for its client to read: sleep until
+                    # one reads (the requester wakes us) instead of spinning.
+                    with self._lock:
+                        if not self._stopping and not self._waiting:
+                            self._lock.wait(timeout=0.5)
             except Exception:
                 # A bug must not kill the thread and leave every client waiting forever.
                 log.exception("scheduler step failed")
@@ -392,6 +410,8 @@ class Scheduler:
         active = self._active()
         decoding = [r for r in active if not r.reading_prompt and len(r.pending) == 1]
         prefilling = sorted((r for r in active if r not in decoding), key=lambda r: r.order)
+        # A sequence whose client has not read its last steps waits (backpressure).
+        decoding = [r for r in decoding if r.job.backlog < MAX_UNREAD_STEPS]
         # Every decoding sequence and the oldest prompt must be able to move on.
         self._make_room(len(decoding) + (1 if prefilling else 0), protect=self._oldest())
         free = self.free_cells()
@@ -433,23 +453,25 @@ class Scheduler:
         active = self._active()
         return min(active, key=lambda r: r.order) if active else None
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One batch decoded and sampled; False when nothing could move."""
         added = self._fill_batch()
         if not added:
-            return
+            return False
         began = time.perf_counter()
         code = self._ctx.decode(self._batch)
         if code == 0:
             self._step_cost.add(self._batch.size, time.perf_counter() - began)
         if code == _NO_KV_SLOT:
             self._undo(added)
-            return
+            return True
         if code != 0:
             self._fail_all(f"llama_decode returned {code}")
-            return
+            return True
         for running, _chunk in added:
             if not running.pending:  # the rest of a prompt waits for the next step
                 self._advance_alone(running)
+        return True
 
     def _advance_alone(self, running: Running) -> None:
         """`_advance`, where a failure is this sequence's alone: what one request brought
@@ -493,15 +515,23 @@ class Scheduler:
         # Read before banning end tokens: the model's own distribution.
         dist = log_softmax(self._ctx.logits(running.batch_index)) if rivals is not None else None
         token: int | None
+        too_slow = False
         if sampler.constrained:
             banned = self._end_tokens if end_banned else []
+            began = time.perf_counter()
             token = sampler.sample_constrained(self._ctx, running.batch_index, banned)
+            too_slow = time.perf_counter() - began > self.constraint_step_limit_s
         else:
             if end_banned:
                 self._ctx.ban_tokens(running.batch_index, self._end_tokens)
             token = sampler.sample(self._ctx, running.batch_index)
         # None: the grammar is complete and accepts only the (banned) end: the answer is.
         step = Step(finished="stop") if token is None else output.on_token(token)
+        if too_slow and step.finished is None:
+            self.constraint_timeouts += 1
+            log.warning("ending a sequence: its grammar took over %.1f s for one token",
+                        self.constraint_step_limit_s)  # fmt: skip
+            step = Step(step.events, finished="length")
         events = step.events
         if step.finished is not None:
             events += tuple(output.flush())
@@ -513,6 +543,8 @@ class Scheduler:
             and not self._is_end(token)
         ):
             logprobs = (token_logprob(dist, token, rivals, self._token_bytes),)
+        job.generated_tokens = output.completion_tokens
+        job.emitted += 1
         job.emit(Generated(events, output.completion_tokens - running.reported, logprobs))
         running.reported = output.completion_tokens
         if step.finished is not None:

@@ -37,6 +37,9 @@ class Generated:
 EngineEvent = Started | Generated | Finished
 Emit = Callable[[EngineEvent | BaseException], None]
 
+# Steps of output a sequence may have waiting for its client before it is paused.
+MAX_UNREAD_STEPS = 64
+
 # What the engine writes when a think block must be closed for the model.
 FORCED_CLOSE = f"\n{THINK_CLOSE}\n\n"
 
@@ -53,6 +56,17 @@ class DecodeJob:
     think_budget: int | None = None
     # Set by the requester when its client goes away; checked before every step.
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Backpressure: steps emitted (written by the scheduler thread only) and steps the
+    # requester has taken (written by the event loop only), so each count has one writer.
+    # A sequence with `MAX_UNREAD_STEPS` steps not taken is not decoded until its client
+    # reads: a client that stops reading stops costing the engine.
+    emitted: int = 0
+    taken: int = 0
+    generated_tokens: int = 0  # completion tokens generated so far (scheduler thread)
+
+    @property
+    def backlog(self) -> int:
+        return self.emitted - self.taken
 
 
 @dataclass(frozen=True)

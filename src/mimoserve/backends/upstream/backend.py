@@ -94,13 +94,13 @@ class UpstreamBackend:
                               top_logprobs=chat.request.top_logprobs or 0)  # fmt: skip
         if not prepared.chat.request.stream:
             data = await self.model.complete(prepared.body_for)
-            yield Started(0)
+            yield Started(0, estimated=True)  # the engine counts only in its answer
             for event in _mapped(mapper.completion, data, "answer"):
                 yield event
         else:
             stream = await self.model.open_stream(prepared.body_for)
             try:
-                yield Started(0)
+                yield Started(0, estimated=True)  # a client may leave before the usage
                 async for batch in stream:
                     for raw in batch:
                         for event in _mapped(mapper.chunk, raw, "chunk"):

@@ -191,5 +191,6 @@ class AnswerMapper:
         usage = self._usage or TokenUsage(
             prompt_tokens=self._estimate_prompt_tokens(),
             completion_tokens=math.ceil(self._chars / _CHARS_PER_TOKEN),
+            estimated=True,
         )
         return [*events, Finished(self._reason, usage, self._stop_sequence)]
