@@ -29,6 +29,7 @@ from mimoserve.backends.llamacpp.scheduler import Scheduler
 from mimoserve.backends.llamacpp.sequence import SequenceOutput
 from mimoserve.errors import EngineError, OverloadedError
 from tests.e2e.server import pull_test_weights
+from tests.waiting import until
 
 pytestmark = pytest.mark.real_model
 
@@ -219,3 +220,98 @@ def test_a_request_that_shares_nothing_leaves_the_freshest_cache_alone(weights: 
         assert asyncio.run(cached(ask(long_prompt))) > 100
     finally:
         asyncio.run(backend.close())
+
+
+@pytest.fixture
+def two_lanes(weights: Path) -> Iterator[LlamaCppBackend]:
+    backend = LlamaCppBackend(
+        EngineConfig(weights, n_ctx=1024, n_parallel=2, n_threads=2, max_queue=2), "smollm2"
+    )
+    yield backend
+    asyncio.run(backend.close())
+
+
+def test_a_sequence_that_fails_alone_leaves_its_batch_company_running(
+    two_lanes: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What one request brings (a tool schema the parser chokes on, say) used to raise in
+    # the scheduler step and fail every running request and clear the cache.
+    original = SequenceOutput.on_token
+
+    def poisoned(self: SequenceOutput, token: int) -> object:
+        if self._limit == 13:  # the hostile request's max_tokens
+            raise TypeError("a client's schema broke the parser")
+        return original(self, token)
+
+    monkeypatch.setattr(SequenceOutput, "on_token", poisoned)
+    honest = GenerationRequest(REQUEST.messages, SamplingParams(temperature=0, max_tokens=40))
+    hostile = GenerationRequest(REQUEST.messages, SamplingParams(temperature=0, max_tokens=13))
+
+    async def scenario() -> tuple[list[GenerationEvent], BaseException | None]:
+        stream = two_lanes.generate(honest)
+        first = await anext(stream)  # the honest request is running
+        failure: BaseException | None = None
+        try:
+            async for _ in two_lanes.generate(hostile):
+                pass
+        except EngineError as exc:
+            failure = exc
+        return [first, *[event async for event in stream]], failure
+
+    events, failure = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert isinstance(failure, EngineError)
+    assert isinstance(events[-1], Finished) and events[-1].usage.completion_tokens == 40
+
+
+def test_a_constraint_step_over_its_time_bound_ends_only_that_sequence(
+    two_lanes: LlamaCppBackend,
+) -> None:
+    # Every constrained token counts as too slow here: the constrained sequence ends
+    # after its first token with `length`; the free one beside it is untouched.
+    two_lanes._scheduler.constraint_step_limit_s = 0.0
+    free = GenerationRequest(REQUEST.messages, SamplingParams(temperature=0, max_tokens=30))
+
+    async def scenario() -> tuple[list[GenerationEvent], list[GenerationEvent]]:
+        constrained = _constrained(None, max_tokens=100)
+        return await asyncio.gather(
+            _all(two_lanes.generate(free)), _all(two_lanes.generate(constrained))
+        )
+
+    free_events, constrained_events = asyncio.run(asyncio.wait_for(scenario(), 120))
+    ended = constrained_events[-1]
+    assert isinstance(ended, Finished) and ended.reason == "length"
+    assert ended.usage.completion_tokens == 1
+    assert isinstance(free_events[-1], Finished) and free_events[-1].usage.completion_tokens == 30
+    assert two_lanes.kv_cells().constraint_timeouts == 1
+
+
+def test_a_stream_nobody_reads_stops_being_generated(two_lanes: LlamaCppBackend) -> None:
+    from mimoserve.backends.llamacpp.sequence import MAX_UNREAD_STEPS
+
+    scheduler = two_lanes._scheduler
+    unread = GenerationRequest(
+        REQUEST.messages, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    )
+
+    def jobs() -> list[object]:
+        return [r.job for r in scheduler._active()]
+
+    async def scenario() -> None:
+        stalled = two_lanes.generate(unread)
+        await anext(stalled)  # Started: then its client reads nothing
+        await until(lambda: any(j.backlog >= MAX_UNREAD_STEPS for j in jobs()),  # type: ignore[attr-defined]
+                    "the unread sequence reached its backlog")  # fmt: skip
+        job = next(j for j in jobs() if j.backlog >= MAX_UNREAD_STEPS)  # type: ignore[attr-defined]
+        # Another request runs to its end meanwhile; the unread one does not move.
+        done = await _all(two_lanes.generate(REQUEST))
+        assert isinstance(done[-1], Finished)
+        assert job.generated_tokens == MAX_UNREAD_STEPS  # type: ignore[attr-defined]
+        # Reading resumes it, to its end.
+        rest = await _all(stalled)
+        assert isinstance(rest[-1], Finished) and rest[-1].usage.completion_tokens == 400
+
+    asyncio.run(asyncio.wait_for(scenario(), 300))
+
+
+async def _all(stream: object) -> list[GenerationEvent]:
+    return [event async for event in stream]  # type: ignore[attr-defined]

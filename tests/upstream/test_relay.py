@@ -383,3 +383,20 @@ def test_n_choices_of_an_upstream_model_are_n_engine_requests(tmp_path: Path) ->
         assert done and all(text.strip() == engine.content for text in texts.values())
         records = wait_for_records(gw, 2)
         assert [r.completion_tokens for r in records] == [21, 18]  # one record per request
+
+
+def test_a_client_that_leaves_mid_stream_is_billed_the_estimated_prompt(tmp_path: Path) -> None:
+    # The engine sends its usage only with its last chunk; a client that reads the
+    # content and leaves before it used to leave a 499 with 0 prompt tokens.
+    engine = Canned(chunk_delay_s=0.2, content=" ".join(["word"] * 50))
+    long_prompt = {**CHAT, "messages": [{"role": "user", "content": "tell me " * 300}]}
+    with serve_in_thread(engine) as url, running_gateway(tmp_path, registry_for(url)) as gw:
+        with gw.client() as client, \
+                client.stream("POST", "/v1/chat/completions", json={**long_prompt, "stream": True}) as r:  # fmt: skip
+            for line in r.iter_lines():
+                if '"content"' in line:
+                    break  # leave mid-answer
+        record = wait_for_records(gw, 1)[0]
+    assert record.status == 499
+    assert record.prompt_tokens >= 600  # ~2,400 characters of prompt, estimated
+    assert record.usage_source == "estimate"

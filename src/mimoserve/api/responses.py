@@ -20,6 +20,16 @@ from mimoserve.streams import OwnedStream
 API = "responses"
 
 
+def _in_this_doors_words(error: MimoError) -> MimoError:
+    """The engine names the canonical request's fields; this door's client sent
+    `text.format` where the canonical request says `response_format`."""
+    if error.param == "response_format":
+        error.param = "text.format"
+        error.message = error.message.replace("response_format", "text.format", 1)
+        error.args = (error.message,)
+    return error
+
+
 async def create_response(request: Request) -> Response:
     principal = await require_principal(request)
     service: ChatService = request.app.state.chat
@@ -34,10 +44,13 @@ async def create_response(request: Request) -> Response:
         service.record_refusal(principal, body.model if body else None, exc.status_code, API)
         raise
     shape = ResponseShape(chat, translation)
-    if not body.stream:
-        answer = await until_disconnect(request, service.complete(chat))
-        return JSONResponse(to_response(shape, answer))
-    events = await until_disconnect(request, service.open_stream(chat))
+    try:
+        if not body.stream:
+            answer = await until_disconnect(request, service.complete(chat))
+            return JSONResponse(to_response(shape, answer))
+        events = await until_disconnect(request, service.open_stream(chat))
+    except MimoError as exc:
+        raise _in_this_doors_words(exc) from None
     frames = OwnedStream(stream_frames(shape, events), events.aclose)
     return EventStreamResponse(frames, write_timeout(request))
 
