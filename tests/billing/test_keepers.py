@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from mimoserve.billing.budgets import Budget, Spend
 from mimoserve.billing.keeper import (
@@ -19,6 +20,7 @@ from mimoserve.billing.keeper import (
     Usage,
 )
 from mimoserve.billing.redis_keeper import RedisBudgetKeeper
+from tests.waiting import until
 
 
 class Records:
@@ -165,17 +167,69 @@ async def test_two_redis_keepers_share_one_budget(redis_url: str) -> None:
 
 async def test_a_dead_replicas_reservation_ends_with_its_lease(redis_url: str) -> None:
     prefix = f"t{uuid.uuid4().hex}"
-    dead = RedisBudgetKeeper(redis_url, Records(), prefix=prefix, lease_s=0.2)
+    dead = RedisBudgetKeeper(redis_url, Records(), prefix=prefix, lease_s=0.3)
     alive = RedisBudgetKeeper(redis_url, Records(), prefix=prefix)
     budget = tokens(100)
     await dead.reserve([budget], Usage(100, 0), ANY_LEFT, NOON)  # never settled
+    await dead.close()  # the replica dies: nobody renews its lease any more
     with pytest.raises(InsufficientQuotaError):
         await alive.reserve([budget], Usage(10, 0), ANY_LEFT, NOON)
-    await asyncio.sleep(0.3)
-    hold = await alive.reserve([budget], Usage(10, 0), ANY_LEFT, NOON)
-    assert hold.charges[0].reserved == 10
-    await dead.close()
+
+    async def reserves() -> bool:
+        try:
+            hold = await alive.reserve([budget], Usage(10, 0), ANY_LEFT, NOON)
+        except InsufficientQuotaError:
+            return False
+        assert hold.charges[0].reserved == 10
+        return True
+
+    while not await reserves():  # the lease ends on Redis's clock
+        await asyncio.sleep(0.02)
     await alive.close()
+
+
+async def test_a_running_requests_hold_outlives_its_lease(redis_url: str) -> None:
+    # A request may run far longer than any fixed lease (minutes reading a long prompt
+    # on a CPU); while its replica lives, its hold is renewed and never lapses.
+    prefix = f"t{uuid.uuid4().hex}"
+    running = RedisBudgetKeeper(redis_url, Records(), prefix=prefix, lease_s=0.3)
+    other = RedisBudgetKeeper(redis_url, Records(), prefix=prefix)
+    budget = tokens(100)
+    hold = await running.reserve([budget], Usage(100, 0), ANY_LEFT, NOON)
+    await until(lambda: running.leases.rounds >= 4, "the lease was renewed several times")
+    with pytest.raises(InsufficientQuotaError):  # still held, four lease-thirds later
+        await other.reserve([budget], Usage(10, 0), ANY_LEFT, NOON)
+    hold.settle(40, 0)
+    await running.drain()
+    assert await other.spend(budget, NOON) == Spend(40, 0)
+    await running.close()
+    await other.close()
+
+
+async def test_a_settlement_that_meets_a_redis_hiccup_is_retried_once(redis_url: str) -> None:
+    prefix = f"t{uuid.uuid4().hex}"
+    keeper = RedisBudgetKeeper(redis_url, Records(), prefix=prefix)
+    budget = tokens(1000)
+    hold = await keeper.reserve([budget], Usage(300, 0), ANY_LEFT, NOON)
+    script = keeper._settle
+    calls = 0
+
+    async def flaky(**kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RedisConnectionError("connection reset")
+        if calls == 2:  # it ran, but its answer was lost: the retry must not count twice
+            await script(**kwargs)
+            raise RedisConnectionError("connection reset after the script ran")
+        return await script(**kwargs)
+
+    keeper._settle = flaky  # type: ignore[assignment]
+    hold.settle(250, 0)
+    await keeper.drain()
+    assert calls == 3
+    assert await keeper.spend(budget, NOON) == Spend(250, 0)  # counted once, not dropped
+    await keeper.close()
 
 
 @settings(
