@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -40,6 +41,10 @@ class Script:
     # Raised before the first event (a refusal, e.g. queue full).
     refuse_with: MimoError | None = None
     delay_s: float = 0.0
+    # Generation stops after this many pieces until `release` is set: a test sees what
+    # reached the client while the engine was still generating, without timing it.
+    hold_after: int | None = None
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -76,7 +81,9 @@ class ScriptedBackend:
         reason = "length" if len(pieces) < len(script.pieces) else script.reason
         try:
             yield Started(script.prompt_tokens, script.cached_tokens)
-            for piece in pieces:
+            for done, piece in enumerate(pieces):
+                if done == script.hold_after:
+                    await asyncio.to_thread(script.release.wait)
                 if script.delay_s:
                     await asyncio.sleep(script.delay_s)
                 yield Progress(1)

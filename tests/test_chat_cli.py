@@ -17,6 +17,9 @@ from mimoserve.store.sqlite import SqliteDatabase
 from tests.fake_backend import ScriptedBackend, fake_app
 from tests.services import uvicorn_in_thread
 
+# `mimoserve chat` runs in a subprocess under a pseudo-terminal: not the unit tier.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, str, ScriptedBackend]]:

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -214,7 +215,7 @@ async def test_a_settlement_that_meets_a_redis_hiccup_is_retried_once(redis_url:
     script = keeper._settle
     calls = 0
 
-    async def flaky(**kwargs: object) -> object:
+    async def flaky(**kwargs: Any) -> object:
         nonlocal calls
         calls += 1
         if calls == 1:

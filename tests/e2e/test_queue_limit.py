@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 from tests.api.sse_client import parse_sse
 from tests.e2e.server import RunningServer, running_server
 from tests.e2e.test_raw_http import LONG, URL
+from tests.waiting import until_sync
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,14 @@ class StreamRecorder(threading.Thread):
         self.started.set()
 
 
+def waiting(server: RunningServer) -> int:
+    """Requests waiting for the engine, as /metrics says."""
+    text = httpx.get(server.base_url + "/metrics", timeout=10).text
+    found = re.search(r'^mimoserve:num_requests_waiting\{model="mimo-v2-flash"\} (\S+)$', text,
+                      re.MULTILINE)  # fmt: skip
+    return int(float(found.group(1))) if found else 0
+
+
 def fill_both_slots(server: RunningServer, body: dict[str, Any]) -> tuple[StreamRecorder, ...]:
     recorders = StreamRecorder(server, body), StreamRecorder(server, body)
     for recorder in recorders:
@@ -61,7 +71,7 @@ def test_slots_run_together_queue_waits_and_overflow_is_503(server: RunningServe
     first, second = fill_both_slots(server, body)
     queued = StreamRecorder(server, {**body, "max_completion_tokens": 5})
     queued.start()
-    time.sleep(0.5)  # let the third request take the one waiting place
+    until_sync(lambda: waiting(server) == 1, "the third request took the one waiting place")
     headers = {"api-key": server.api_key}
     refused = httpx.post(server.base_url + URL, json={**body, "max_completion_tokens": 5},
                          headers=headers, timeout=60)  # fmt: skip
@@ -150,7 +160,7 @@ def test_a_client_leaving_the_queue_frees_its_place(server: RunningServer) -> No
         pytest.raises(httpx.ReadTimeout),
     ):
         client.post(URL, json={**body, "stream": True})
-    time.sleep(0.5)
+    until_sync(lambda: waiting(server) == 0, "the client that left gave its place back")
     # Its place is free again: this request waits for a slot instead of a 503.
     both_busy = first.is_alive() and second.is_alive()
     waited = httpx.post(server.base_url + URL, json={**body, "max_completion_tokens": 3},

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from mimoserve.metering.journal import UsageJournal, adopt_orphans, read_journal
 from mimoserve.metering.ledger import UsageLedger, UsageRecord
 from mimoserve.metering.records import sanitized
@@ -76,6 +78,7 @@ async def test_records_replayed_from_a_journal_are_not_counted_twice(
     assert sorted(r.prompt_tokens for r in store.records()) == [7, 8]
 
 
+@pytest.mark.slow  # kills a subprocess
 async def test_a_killed_process_journal_is_adopted_by_the_next_one(tmp_path: Path) -> None:
     folder = tmp_path / "journal"
     # Another process journals two records and dies before its ledger writes them.
