@@ -121,3 +121,52 @@ def test_keys_list_shows_month_spend_and_budget_left(
     assert main([*home, "keys", "list"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(key_id))
     assert row.split()[-5:] == ["active", "42", "0.001500", "58", "tokens"]
+
+
+def test_the_cli_checks_what_the_admin_api_checks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One admin service behind both: a key may only name served models, and a money
+    # budget below one micro of the currency is refused (both used to pass the CLI).
+    home = ["--home", str(tmp_path)]
+    assert main([*home, "keys", "create", "--name", "a", "--models", "no-such-model"]) == 1
+    assert "Unknown models: no-such-model" in capsys.readouterr().err
+    assert main([*home, "keys", "create", "--name", "b", "--models", "mimo-v2-flash"]) == 0
+    key_id = re.search(r"mimo-([0-9a-f]{12})_", capsys.readouterr().out).group(1)  # type: ignore[union-attr]
+    assert main([*home, "budgets", "set", "--key", key_id, "--money", "0.0000001"]) == 2
+    assert "below one micro" in capsys.readouterr().err
+    assert main([*home, "budgets", "set", "--key", "nobody", "--tokens", "10"]) == 1
+    assert "No key with id 'nobody'" in capsys.readouterr().err
+
+
+def test_budget_left_in_the_cli_counts_what_requests_in_flight_reserved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    import asyncio
+    import time
+
+    from mimoserve.billing.budgets import BudgetStore
+    from mimoserve.billing.keeper import Usage
+    from mimoserve.billing.redis_keeper import RedisBudgetKeeper
+
+    home = ["--home", str(tmp_path)]
+    monkeypatch.setenv("MIMOSERVE_REDIS_URL", redis_url)
+    assert main([*home, "keys", "create", "--name", "busy"]) == 0
+    key_id = re.search(r"mimo-([0-9a-f]{12})_", capsys.readouterr().out).group(1)  # type: ignore[union-attr]
+    assert main([*home, "budgets", "set", "--key", key_id, "--tokens", "1000"]) == 0
+    store = BudgetStore(Database(tmp_path / "mimoserve.db"))
+    budget = store.get("key", key_id)
+    assert budget is not None
+
+    async def hold() -> None:  # a server replica's request in flight, 400 tokens held
+        keeper = RedisBudgetKeeper(redis_url, store.spent_since)
+        await keeper.reserve([budget], Usage(400, 0), Usage(400, 0), time.time())
+        await keeper.leases.close()  # leave the hold as a running replica would
+
+    asyncio.run(hold())
+    capsys.readouterr()
+    assert main([*home, "keys", "list"]) == 0
+    assert "600 tokens" in capsys.readouterr().out
+    assert main([*home, "budgets", "list"]) == 0
+    assert re.search(r"\b1000\s+0\s+600\b", capsys.readouterr().out)

@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mimoserve.administration import Administration, NewKey
 from mimoserve.api.request_id import configure_logging
 from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import DEFAULT_ACCOUNT, ConflictError, IssuedKey, KeyStore
 from mimoserve.billing.budgets import (
-    MAX_BUDGET,
     PERIODS,
     Budget,
     BudgetStore,
@@ -23,8 +23,10 @@ from mimoserve.billing.budgets import (
     Unit,
     month_start,
 )
-from mimoserve.billing.prices import as_money, to_micros
+from mimoserve.billing.prices import as_money
+from mimoserve.billing.service import BudgetStatus
 from mimoserve.config import Settings
+from mimoserve.errors import MimoError
 from mimoserve.limits.policy import Limits
 from mimoserve.weights.catalog import CATALOG
 from mimoserve.weights.store import WeightsError, WeightsStore
@@ -113,15 +115,13 @@ def cmd_admin_token(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     keys = KeyStore(_settings(args).open_database())
     if args.keys_command == "create":
-        expires = time.time() + args.expires_in_days * 86400 if args.expires_in_days else None
-        models = frozenset(args.models.split(",")) if args.models else None
+        new = NewKey(args.name, args.account, args.expires_in_days,
+                     args.models.split(",") if args.models else None,
+                     Limits(args.rpm, args.tpm, args.max_concurrent))  # fmt: skip
         try:
-            issued = keys.create(
-                args.name, account_id=args.account, expires_at=expires, allowed_models=models,
-                limits=Limits(args.rpm, args.tpm, args.max_concurrent),
-            )  # fmt: skip
-        except KeyError:
-            print(f"no account with id {args.account!r}", file=sys.stderr)
+            issued = _administration(args, keys).create_key(new)
+        except MimoError as exc:
+            print(f"mimoserve: {exc.message}", file=sys.stderr)
             return 1
         print(f"Created key {issued.info.prefix}… named {issued.info.name!r} (shown only once):")
         print(issued.secret)
@@ -130,7 +130,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
         now = time.time()
         database = keys.database
-        budgets = BudgetStore(database)
+        statuses = _budget_statuses(args, BudgetStore(database))
         month = month_start(now)
         spent = SqlUsageStore(database).spend_per_key(month)
         currency = _currency(args)
@@ -147,9 +147,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
             month_spend = spent.get(info.id)
             tokens, cost = (month_spend.tokens, month_spend.cost_micros) if month_spend else (0, 0)
             left = "-"
-            if (budget := budgets.get("key", info.id)) is not None:
-                used_up = budgets.spent_since(budget, budget.starts(now))
-                left = _budget_amount(budget, max(0, budget.amount - used_up))
+            if (period := statuses.get(("key", info.id))) is not None:
+                budget = period.budget
+                left = _budget_amount(budget, period.remaining)
                 left += " tokens" if budget.unit == "tokens" else f" {currency}"
             print(f"{info.id:14} {info.name:20} {info.account_id:14} {info.prefix:15} "
                   f"{created:20} {used:20} {status:8} {tokens:>14} "
@@ -209,6 +209,40 @@ def _currency(args: argparse.Namespace) -> str:
     return ModelRegistry.load(_settings(args).registry_file).currency
 
 
+def _administration(args: argparse.Namespace, keys: KeyStore) -> Administration:
+    from mimoserve.registry import ModelRegistry
+
+    served = [entry.id for entry in ModelRegistry.load(_settings(args).registry_file).entries()]
+    return Administration(keys, BudgetStore(keys.database), served)
+
+
+def _budget_statuses(
+    args: argparse.Namespace, store: BudgetStore
+) -> dict[tuple[str, str], BudgetStatus]:
+    """Every budget's period as the running servers count it: with `--redis-url`, what
+    requests in flight reserved is counted too (the same figure `/admin` shows); without,
+    those reservations live in the server's memory and only settled use is known here."""
+    import asyncio
+
+    from mimoserve.billing.keeper import BudgetKeeper, LocalBudgetKeeper
+    from mimoserve.billing.redis_keeper import RedisBudgetKeeper
+    from mimoserve.billing.service import Budgets
+
+    url = _settings(args).redis_url
+
+    async def read() -> list[BudgetStatus]:
+        keeper: BudgetKeeper = (
+            RedisBudgetKeeper(url, store.spent_since) if url
+            else LocalBudgetKeeper(store.spent_since)
+        )  # fmt: skip
+        try:
+            return await Budgets(store, keeper, local_reads=True).statuses()
+        finally:
+            await keeper.close()
+
+    return {(s.budget.scope, s.budget.owner): s for s in asyncio.run(read())}
+
+
 def _budget_amount(budget: Budget, micros_or_tokens: int) -> str:
     return str(micros_or_tokens) if budget.unit == "tokens" else f"{as_money(micros_or_tokens):.6f}"
 
@@ -218,15 +252,14 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     database = _settings(args).open_database()
     store, keys = BudgetStore(database), KeyStore(database)
     if args.budgets_command == "list":
-        now = time.time()
         currency = _currency(args)
         print(f"{'SCOPE':8} {'OWNER':14} {'UNIT':12} {'PERIOD':7} {'AMOUNT':>16} "
               f"{'SPENT':>16} {'LEFT':>16} SOFT")  # fmt: skip
-        for budget in store.all():
-            spent = store.spent_since(budget, budget.starts(now))
+        for status in _budget_statuses(args, store).values():
+            budget, spent = status.budget, status.spend.spent
             shown_unit = "tokens" if budget.unit == "tokens" else currency
             flag = "over" if budget.over_soft(spent) else f"{budget.soft_percent}%"
-            amounts = (budget.amount, spent, max(0, budget.amount - spent))
+            amounts = (budget.amount, spent, status.remaining)
             shown = " ".join(f"{_budget_amount(budget, n):>16}" for n in amounts)
             head = f"{budget.scope:8} {budget.owner:14} {shown_unit:12} {budget.period:7}"
             print(f"{head} {shown} {flag}")
@@ -234,16 +267,15 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     scope: Scope = "account" if args.account else "key"
     owner = args.account or args.key
     if args.budgets_command == "set":
-        found = keys.account(owner) if scope == "account" else keys.key(owner)
-        if found is None:
-            print(f"no {scope} with id {owner!r}", file=sys.stderr)
-            return 1
         unit: Unit = "tokens" if args.tokens is not None else "money"
-        amount = args.tokens if args.tokens is not None else to_micros(args.money)
-        if not 1 <= amount <= MAX_BUDGET:
-            print(f"the amount must be positive and at most {MAX_BUDGET} units", file=sys.stderr)
-            return 2
-        store.set(Budget(scope, owner, unit, amount, args.period, args.soft_percent))
+        amount = args.tokens if args.tokens is not None else args.money
+        try:
+            _administration(args, keys).set_budget(
+                scope, owner, unit, amount, args.period, args.soft_percent
+            )
+        except MimoError as exc:
+            print(f"mimoserve: {exc.message}", file=sys.stderr)
+            return 1 if exc.status_code == 404 else 2
         print(f"budget set for {scope} {owner}")
     elif args.budgets_command == "reset":
         if store.reset(scope, owner) is None:

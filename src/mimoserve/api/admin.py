@@ -14,11 +14,12 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
+from mimoserve.administration import Administration, NewKey
 from mimoserve.api.auth import require_admin
 from mimoserve.api.body import read_json_model
 from mimoserve.auth.keys import AccountInfo, ApiKeyInfo, ConflictError, KeyStore
-from mimoserve.billing.budgets import MAX_BUDGET, Budget, Scope, month_start
-from mimoserve.billing.prices import as_money, to_micros
+from mimoserve.billing.budgets import Scope, month_start
+from mimoserve.billing.prices import as_money
 from mimoserve.billing.service import Budgets, BudgetStatus
 from mimoserve.errors import InvalidRequestError, NotFoundError
 from mimoserve.limits.policy import Limits
@@ -113,23 +114,15 @@ async def set_account_limits(account_id: str, request: Request) -> AccountView:
 @router.post("/accounts/{account_id}/keys", status_code=201)
 async def create_key(account_id: str, request: Request) -> CreatedKey:
     body = await read_json_model(request, CreateKey, _BODY_LIMIT)
-    store = _keys(request)
-    await run_in_threadpool(_existing_account, store, account_id)
-    served = {card.id for card in request.app.state.chat.list_models().data}
-    unknown = sorted(set(body.allowed_models or ()) - served)
-    if unknown:
-        raise InvalidRequestError(f"Unknown models: {', '.join(unknown)}.", param="allowed_models")
-    expires = time.time() + body.expires_in_days * 86400 if body.expires_in_days else None
-    issued = await run_in_threadpool(
-        lambda: store.create(
-            body.name,
-            account_id=account_id,
-            expires_at=expires,
-            allowed_models=frozenset(body.allowed_models) if body.allowed_models else None,
-            limits=Limits(body.rpm, body.tpm, body.max_concurrent),
-        )
-    )
+    new = NewKey(body.name, account_id, body.expires_in_days, body.allowed_models,
+                 Limits(body.rpm, body.tpm, body.max_concurrent))  # fmt: skip
+    issued = await run_in_threadpool(_administration(request).create_key, new)
     return CreatedKey(key=issued.secret, info=_key_view(issued.info))
+
+
+def _administration(request: Request) -> Administration:
+    served = [card.id for card in request.app.state.chat.list_models().data]
+    return Administration(_keys(request), _budgets(request).store, served)
 
 
 def _budgets(request: Request) -> Budgets:
@@ -233,13 +226,6 @@ def _budget_view(status: BudgetStatus, currency: str) -> BudgetView:
     )  # fmt: skip
 
 
-def _owner_exists(store: KeyStore, scope: Scope, owner: str) -> None:
-    if scope == "account":
-        _existing_account(store, owner)
-    elif store.key(owner) is None:
-        raise NotFoundError(f"No key with id {owner!r}.", param="owner")
-
-
 @router.get("/budgets")
 async def list_budgets(request: Request) -> list[BudgetView]:
     currency = _currency(request)
@@ -258,17 +244,11 @@ async def get_budget(scope: Scope, owner: str, request: Request) -> BudgetView:
 async def set_budget(scope: Scope, owner: str, request: Request) -> BudgetView:
     """Creates or changes a budget; what was spent in the current period still counts."""
     body = await read_json_model(request, BudgetBody, _BODY_LIMIT)
-    if body.unit == "tokens" and not body.amount.is_integer():
-        raise InvalidRequestError("A token budget is a whole number of tokens.", param="amount")
-    amount = int(body.amount) if body.unit == "tokens" else to_micros(body.amount)
-    if amount < 1:
-        raise InvalidRequestError("The amount is below one micro of the currency.", param="amount")
-    if amount > MAX_BUDGET:
-        raise InvalidRequestError(f"The amount is above {MAX_BUDGET} units.", param="amount")
-    await run_in_threadpool(_owner_exists, _keys(request), scope, owner)
     budgets = _budgets(request)
-    budget = Budget(scope, owner, body.unit, amount, body.period, body.soft_percent)
-    stored = await run_in_threadpool(budgets.store.set, budget)
+    stored = await run_in_threadpool(
+        _administration(request).set_budget, scope, owner, body.unit, body.amount, body.period,
+        body.soft_percent,
+    )  # fmt: skip
     return _budget_view(await budgets.status(stored), _currency(request))
 
 
