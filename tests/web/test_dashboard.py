@@ -196,19 +196,21 @@ def test_budgets_set_flagged_reset_and_shown_per_key(
     laptop = site.keys.create("laptop")
     page.reload()
     expect(page.locator("#keys-table tbody tr", has_text="laptop")).to_contain_text("no budget")
-    # A token budget for the key, smaller than what its first answer uses.
+    # A token budget for the key that holds one capped answer: 30 tokens, all of which
+    # the first request reserves (its prompt is estimated at 23 tokens, so its answer is
+    # capped at 7 of the 8 the engine would write) and spends.
     page.select_option("#budget-form select[name=owner]", f"key:{laptop.info.id}")
-    page.fill("#budget-form input[name=amount]", "10")
+    page.fill("#budget-form input[name=amount]", "30")
     page.select_option("#budget-form select[name=period]", "day")
     page.click("#budget-form button[type=submit]")
     row = page.locator("#budgets-table tbody tr", has_text="key laptop")
-    expect(row).to_contain_text("10 tokens")
+    expect(row).to_contain_text("30 tokens")
     # The status cell itself: "ok" is also inside "tokens", so the whole row's text would
     # match before a reset has landed (a flaky race with the next request).
     status = row.locator("td").nth(7)
     expect(status).to_have_text("ok")
 
-    site.backend.enqueue(["a"] * 8, prompt_tokens=7)  # 15 tokens: past the budget
+    site.backend.enqueue(["a"] * 8, prompt_tokens=23)  # 23 + 7: the whole budget
     chat = {"model": "mimo-v2-flash", "messages": [{"role": "user", "content": "hi"}]}
     headers = {"api-key": laptop.secret}
     assert (
@@ -219,7 +221,7 @@ def test_budgets_set_flagged_reset_and_shown_per_key(
     page.reload()
     expect(status).to_have_text("spent (402)")
     expect(row.locator("td.warn")).to_have_count(1)
-    expect(page.locator("#keys-table tbody tr", has_text="laptop")).to_contain_text("15 tokens")
+    expect(page.locator("#keys-table tbody tr", has_text="laptop")).to_contain_text("30 tokens")
     rendered(page, tmp_path / "budgets.png")
 
     row.locator("button.reset").click()
