@@ -28,14 +28,10 @@ PROMPTS = [
 
 
 def child(model: str, kv_type: str) -> None:
-    from mimoserve.backends.base import (
-        ContentDelta,
-        GenerationRequest,
-        PromptMessage,
-        SamplingParams,
-    )
+    from mimoserve.backends.base import GenerationRequest, PromptMessage, SamplingParams
     from mimoserve.backends.llamacpp.backend import LlamaCppBackend
     from mimoserve.backends.llamacpp.model import EngineConfig
+    from mimoserve.events import ContentDelta
     from mimoserve.weights.store import WeightsStore
 
     gguf = WeightsStore(Path.home() / ".cache" / "mimoserve" / "models").resolve(model)

@@ -17,16 +17,11 @@ from pathlib import Path
 
 import llama_cpp
 
-from mimoserve.backends.base import (
-    ContentDelta,
-    Finished,
-    GenerationRequest,
-    PromptMessage,
-    SamplingParams,
-)
+from mimoserve.backends.base import GenerationRequest, PromptMessage, SamplingParams
 from mimoserve.backends.llamacpp.backend import LlamaCppBackend
 from mimoserve.backends.llamacpp.model import EngineConfig
 from mimoserve.backends.llamacpp.native import Batch, NativeContext, NativeModel
+from mimoserve.events import ContentDelta, Finished
 from mimoserve.weights.store import WeightsStore
 
 TOKENS = 128

@@ -13,7 +13,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mimoserve.backends.base import GenerationEvent, GenerationRequest
+from mimoserve.backends.base import GenerationRequest
+from mimoserve.events import GenerationEvent
 from tests.fake_backend import Script, ScriptedBackend
 
 FINAL_ANSWER = "Done: the file is written."

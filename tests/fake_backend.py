@@ -9,20 +9,11 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from mimoserve.backends.base import (
-    Capabilities,
-    ChatRequest,
-    Finished,
-    FinishReason,
-    GenerationEvent,
-    GenerationRequest,
-    Progress,
-    Started,
-    TokenUsage,
-)
+from mimoserve.backends.base import Capabilities, ChatRequest, GenerationRequest
 from mimoserve.backends.structured import StructuredOutput
 from mimoserve.backends.text_request import to_generation_request
 from mimoserve.config import Settings
+from mimoserve.events import Finished, FinishReason, GenerationEvent, Progress, Started, TokenUsage
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

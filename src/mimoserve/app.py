@@ -42,7 +42,7 @@ def create_app(
     settings: Settings,
     *,
     registry: ModelRegistry,
-    backends: Mapping[str, Backend],
+    backends: Mapping[str, Backend[Any]],
     keys: KeyStore,
     ledger: UsageLedger | None = None,
     admin: AdminCredential | None = None,
@@ -72,8 +72,8 @@ def create_app(
     app.state.settings = settings
     app.state.keys = keys
     metrics = Metrics(
-        load_probe=lambda: chat_service.engine_load(),
-        memory_probe=lambda: chat_service.engine_memory(),
+        load_probe=lambda: chat_service.catalogue.engine_load(),
+        memory_probe=lambda: chat_service.catalogue.engine_memory(),
         ledger_probe=(lambda: (ledger.pending, ledger.set_aside_total)) if ledger else None,
     )
     policy = AdmissionPolicy(settings.default_limits, settings.completion_reserve_tokens)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -31,11 +32,11 @@ def load_registry(settings: Settings) -> ModelRegistry:
     return registry.with_weights(settings.weights) if settings.weights else registry
 
 
-def build_backends(settings: Settings, registry: ModelRegistry) -> dict[str, Backend]:
+def build_backends(settings: Settings, registry: ModelRegistry) -> dict[str, Backend[Any]]:
     """One engine per distinct weights, shared by every model id that names them."""
     store = WeightsStore(settings.weights_dir)
-    engines: dict[str, Backend] = {}
-    by_model: dict[str, Backend] = {}
+    engines: dict[str, Backend[Any]] = {}
+    by_model: dict[str, Backend[Any]] = {}
     for entry in registry.entries():
         if entry.backend != "llamacpp" or entry.weights is None:
             continue  # served by upstream engines (see build_relay)

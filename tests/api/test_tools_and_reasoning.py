@@ -240,7 +240,7 @@ async def test_prompted_thinking_parses_from_the_opened_block(
 async def test_reasoning_tokens_are_reported(
     client: httpx.AsyncClient, backend: ScriptedBackend
 ) -> None:
-    from mimoserve.backends.base import Finished, TokenUsage
+    from mimoserve.events import Finished, TokenUsage
 
     async def generate(request: Any) -> Any:
         yield Finished("stop", TokenUsage(5, 9, 0, reasoning_tokens=6))

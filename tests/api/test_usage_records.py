@@ -9,10 +9,10 @@ import pytest
 
 from mimoserve.app import create_app
 from mimoserve.auth.keys import KeyStore, Principal
-from mimoserve.backends.base import ContentDelta
 from mimoserve.chat.service import ChatService
 from mimoserve.config import Settings
 from mimoserve.errors import EngineError
+from mimoserve.events import ContentDelta
 from mimoserve.metering.ledger import UsageLedger, UsageRecord
 from mimoserve.protocol.chat import ChatCompletionRequest
 from mimoserve.registry import ModelRegistry

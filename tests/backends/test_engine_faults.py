@@ -14,20 +14,17 @@ from pathlib import Path
 import pytest
 
 from mimoserve.backends.base import (
-    ContentDelta,
-    Finished,
-    GenerationEvent,
     GenerationRequest,
     OutputConstraint,
     PromptMessage,
     SamplingParams,
-    Started,
 )
 from mimoserve.backends.llamacpp.backend import LlamaCppBackend
 from mimoserve.backends.llamacpp.model import EngineConfig
 from mimoserve.backends.llamacpp.scheduler import Scheduler
 from mimoserve.backends.llamacpp.sequence import SequenceOutput
 from mimoserve.errors import EngineError, OverloadedError
+from mimoserve.events import ContentDelta, Finished, GenerationEvent, Started
 from tests.e2e.server import pull_test_weights
 from tests.waiting import until
 

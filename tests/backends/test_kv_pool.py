@@ -24,18 +24,11 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from mimoserve.backends.base import (
-    ContentDelta,
-    Finished,
-    GenerationEvent,
-    GenerationRequest,
-    PromptMessage,
-    SamplingParams,
-    Started,
-)
+from mimoserve.backends.base import GenerationRequest, PromptMessage, SamplingParams
 from mimoserve.backends.llamacpp.backend import LlamaCppBackend
 from mimoserve.backends.llamacpp.model import EngineConfig
 from mimoserve.backends.llamacpp.scheduler import Running, Scheduler
+from mimoserve.events import ContentDelta, Finished, GenerationEvent, Started
 from tests.e2e.server import pull_test_weights
 
 pytestmark = pytest.mark.real_model

@@ -15,7 +15,10 @@ from hypothesis import strategies as st
 
 from mimoserve.app import create_app
 from mimoserve.auth.keys import KeyStore
-from mimoserve.backends.base import (
+from mimoserve.backends.structured import StructuredOutput
+from mimoserve.backends.upstream.events import AnswerMapper
+from mimoserve.config import Settings
+from mimoserve.events import (
     ContentDelta,
     Finished,
     GenerationEvent,
@@ -24,9 +27,6 @@ from mimoserve.backends.base import (
     ToolCallEnded,
     ToolCallStarted,
 )
-from mimoserve.backends.structured import StructuredOutput
-from mimoserve.backends.upstream.events import AnswerMapper
-from mimoserve.config import Settings
 from mimoserve.parsing.assembler import OutputPlan
 from mimoserve.parsing.output import OutputFormat
 from mimoserve.registry import ModelRegistry

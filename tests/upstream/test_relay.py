@@ -203,7 +203,7 @@ def test_client_disconnect_closes_the_upstream_request(tmp_path: Path) -> None:
         while engine.cancelled == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert engine.cancelled == 1, "the engine saw the stream closed"
-        backend = gw.app_state.chat._backend_for("mimo-v2-flash")  # type: ignore[attr-defined]
+        backend = gw.app_state.chat.catalogue.backend_for("mimo-v2-flash")  # type: ignore[attr-defined]
         assert backend.model.pool.replicas[0].failures == 0
 
         slow = Canned(delay_s=5)
@@ -227,7 +227,7 @@ def test_client_disconnect_closes_the_upstream_request(tmp_path: Path) -> None:
                 assert slow.cancelled == 1, "a non-streaming request is closed upstream too"
                 assert [r.status for r in wait_for_records(gw2, 1)] == [499]
                 # A client that leaves is not the replica's fault: its breaker stays closed.
-                backend = gw2.app_state.chat._backend_for("mimo-v2-pro")  # type: ignore[attr-defined]
+                backend = gw2.app_state.chat.catalogue.backend_for("mimo-v2-pro")  # type: ignore[attr-defined]
                 assert backend.model.pool.replicas[0].failures == 0
 
 

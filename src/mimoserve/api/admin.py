@@ -121,7 +121,7 @@ async def create_key(account_id: str, request: Request) -> CreatedKey:
 
 
 def _administration(request: Request) -> Administration:
-    served = [card.id for card in request.app.state.chat.list_models().data]
+    served = [card.id for card in request.app.state.chat.catalogue.list_models().data]
     return Administration(_keys(request), _budgets(request).store, served)
 
 

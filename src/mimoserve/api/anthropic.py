@@ -18,9 +18,9 @@ from starlette.routing import Route
 from mimoserve.api.anthropic_in import to_chat_request
 from mimoserve.api.anthropic_out import error_body, stream_frames, to_message
 from mimoserve.api.door import Door, Translated, handler, prepared
-from mimoserve.backends.base import GenerationEvent
 from mimoserve.chat.answer import Answer
 from mimoserve.chat.service import ChatService, PreparedChat
+from mimoserve.events import GenerationEvent
 from mimoserve.protocol.anthropic import CountTokensRequest, MessagesRequest
 
 # Claude Code drops a stream that sends nothing for a while: a `ping` every 5 s while a

@@ -14,7 +14,10 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from mimoserve.api.sse import named_frame as sse
-from mimoserve.backends.base import (
+from mimoserve.chat.answer import Answer
+from mimoserve.chat.service import PreparedChat
+from mimoserve.errors import ContextLengthExceededError, EngineError, MimoError
+from mimoserve.events import (
     ContentDelta,
     Finished,
     GenerationEvent,
@@ -25,9 +28,6 @@ from mimoserve.backends.base import (
     ToolCallEnded,
     ToolCallStarted,
 )
-from mimoserve.chat.answer import Answer
-from mimoserve.chat.service import PreparedChat
-from mimoserve.errors import ContextLengthExceededError, EngineError, MimoError
 from mimoserve.parsing.safe_json import loads_for_wire
 
 log = logging.getLogger(__name__)

@@ -23,11 +23,11 @@ from mimoserve.api.body import read_json_body
 from mimoserve.api.disconnect import until_disconnect
 from mimoserve.api.sse import EventStreamResponse, write_timeout
 from mimoserve.auth.keys import Principal
-from mimoserve.backends.base import GenerationEvent
 from mimoserve.chat.answer import Answer
 from mimoserve.chat.choices import IndexedEvent
 from mimoserve.chat.service import ChatService, PreparedChat
 from mimoserve.errors import MimoError, StoreUnavailableError
+from mimoserve.events import GenerationEvent
 from mimoserve.protocol.chat import ChatCompletionRequest
 from mimoserve.store.base import StoreError
 from mimoserve.streams import ClosableStream, OwnedStream, with_heartbeat

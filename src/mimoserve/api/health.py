@@ -27,7 +27,7 @@ async def ready(request: Request) -> JSONResponse:
     keys: KeyStore = request.app.state.keys
     limiter: Limiter = request.app.state.limiter
     checks = {"store": "ok", "limits": "ok", "engines": "ok"}
-    down = request.app.state.chat.engines_down()
+    down = request.app.state.chat.catalogue.engines_down()
     if down:
         checks["engines"] = "down: " + ", ".join(down)
     try:

@@ -14,10 +14,10 @@ router = APIRouter(dependencies=[Depends(require_principal)])
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
     service: ChatService = request.app.state.chat
-    return service.list_models()
+    return service.catalogue.list_models()
 
 
 @router.get("/v1/models/{model_id}")
 async def get_model(model_id: str, request: Request) -> ModelCard:
     service: ChatService = request.app.state.chat
-    return service.get_model(model_id)
+    return service.catalogue.get_model(model_id)

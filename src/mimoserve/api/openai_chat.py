@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 
-from mimoserve.backends.base import (
+from mimoserve.chat.answer import Answer, answer_finish
+from mimoserve.chat.choices import IndexedEvent, summed
+from mimoserve.chat.service import PreparedChat
+from mimoserve.events import (
     ContentDelta,
     Finished,
     Logprobs,
@@ -15,9 +18,6 @@ from mimoserve.backends.base import (
     ToolCallDelta,
     ToolCallStarted,
 )
-from mimoserve.chat.answer import Answer, answer_finish
-from mimoserve.chat.choices import IndexedEvent, summed
-from mimoserve.chat.service import PreparedChat
 from mimoserve.protocol.chat import (
     ChatCompletion,
     ChatCompletionChunk,

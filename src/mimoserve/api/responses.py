@@ -10,9 +10,9 @@ from starlette.routing import Route
 from mimoserve.api.door import Door, Translated, handler
 from mimoserve.api.responses_in import Translation, to_chat_request
 from mimoserve.api.responses_out import ResponseShape, stream_frames, to_response
-from mimoserve.backends.base import GenerationEvent
 from mimoserve.chat.answer import Answer
 from mimoserve.chat.service import PreparedChat
+from mimoserve.events import GenerationEvent
 from mimoserve.protocol.responses import ResponsesRequest
 
 

@@ -18,7 +18,10 @@ from typing import Any
 
 from mimoserve.api.responses_in import Translation
 from mimoserve.api.sse import named_frame as sse
-from mimoserve.backends.base import (
+from mimoserve.chat.answer import Answer
+from mimoserve.chat.service import PreparedChat
+from mimoserve.errors import EngineError, MimoError
+from mimoserve.events import (
     ContentDelta,
     Finished,
     GenerationEvent,
@@ -28,9 +31,6 @@ from mimoserve.backends.base import (
     ToolCallEnded,
     ToolCallStarted,
 )
-from mimoserve.chat.answer import Answer
-from mimoserve.chat.service import PreparedChat
-from mimoserve.errors import EngineError, MimoError
 from mimoserve.parsing.safe_json import loads_for_wire
 
 log = logging.getLogger(__name__)

@@ -9,15 +9,14 @@ with the usage. No event knows a wire format.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
+from mimoserve.events import GenerationEvent, KvCells
 from mimoserve.parsing.assembler import OutputPlan
 from mimoserve.protocol.chat import ChatCompletionRequest
 from mimoserve.registry import ModelEntry
-
-FinishReason = Literal["stop", "length", "content_filter"]
 
 
 @dataclass(frozen=True)
@@ -102,120 +101,6 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
-class Started:
-    """The engine admitted the request and knows its prompt (first event of a generation)."""
-
-    prompt_tokens: int
-    cached_tokens: int = 0
-    # The engine's own count of completion tokens generated so far, read or not (None:
-    # only what was read is known). A request cut short is billed for what it cost.
-    generated: Callable[[], int] | None = field(default=None, compare=False, repr=False)
-    # `prompt_tokens` is an estimate (an upstream engine counts only when it answers).
-    estimated: bool = False
-
-
-@dataclass(frozen=True)
-class ReasoningDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class ContentDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class ToolCallStarted:
-    index: int  # 0, 1, ... in the order calls start
-    id: str
-    name: str
-
-
-@dataclass(frozen=True)
-class ToolCallDelta:
-    """A piece of a call's arguments; a call's pieces concatenated are one JSON object."""
-
-    index: int
-    arguments: str
-
-
-@dataclass(frozen=True)
-class ToolCallEnded:
-    index: int
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Completion tokens generated since the last `Progress` (text may still be held
-    back), so a generation cut short still knows what it consumed."""
-
-    tokens: int
-
-
-@dataclass(frozen=True)
-class TokenUsage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
-    estimated: bool = False  # the engine did not count them all: the server estimated
-
-
-@dataclass(frozen=True)
-class RivalToken:
-    token: str
-    token_bytes: tuple[int, ...]
-    logprob: float
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A sampled token's log-probability under the model (before sampling settings),
-    with the most likely tokens at that step."""
-
-    token: str
-    token_bytes: tuple[int, ...]
-    logprob: float
-    top: tuple[RivalToken, ...] = ()
-
-
-@dataclass(frozen=True)
-class Logprobs:
-    """The tokens sampled since the last event, in order (only when asked for)."""
-
-    tokens: tuple[TokenLogprob, ...]
-
-
-@dataclass(frozen=True)
-class Finished:
-    reason: FinishReason
-    usage: TokenUsage
-    stop_sequence: str | None = None  # the client's stop sequence that ended the answer
-
-
-OutputEvent = ReasoningDelta | ContentDelta | ToolCallStarted | ToolCallDelta | ToolCallEnded
-GenerationEvent = Started | OutputEvent | Progress | Logprobs | Finished
-
-
-@dataclass(frozen=True)
-class KvCells:
-    """An engine's KV pool, in tokens: held by running sequences (`used`), kept for
-    prefixes nobody attends to now (`cached`, evicted on demand), and free."""
-
-    total: int
-    used: int
-    cached: int
-    # Counted since the engine started, reported beside the pool: sequences pre-empted
-    # for room, and sequences ended because one constrained token took too long.
-    preemptions: int = 0
-    constraint_timeouts: int = 0
-
-    @property
-    def free(self) -> int:
-        return self.total - self.used - self.cached
-
-
-@dataclass(frozen=True)
 class Capabilities:
     context_length: int
     input_modalities: frozenset[str] = frozenset({"text"})
@@ -247,19 +132,24 @@ class ChatRequest:
     raw: bytes | None = None
 
 
-class Backend(ServedModel, Protocol):
-    """Serves one set of weights; several public model ids may share one backend."""
+Prepared = TypeVar("Prepared")  # a backend's own request, from `prepare` to `generate`
 
-    def prepare(self, chat: ChatRequest) -> Any:
+
+class Backend(ServedModel, Protocol[Prepared]):
+    """Serves one set of weights; several public model ids may share one backend. Its
+    prepared request is its own type: the core carries it from `prepare` to `generate`
+    without looking inside (it may only ask it to cap its output: `chat.choices`)."""
+
+    def prepare(self, chat: ChatRequest) -> Prepared:
         """The engine's request, checked: what the engine cannot do is a 400 here,
         before the request is admitted against any limit."""
         ...
 
-    async def count_tokens(self, prepared: Any) -> int:
+    async def count_tokens(self, prepared: Prepared) -> int:
         """The prompt's tokens as the engine would count them (or its best estimate)."""
         ...
 
-    def generate(self, prepared: Any) -> AsyncGenerator[GenerationEvent, None]:
+    def generate(self, prepared: Prepared) -> AsyncGenerator[GenerationEvent, None]:
         """Yields `Started` first, then output events and `Progress`, then exactly one
         `Finished`.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 
-from mimoserve.backends.base import (
+from mimoserve.events import (
     ContentDelta,
     OutputEvent,
     ReasoningDelta,

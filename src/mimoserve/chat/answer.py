@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mimoserve.backends.base import (
+from mimoserve.events import (
     ContentDelta,
     Finished,
     GenerationEvent,

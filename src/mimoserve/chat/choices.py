@@ -17,12 +17,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
 from typing import Any, Protocol, runtime_checkable
 
-from mimoserve.backends.base import (
-    Finished,
-    GenerationEvent,
-    Started,
-    TokenUsage,
-)
+from mimoserve.events import Finished, GenerationEvent, Started, TokenUsage
 
 IndexedEvent = tuple[int, GenerationEvent]
 _DONE = object()

@@ -8,12 +8,12 @@ import time
 from collections.abc import Callable
 
 from mimoserve.auth.keys import Principal
-from mimoserve.backends.base import Started, TokenUsage
 from mimoserve.billing.keeper import BudgetHold, InsufficientQuotaError, Usage
 from mimoserve.billing.prices import Price, cost_micros
 from mimoserve.billing.service import Budgets
 from mimoserve.context import current_request_id
 from mimoserve.errors import MimoError, StoreUnavailableError
+from mimoserve.events import Started, TokenUsage
 from mimoserve.limits.admission import AdmissionPolicy
 from mimoserve.limits.limiter import Admission, Limiter, RateLimitedError
 from mimoserve.metering.ledger import UsageLedger, UsageRecord

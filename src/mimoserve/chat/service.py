@@ -14,33 +14,24 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from mimoserve.auth.keys import Principal
-from mimoserve.backends.base import (
-    Backend,
-    ChatRequest,
-    Finished,
-    GenerationEvent,
-    KvCells,
-    Progress,
-    Started,
-    TokenUsage,
-)
+from mimoserve.backends.base import Backend, ChatRequest
 from mimoserve.billing.keeper import BudgetHold, Usage
 from mimoserve.billing.prices import Price, cost_micros
 from mimoserve.billing.service import Budgets
 from mimoserve.chat.answer import Answer
+from mimoserve.chat.catalogue import ModelCatalogue
 from mimoserve.chat.choices import IndexedEvent, capped, merged, summed
 from mimoserve.chat.meter import RequestMeter, admit, reserve_budgets
 from mimoserve.context import current_request_id
 from mimoserve.errors import (
     EngineError,
     InvalidRequestError,
-    ModelNotFoundError,
     PermissionDeniedError,
 )
+from mimoserve.events import Finished, GenerationEvent, Progress, Started, TokenUsage
 from mimoserve.limits.admission import (
     AdmissionPolicy,
     completion_budget,
@@ -50,7 +41,7 @@ from mimoserve.limits.admission import (
 from mimoserve.limits.limiter import Admission, Limiter, RateLimiter
 from mimoserve.metering.ledger import UsageLedger, UsageRecord
 from mimoserve.metering.metrics import Metrics
-from mimoserve.protocol.chat import ChatCompletionRequest, ModelCard, ModelList
+from mimoserve.protocol.chat import ChatCompletionRequest
 from mimoserve.registry import ModelRegistry
 from mimoserve.streams import OwnedStream
 
@@ -64,7 +55,7 @@ class PreparedChat:
     completion_id: str
     created: int
     model: str
-    backend: Backend
+    backend: Backend[Any]
     prepared: Any  # the backend's own request
     principal: Principal
     reserve_tokens: int  # what rate limits reserve at admission, settled at the end
@@ -84,7 +75,7 @@ class ChatService:
     def __init__(
         self,
         registry: ModelRegistry,
-        backends: Mapping[str, Backend],
+        backends: Mapping[str, Backend[Any]],
         metrics: Metrics | None = None,
         ledger: UsageLedger | None = None,
         limiter: Limiter | None = None,
@@ -94,59 +85,12 @@ class ChatService:
         self._registry = registry
         self._budgets = budgets
         self._backends = dict(backends)
-        self._created = int(time.time())
+        # What is served, apart from the pipeline (GET /v1/models, /ready, /metrics).
+        self.catalogue = ModelCatalogue(registry, self._backends)
         self._metrics = metrics or Metrics()
         self._ledger = ledger
         self._limiter: Limiter = limiter or RateLimiter()
         self._policy = policy or AdmissionPolicy()
-
-    # ---- models and engines ------------------------------------------------------------
-
-    def engines_down(self) -> list[str]:
-        return sorted(model for model, backend in self._backends.items() if not backend.healthy)
-
-    def _engines(self) -> dict[str, Backend]:
-        """Each backend once, under the first model id that names it: ids naming the same
-        weights share one engine, and one series per id would count its load and its
-        pool once per id (a sum over `model` in Prometheus would be wrong)."""
-        seen: dict[int, str] = {}
-        for model, backend in self._backends.items():
-            seen.setdefault(id(backend), model)
-        return {model: self._backends[model] for model in seen.values()}
-
-    def engine_load(self) -> dict[str, tuple[int, int]]:
-        return {model: backend.load() for model, backend in self._engines().items()}
-
-    def engine_memory(self) -> dict[str, KvCells]:
-        found = {model: backend.kv_cells() for model, backend in self._engines().items()}
-        return {model: cells for model, cells in found.items() if cells is not None}
-
-    def list_models(self) -> ModelList:
-        cards = [self.get_model(entry.id) for entry in self._registry.entries()]
-        return ModelList(data=cards, first_id=cards[0].id if cards else None,
-                         last_id=cards[-1].id if cards else None)  # fmt: skip
-
-    def get_model(self, model_id: str) -> ModelCard:
-        backend = self._backend_for(model_id)
-        return ModelCard(
-            id=model_id,
-            created=self._created,
-            root=backend.weights_name,
-            context_length=backend.capabilities.context_length or None,
-            display_name=model_id,
-            created_at=datetime.fromtimestamp(self._created, UTC)
-            .isoformat()
-            .replace("+00:00", "Z"),
-        )
-
-    def _backend_for(self, model_id: str) -> Backend:
-        backend = self._backends.get(model_id)
-        if backend is None:
-            raise ModelNotFoundError(
-                f"The model {model_id!r} does not exist; GET /v1/models lists the served models.",
-                param="model",
-            )
-        return backend
 
     # ---- the pipeline ------------------------------------------------------------------
 
@@ -178,7 +122,7 @@ class ChatService:
         api: str = "chat.completions",
         id_prefix: str = "chatcmpl-",
     ) -> PreparedChat:
-        backend = self._backend_for(request.model)
+        backend = self.catalogue.backend_for(request.model)
         if principal.allowed_models is not None and request.model not in principal.allowed_models:
             raise PermissionDeniedError(
                 f"This key may not use the model {request.model!r}.", param="model"

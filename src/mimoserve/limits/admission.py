@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from mimoserve.limits.policy import Limits
 from mimoserve.protocol.chat import ChatCompletionRequest
+from mimoserve.protocol.estimate import estimate_prompt_tokens
 
-# Prompt tokens are counted only once the engine tokenizes; until then, a character
-# estimate (English averages about four characters a token; three errs high).
-_CHARS_PER_TOKEN = 3
+__all__ = ["AdmissionPolicy", "completion_budget", "estimate_prompt_tokens", "requested_output"]
 
 
 @dataclass(frozen=True)
 class AdmissionPolicy:
     defaults: Limits = field(default_factory=Limits)
     completion_reserve: int = 512  # when a request sets no max_completion_tokens
-
-
-def estimate_prompt_tokens(request: ChatCompletionRequest, raw: bytes | None = None) -> int:
-    """Until an engine counts them: from the body's size (the raw body when at hand,
-    measuring it costs nothing; else the messages and tools)."""
-    size = (
-        len(raw) if raw is not None else len(request.model_dump_json(include={"messages", "tools"}))
-    )
-    return math.ceil(size / _CHARS_PER_TOKEN)
 
 
 def requested_output(request: ChatCompletionRequest) -> int | None:

@@ -6,7 +6,7 @@ one: see journal.py); a background task writes what has gathered every
 graceful shutdown loses nothing that was accepted.
 
 A failed batch is retried record by record. A record the store refuses for its
-content (`RecordRefusedError`, `ConstraintError`: writing it again would fail again) is
+content (an error with `refused_for_content`: writing it again would fail again) is
 set aside, counted and logged, so one bad record never blocks the ledger. Any other
 failure means the store is unreachable, for this record as for the rest: what is not
 written goes back to the head of the queue, in order, and the next attempt waits a
@@ -25,7 +25,6 @@ from typing import Protocol
 
 from mimoserve.metering.journal import UsageJournal
 from mimoserve.metering.records import UsageRecord, sanitized
-from mimoserve.store.base import ConstraintError, RecordRefusedError
 
 __all__ = ["UsageLedger", "UsageRecord", "UsageStore"]
 
@@ -37,8 +36,11 @@ _MAX_BACKOFF_S = 30.0  # the longest wait between two attempts while the store i
 
 def refused_for_content(error: BaseException) -> bool:
     """Whether the store refused the record itself (it will never take it), as opposed to
-    being unreachable (it may take it later)."""
-    return isinstance(error, RecordRefusedError | ConstraintError | ValueError | TypeError)
+    being unreachable (it may take it later). The stores' errors say so themselves
+    (`refused_for_content`), so the ledger needs no store below it."""
+    return bool(getattr(error, "refused_for_content", False)) or isinstance(
+        error, ValueError | TypeError
+    )
 
 
 class UsageStore(Protocol):

@@ -19,10 +19,14 @@ class StoreError(Exception):
 class ConstraintError(Exception):
     """A write broke a uniqueness or integrity constraint."""
 
+    refused_for_content = True  # writing the same data again fails again (metering reads it)
+
 
 class RecordRefusedError(StoreError):
     """The store is up but refuses this data for its content (a value out of range, a
     character it cannot hold): writing it again will fail again."""
+
+    refused_for_content = True
 
 
 class Cursor(Protocol):

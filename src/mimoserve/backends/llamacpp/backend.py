@@ -13,17 +13,7 @@ import threading
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from mimoserve.backends.base import (
-    Capabilities,
-    ChatRequest,
-    Finished,
-    GenerationEvent,
-    GenerationRequest,
-    KvCells,
-    Logprobs,
-    Progress,
-    Started,
-)
+from mimoserve.backends.base import Capabilities, ChatRequest, GenerationRequest
 from mimoserve.backends.llamacpp.grammar import build_grammar
 from mimoserve.backends.llamacpp.model import PREFIX_HOLDERS, EngineConfig, LoadedModel
 from mimoserve.backends.llamacpp.native import NativeContext
@@ -38,6 +28,7 @@ from mimoserve.backends.llamacpp.sequence import (
 from mimoserve.backends.llamacpp.template import TemplateError, inline_reasoning
 from mimoserve.backends.text_request import to_generation_request
 from mimoserve.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
+from mimoserve.events import Finished, GenerationEvent, KvCells, Logprobs, Progress, Started
 from mimoserve.parsing.output import THINK_OPEN
 
 # llama.cpp's limit on sequence ids in one context (LLAMA_MAX_SEQ).

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from mimoserve.backends.base import RivalToken, TokenLogprob
+from mimoserve.events import RivalToken, TokenLogprob
 
 TokenBytes = Callable[[int], bytes]
 

@@ -28,7 +28,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mimoserve.backends.base import Finished, KvCells, Started, TokenLogprob, TokenUsage
 from mimoserve.backends.llamacpp.logprobs import log_softmax, token_logprob
 from mimoserve.backends.llamacpp.native import Batch, NativeContext, NativeModel, Sampler
 from mimoserve.backends.llamacpp.prefix_cache import Node, PrefixCache, common_prefix
@@ -40,6 +39,7 @@ from mimoserve.backends.llamacpp.sequence import (
     Step,
 )
 from mimoserve.errors import EngineError, OverloadedError
+from mimoserve.events import Finished, KvCells, Started, TokenLogprob, TokenUsage
 
 log = logging.getLogger(__name__)
 

@@ -10,15 +10,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mimoserve.backends.base import (
-    Finished,
-    FinishReason,
-    OutputEvent,
-    SamplingParams,
-    Started,
-    TokenLogprob,
-)
+from mimoserve.backends.base import SamplingParams
 from mimoserve.backends.structured import StructuredOutput
+from mimoserve.events import Finished, FinishReason, OutputEvent, Started, TokenLogprob
 from mimoserve.parsing.assembler import OutputPlan
 from mimoserve.parsing.output import THINK_CLOSE
 from mimoserve.parsing.stop import StopMatcher

@@ -15,14 +15,15 @@ from typing import Any
 
 import aiohttp
 
-from mimoserve.backends.base import Capabilities, ChatRequest, GenerationEvent, Started
+from mimoserve.backends.base import Capabilities, ChatRequest
 from mimoserve.backends.upstream import wire
 from mimoserve.backends.upstream.client import UpstreamModel
 from mimoserve.backends.upstream.events import AnswerMapper
 from mimoserve.backends.upstream.media import MediaLimits, check_media
 from mimoserve.backends.upstream.replicas import Replica
 from mimoserve.backends.upstream.url_guard import MediaUrl, refuse_internal_urls
-from mimoserve.limits.admission import estimate_prompt_tokens
+from mimoserve.events import GenerationEvent, Started
+from mimoserve.protocol.estimate import estimate_prompt_tokens
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mimoserve.backends.base import (
+from mimoserve.backends.structured import new_call_id
+from mimoserve.backends.upstream.wire import UpstreamFailure, error_message
+from mimoserve.events import (
     ContentDelta,
     Finished,
     FinishReason,
@@ -28,8 +30,6 @@ from mimoserve.backends.base import (
     ToolCallEnded,
     ToolCallStarted,
 )
-from mimoserve.backends.structured import new_call_id
-from mimoserve.backends.upstream.wire import UpstreamFailure, error_message
 
 _CHARS_PER_TOKEN = 4  # for estimates only, when an engine reports no usage
 _REASONS: dict[str, FinishReason] = {"length": "length", "content_filter": "content_filter"}

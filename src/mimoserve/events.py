@@ -1,0 +1,131 @@
+"""The neutral vocabulary every layer speaks: what a generation yields (typed events),
+what it used, how it ended, and what an engine reports of itself.
+
+Imports nothing of the project, so `metering`, `backends`, `chat` and the doors can all
+depend on it without depending on each other. Every backend yields, in order: one
+`Started`; reasoning and content deltas and tool calls (started, argument pieces, ended)
+as they are generated, with `Progress` for the tokens they cost and `Logprobs` when
+asked; one `Finished` with the usage. No event knows a wire format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "content_filter"]
+
+
+@dataclass(frozen=True)
+class Started:
+    """The engine admitted the request and knows its prompt (first event of a generation)."""
+
+    prompt_tokens: int
+    cached_tokens: int = 0
+    # The engine's own count of completion tokens generated so far, read or not (None:
+    # only what was read is known). A request cut short is billed for what it cost.
+    generated: Callable[[], int] | None = field(default=None, compare=False, repr=False)
+    # `prompt_tokens` is an estimate (an upstream engine counts only when it answers).
+    estimated: bool = False
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ContentDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallStarted:
+    index: int  # 0, 1, ... in the order calls start
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a call's arguments; a call's pieces concatenated are one JSON object."""
+
+    index: int
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolCallEnded:
+    index: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Completion tokens generated since the last `Progress` (text may still be held
+    back), so a generation cut short still knows what it consumed."""
+
+    tokens: int
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    estimated: bool = False  # the engine did not count them all: the server estimated
+
+
+@dataclass(frozen=True)
+class RivalToken:
+    token: str
+    token_bytes: tuple[int, ...]
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (before sampling settings),
+    with the most likely tokens at that step."""
+
+    token: str
+    token_bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[RivalToken, ...] = ()
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """The tokens sampled since the last event, in order (only when asked for)."""
+
+    tokens: tuple[TokenLogprob, ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    usage: TokenUsage
+    stop_sequence: str | None = None  # the client's stop sequence that ended the answer
+
+
+OutputEvent = ReasoningDelta | ContentDelta | ToolCallStarted | ToolCallDelta | ToolCallEnded
+GenerationEvent = Started | OutputEvent | Progress | Logprobs | Finished
+
+
+@dataclass(frozen=True)
+class KvCells:
+    """An engine's KV pool, in tokens: held by running sequences (`used`), kept for
+    prefixes nobody attends to now (`cached`, evicted on demand), and free."""
+
+    total: int
+    used: int
+    cached: int
+    # Counted since the engine started, reported beside the pool: sequences pre-empted
+    # for room, and sequences ended because one constrained token took too long.
+    preemptions: int = 0
+    constraint_timeouts: int = 0
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used - self.cached
