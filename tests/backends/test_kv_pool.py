@@ -27,6 +27,7 @@ import pytest
 from mimoserve.backends.base import GenerationRequest, PromptMessage, SamplingParams
 from mimoserve.backends.llamacpp.backend import LlamaCppBackend
 from mimoserve.backends.llamacpp.model import EngineConfig
+from mimoserve.backends.llamacpp.native import NativeContext
 from mimoserve.backends.llamacpp.scheduler import Running, Scheduler
 from mimoserve.events import ContentDelta, Finished, GenerationEvent, Started
 from tests.e2e.server import pull_test_weights
@@ -74,6 +75,7 @@ def trace(monkeypatch: pytest.MonkeyPatch) -> Iterator[Trace]:
 
     def advance(self: Scheduler, running: Running) -> None:
         ctx = self._ctx
+        assert isinstance(ctx, NativeContext)
         logits = llama_cpp.llama_get_logits_ith(ctx.ptr, running.batch_index)
         seen = np.ctypeslib.as_array(logits, shape=(ctx.n_vocab,)).copy()
         if running.job.sampling.ignore_eos:

@@ -1,6 +1,6 @@
 """The prefix tree against a model of llama.cpp's unified KV cache.
 
-`SimulatedKv` keeps cells as llama.cpp does (a position, the token computed there, a
+`SimulatedKv` (fake_engine.py) keeps cells as llama.cpp does (a position, the token computed there, a
 set of sequence ids; a cell no id holds is free) and does what `llama_memory_seq_cp` and
 `llama_memory_seq_rm` do on one stream. A state machine then starts, caches, finishes
 and evicts sequences in any order, with few tokens (many shared prefixes) and few spare
@@ -15,7 +15,6 @@ sequence ids (splits and inserts that find none), and checks after every step:
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 from hypothesis import settings
@@ -23,39 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from mimoserve.backends.llamacpp.prefix_cache import Node, PrefixCache
-
-
-@dataclass
-class Cell:
-    pos: int
-    token: int
-    seqs: set[int]
-
-
-class SimulatedKv:
-    def __init__(self) -> None:
-        self.cells: dict[int, Cell] = {}
-        self._ids = itertools.count()
-
-    def copy(self, src: int, dst: int, start: int, end: int) -> None:
-        for cell in self.cells.values():
-            if src in cell.seqs and start <= cell.pos < (end if end >= 0 else 1 << 30):
-                cell.seqs.add(dst)
-
-    def remove(self, seq: int, start: int = 0, end: int = -1) -> None:
-        stop = end if end >= 0 else 1 << 30
-        for key, cell in list(self.cells.items()):
-            if seq in cell.seqs and start <= cell.pos < stop:
-                cell.seqs.discard(seq)
-                if not cell.seqs:
-                    del self.cells[key]
-
-    def compute(self, seq: int, tokens: list[int], start: int) -> None:
-        for offset, token in enumerate(tokens):
-            self.cells[next(self._ids)] = Cell(start + offset, token, {seq})
-
-    def view(self, seq: int) -> list[tuple[int, int]]:
-        return sorted((c.pos, c.token) for c in self.cells.values() if seq in c.seqs)
+from tests.backends.fake_engine import SimulatedKv
 
 
 @dataclass

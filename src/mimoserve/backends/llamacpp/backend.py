@@ -16,7 +16,7 @@ from typing import Any
 from mimoserve.backends.base import Capabilities, ChatRequest, GenerationRequest
 from mimoserve.backends.llamacpp.grammar import build_grammar
 from mimoserve.backends.llamacpp.model import PREFIX_HOLDERS, EngineConfig, LoadedModel
-from mimoserve.backends.llamacpp.native import NativeContext
+from mimoserve.backends.llamacpp.native import Batch, NativeContext, Sampler
 from mimoserve.backends.llamacpp.scheduler import Scheduler, engine_down
 from mimoserve.backends.llamacpp.sequence import (
     FORCED_CLOSE,
@@ -84,8 +84,9 @@ class LlamaCppBackend:
             n_threads=config.threads,
             kv_type=config.kv_type,
         )
+        weights = self._model.weights
         self._scheduler = Scheduler(
-            self._model.weights,
+            lambda sampling, seed, grammar: Sampler(weights, sampling, seed=seed, grammar=grammar),
             self._context,
             lanes=config.n_parallel,
             pool_cells=pool,
@@ -95,6 +96,7 @@ class LlamaCppBackend:
             is_end=self._model.is_end_of_generation,
             end_tokens=self._model.end_tokens,
             forced_close=self._model.tokenize_text(FORCED_CLOSE),
+            new_batch=Batch,
         )
         self._mailbox: Mailbox | None = None
         # Admitted requests (running or waiting): `n_parallel` run, `max_queue` may wait.

@@ -28,8 +28,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mimoserve.backends.llamacpp.engine_parts import (
+    BatchFactory,
+    KvContext,
+    SamplerFactory,
+    TokenSampler,
+)
 from mimoserve.backends.llamacpp.logprobs import log_softmax, token_logprob
-from mimoserve.backends.llamacpp.native import Batch, NativeContext, NativeModel, Sampler
 from mimoserve.backends.llamacpp.prefix_cache import Node, PrefixCache, common_prefix
 from mimoserve.backends.llamacpp.sequence import (
     MAX_UNREAD_STEPS,
@@ -93,7 +98,7 @@ class Running:
 
     job: DecodeJob
     order: int  # admission order: the newest is pre-empted first
-    sampler: Sampler | None = None  # set when it first starts
+    sampler: TokenSampler | None = None  # set when it first starts
     output: SequenceOutput | None = None
     lane: int | None = None  # the sequence id it decodes on, None while waiting
     fed: list[int] = field(default_factory=list)  # tokens whose cells the lane holds
@@ -121,8 +126,8 @@ class Running:
 class Scheduler:
     def __init__(
         self,
-        model: NativeModel,
-        context: NativeContext,
+        new_sampler: SamplerFactory,
+        context: KvContext,
         *,
         lanes: int,
         pool_cells: int,
@@ -132,14 +137,15 @@ class Scheduler:
         is_end: Callable[[int], bool],
         end_tokens: list[int],
         forced_close: list[int],
+        new_batch: BatchFactory,
     ) -> None:
-        self._model = model
+        self._new_sampler = new_sampler
         self._ctx = context
         self._lanes: list[Running | None] = [None] * lanes
         self._pool_cells = pool_cells
         self._cache = PrefixCache(context, holder_ids=range(lanes, context.n_seq_max))
         self._seq_ctx = seq_ctx
-        self._batch = Batch(n_batch)
+        self._batch = new_batch(n_batch)
         self._n_batch = n_batch
         self._token_bytes = token_bytes
         self._is_end = is_end
@@ -328,7 +334,7 @@ class Scheduler:
         sampling = job.sampling
         try:
             seed = sampling.seed if sampling.seed is not None else _random_seed()
-            running.sampler = Sampler(self._model, sampling, seed=seed, grammar=job.grammar)
+            running.sampler = self._new_sampler(sampling, seed, job.grammar)
         except ValueError as exc:
             return EngineError(f"could not set up sampling: {exc}")
         room = self._seq_ctx - len(job.prompt)
