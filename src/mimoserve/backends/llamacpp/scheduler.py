@@ -560,8 +560,10 @@ class Scheduler:
                 cached_tokens=running.reused,
                 reasoning_tokens=output.reasoning_tokens,
             )
-            job.emit(Finished(step.finished, usage, output.stop_sequence))
+            # Released first: a client that has its answer finds the engine's state
+            # already without it (its lane free, its cells cached).
             self._release(running)
+            job.emit(Finished(step.finished, usage, output.stop_sequence))
             return
         assert token is not None  # a None token always finishes
         running.pending = ([] if self._is_end(token) else [token]) + list(step.inject)
