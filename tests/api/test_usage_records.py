@@ -100,9 +100,9 @@ async def test_abandoned_generation_is_recorded_with_what_it_consumed(
     backend.enqueue(["one", "two", "three", "four"], prompt_tokens=30)
     request = ChatCompletionRequest.model_validate({**BODY, "stream": True})
     chat = service.prepare(request, Principal(key_id="key1", key_name="k"))
-    events = await service.open_stream(chat)
+    events = await service.open_choices(chat)
     received = [await anext(events) for _ in range(5)]  # started, progress, one, progress, two
-    assert received[-1] == ContentDelta("two")
+    assert received[-1] == (0, ContentDelta("two"))
     await events.aclose()  # the client went away
     await ledger.close()
     [record] = store.records

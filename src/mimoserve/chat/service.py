@@ -31,7 +31,7 @@ from mimoserve.errors import (
     InvalidRequestError,
     PermissionDeniedError,
 )
-from mimoserve.events import Finished, GenerationEvent, Progress, Started, TokenUsage
+from mimoserve.events import Finished, Progress, Started, TokenUsage
 from mimoserve.limits.admission import (
     AdmissionPolicy,
     completion_budget,
@@ -219,24 +219,10 @@ class ChatService:
             chat.reserve_tokens, places=chat.n,
         )  # fmt: skip
 
-    async def events(self, chat: PreparedChat) -> AsyncGenerator[GenerationEvent, None]:
-        """The events of a one-choice request (the doors that have no `n`)."""
-        assert chat.n == 1
-        stream = self.choice_events(chat)
-        try:
-            async for _, event in stream:
-                yield event
-        finally:
-            await stream.aclose()
-
-    async def open_stream(self, chat: PreparedChat) -> OwnedStream[GenerationEvent]:
+    async def open_choices(self, chat: PreparedChat) -> OwnedStream[IndexedEvent]:
         """Returns once the engine has taken the request (`Started`): refusals before that
         (limits, a full queue, a prompt too long) are still plain HTTP errors, and the
-        response can start at once, before any text."""
-        return await _opened(self.events(chat))
-
-    async def open_choices(self, chat: PreparedChat) -> OwnedStream[IndexedEvent]:
-        """`open_stream` for every choice of the request."""
+        response can start at once, before any text. Events carry their choice's index."""
         return await _opened(self.choice_events(chat))
 
     async def count_tokens(self, chat: PreparedChat) -> int:
@@ -261,9 +247,6 @@ class ChatService:
             raise
         meter.finished("stop", TokenUsage(prompt_tokens=0, completion_tokens=0))
         return counted
-
-    async def complete(self, chat: PreparedChat) -> Answer:
-        return (await self.complete_choices(chat))[0]
 
     async def complete_choices(self, chat: PreparedChat) -> list[Answer]:
         answers = [Answer() for _ in range(chat.n)]
