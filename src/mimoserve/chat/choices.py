@@ -21,6 +21,7 @@ from mimoserve.events import Finished, GenerationEvent, Started, TokenUsage
 
 IndexedEvent = tuple[int, GenerationEvent]
 _DONE = object()
+_EVENTS_PER_CHOICE = 32  # events a choice may have waiting for the client
 
 
 @runtime_checkable
@@ -84,18 +85,24 @@ async def merged(
         finally:  # now, not when the collector finds it: it holds an engine slot
             await only.aclose()
         return
-    queue: asyncio.Queue[tuple[int, GenerationEvent | BaseException | object]] = asyncio.Queue()
+    # Bounded: a client that stops reading stops the pumps, and so each choice's engine
+    # backpressure (unread steps pause a sequence) holds for n > 1 too.
+    queue: asyncio.Queue[tuple[int, GenerationEvent | BaseException | object]] = asyncio.Queue(
+        maxsize=_EVENTS_PER_CHOICE * n
+    )
 
     async def pump(index: int) -> None:
         stream = generate(for_choice(prepared, index))
         try:
-            async for event in stream:
-                await queue.put((index, event))
+            try:
+                async for event in stream:
+                    await queue.put((index, event))
+            finally:
+                await stream.aclose()
         except Exception as exc:  # handed to the reader, which raises it
             await queue.put((index, exc))
-        finally:
-            await stream.aclose()
-            await queue.put((index, _DONE))
+        # Cancelled (the reader is gone, the queue may be full): nothing more to hand on.
+        await queue.put((index, _DONE))
 
     tasks = [asyncio.create_task(pump(i)) for i in range(n)]
     running, started = n, False
