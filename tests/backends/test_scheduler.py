@@ -157,3 +157,26 @@ def test_a_sequence_nobody_reads_is_paused_until_its_client_reads(
     out.read_from_now_on()
     scheduler.wake()
     assert out.wait().usage.completion_tokens == 200
+
+
+def test_lanes_held_by_unread_streams_do_not_spin_the_engine() -> None:
+    # Both lanes paused by clients that read nothing, a third request waiting for a lane:
+    # nothing can move, and the scheduler sleeps instead of stepping in a loop.
+    scheduler, context = fake_scheduler(lanes=2)
+    try:
+        stalled = [job([1, 2, i], 200, reads=False) for i in range(2)]
+        for decode, _ in stalled:
+            scheduler.submit(decode)
+        until_sync(lambda: all(d.backlog >= MAX_UNREAD_STEPS for d, _ in stalled), "paused")
+        waiting, waiting_out = job([9, 9], 3)
+        scheduler.submit(waiting)
+        steps = len(context.batches)
+        # The scheduler thread waits on its condition (a spinning one never does).
+        until_sync(lambda: len(scheduler._lock._waiters) == 1,  # type: ignore[attr-defined]
+                   "the scheduler sleeps while nothing can move")  # fmt: skip
+        stalled[0][0].cancelled.set()  # one client leaves: its lane goes to the waiting one
+        scheduler.wake()
+        assert waiting_out.wait().usage.completion_tokens == 3
+        assert len(context.batches) > steps
+    finally:
+        scheduler.stop()

@@ -225,10 +225,11 @@ class Scheduler:
             try:
                 self._drop_cancelled()
                 if self._active() and not self._step():
-                    # Every running sequence waits for its client to read: sleep until
-                    # one reads (the requester wakes us) instead of spinning.
+                    # Every running sequence waits for its client to read (and a waiting
+                    # request, if any, for a lane they hold): sleep until a client reads,
+                    # leaves or a request arrives (each wakes us) instead of spinning.
                     with self._lock:
-                        if not self._stopping and not self._waiting:
+                        if not self._stopping:
                             self._lock.wait(timeout=0.5)
             except Exception:
                 # A bug must not kill the thread and leave every client waiting forever.
