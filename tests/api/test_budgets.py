@@ -8,14 +8,12 @@ from typing import Any
 import httpx
 import pytest
 
-from mimoserve.app import create_app
-from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
 from mimoserve.config import Settings
 from mimoserve.metering.ledger import UsageLedger
-from mimoserve.registry import ModelRegistry
 from mimoserve.store.base import Database
 from mimoserve.store.usage import SqlUsageStore
+from tests.api.registry_app import admin, key_id, serving
 from tests.fake_backend import ScriptedBackend
 
 PRICED = """
@@ -30,30 +28,13 @@ CHAT = {"model": "mimo-v2-flash", "messages": [{"role": "user", "content": "hi"}
         "max_completion_tokens": 10}  # fmt: skip
 
 
-def admin(token: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}", "api-key": ""}
-
-
 @pytest.fixture
 async def served(
     settings: Settings, database: Database, keys: KeyStore, backend: ScriptedBackend,
     api_key: str,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, UsageLedger]]:  # fmt: skip
-    registry = ModelRegistry.from_toml(PRICED)
-    usage = SqlUsageStore(database)
-    ledger = UsageLedger(usage, flush_interval_s=0.01)
-    app = create_app(settings, registry=registry, keys=keys, ledger=ledger, usage=usage,
-                     admin=AdminCredential(database),
-                     backends={e.id: backend for e in registry.entries()})  # fmt: skip
-    ledger.start()
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
-                                 headers={"api-key": api_key}) as client:  # fmt: skip
+    async with serving(PRICED, settings, database, keys, backend, api_key) as (client, ledger, _):
         yield client, ledger
-    await ledger.close()
-
-
-def key_id(api_key: str) -> str:
-    return api_key.split("_")[0].removeprefix("mimo-")
 
 
 async def put_budget(

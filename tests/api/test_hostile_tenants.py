@@ -15,8 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mimoserve.api.admin import csv_cell
-from mimoserve.app import create_app
-from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
 from mimoserve.backends.base import Capabilities
 from mimoserve.config import Settings
@@ -24,9 +22,9 @@ from mimoserve.limits.policy import Limits
 from mimoserve.metering.ledger import UsageLedger
 from mimoserve.parsing.safe_json import loads_for_wire
 from mimoserve.parsing.tool_formats import parse_mimo_xml
-from mimoserve.registry import ModelRegistry
 from mimoserve.store.base import Database
 from mimoserve.store.usage import SqlUsageStore
+from tests.api.registry_app import admin, key_id, serving
 from tests.fake_backend import ScriptedBackend
 
 PRICED = """
@@ -44,31 +42,14 @@ BUDGET = 2000
 ENDLESS = ["x"] * 5000
 
 
-def admin(token: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}", "api-key": ""}
-
-
 @pytest.fixture
 async def served(
     settings: Settings, database: Database, keys: KeyStore, backend: ScriptedBackend,
     api_key: str,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, UsageLedger, SqlUsageStore]]:  # fmt: skip
-    registry = ModelRegistry.from_toml(PRICED)
     backend.capabilities = Capabilities(context_length=2048, choices=True)  # serves n > 1
-    usage = SqlUsageStore(database)
-    ledger = UsageLedger(usage, flush_interval_s=0.01)
-    app = create_app(settings, registry=registry, keys=keys, ledger=ledger, usage=usage,
-                     admin=AdminCredential(database),
-                     backends={e.id: backend for e in registry.entries()})  # fmt: skip
-    ledger.start()
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
-                                 headers={"api-key": api_key}) as client:  # fmt: skip
-        yield client, ledger, usage
-    await ledger.close()
-
-
-def key_id(api_key: str) -> str:
-    return api_key.split("_")[0].removeprefix("mimo-")
+    async with serving(PRICED, settings, database, keys, backend, api_key) as served_app:
+        yield served_app
 
 
 # Each door's attack: as many choices as it has, no output cap where the door allows

@@ -191,14 +191,19 @@ def test_slow_upstream_times_out_cleanly(tmp_path: Path) -> None:
         )
 
 
+def leave_mid_answer(gw: Gateway, body: dict[str, Any]) -> None:
+    """Streams `body` and leaves at the first piece of content."""
+    with gw.client() as client, \
+            client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:  # fmt: skip
+        for line in r.iter_lines():
+            if '"content"' in line:
+                return
+
+
 def test_client_disconnect_closes_the_upstream_request(tmp_path: Path) -> None:
     engine = Canned(chunk_delay_s=0.2, content=" ".join(["word"] * 50))
     with serve_in_thread(engine) as url, running_gateway(tmp_path, registry_for(url)) as gw:
-        with gw.client() as client, \
-                client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:  # fmt: skip
-            for line in r.iter_lines():
-                if '"content"' in line:
-                    break  # leave mid-answer
+        leave_mid_answer(gw, CHAT)
         deadline = time.monotonic() + 5
         while engine.cancelled == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -391,11 +396,7 @@ def test_a_client_that_leaves_mid_stream_is_billed_the_estimated_prompt(tmp_path
     engine = Canned(chunk_delay_s=0.2, content=" ".join(["word"] * 50))
     long_prompt = {**CHAT, "messages": [{"role": "user", "content": "tell me " * 300}]}
     with serve_in_thread(engine) as url, running_gateway(tmp_path, registry_for(url)) as gw:
-        with gw.client() as client, \
-                client.stream("POST", "/v1/chat/completions", json={**long_prompt, "stream": True}) as r:  # fmt: skip
-            for line in r.iter_lines():
-                if '"content"' in line:
-                    break  # leave mid-answer
+        leave_mid_answer(gw, long_prompt)
         record = wait_for_records(gw, 1)[0]
     assert record.status == 499
     assert record.prompt_tokens >= 600  # ~2,400 characters of prompt, estimated
