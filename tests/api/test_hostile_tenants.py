@@ -215,7 +215,7 @@ async def test_a_cancelled_wait_for_admission_settles_the_budget_hold(
     async def reserved() -> int:
         view = (await client.get(f"/admin/budgets/key/{key_id(api_key)}",
                                  headers=admin(admin_token))).json()  # fmt: skip
-        return int(view["reserved"] * 1)
+        return int(view["reserved"])
 
     for _ in range(200):
         if await reserved() == 0:

@@ -23,6 +23,7 @@ import openai
 from tests.e2e.server import running_process, running_server
 from tests.services import free_port
 from tests.upstream.conftest import running_gateway
+from tests.waiting import until_sync
 
 ONE_CORE = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
 HI: Any = [{"role": "user", "content": "Say hello."}]
@@ -162,13 +163,19 @@ def test_replica_killed_and_restarted_under_load(tmp_path: Path) -> None:
             threads = [threading.Thread(target=client, args=(i % 2 == 0,)) for i in range(8)]
             for t in threads:
                 t.start()
-            time.sleep(1.0)
+            until_sync(lambda: len(outcomes) >= 50, "load on both replicas")
             replicas[0].send_signal(signal.SIGKILL)  # dies mid-load
             replicas[0].wait()
-            time.sleep(1.5)
-            served_while_down = len(outcomes)
+            killed_at = len(outcomes)
+            until_sync(lambda: len(outcomes) >= killed_at + 60, "served while one is down")
+            served_while_down = len(outcomes) - killed_at
             replicas[0] = _canned(ports[0], tmp_path / "r0.log")  # back, on the same port
-            time.sleep(1.5)
+
+            def restarted_served() -> bool:
+                stats = httpx.get(f"http://127.0.0.1:{ports[0]}/stats", timeout=5).json()
+                return int(stats["requests"]) > 0
+
+            until_sync(restarted_served, "the restarted replica got traffic again")
             stop.set()
             for t in threads:
                 t.join(20)
@@ -177,7 +184,7 @@ def test_replica_killed_and_restarted_under_load(tmp_path: Path) -> None:
         for proc in replicas:
             proc.kill()
             proc.wait()
-    assert len(outcomes) > 100 and served_while_down > 50
+    assert len(outcomes) > 100 and served_while_down >= 60
     failed = [o for o in outcomes if o not in ("ok", "stream-error-event")]
     assert failed == [], failed[:5]  # non-stream and not-yet-started requests failed over
     assert outcomes.count("stream-error-event") <= 8  # at most the streams cut at the kill
