@@ -331,3 +331,27 @@ async def test_the_open_metrics_page_names_no_account_or_key(
                                                     "messages": USER})  # fmt: skip
     page = (await client.get("/metrics")).text
     assert key_id(api_key) not in page and "default" not in page.replace("default_", "")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "error_marker"),
+    [
+        ("/v1/chat/completions", {"model": "mimo-v2-flash", "messages": USER, "stream": True},
+         '"error"'),
+        ("/v1/messages", {"model": "mimo-v2-flash", "max_tokens": 10, "messages": USER,
+                          "stream": True}, "event: error"),
+        ("/v1/responses", {"model": "mimo-v2-flash", "input": "hi", "stream": True},
+         "response.failed"),
+    ],
+)  # fmt: skip
+async def test_a_bug_mid_stream_is_the_doors_error_event_and_never_its_text(
+    served: tuple[httpx.AsyncClient, UsageLedger, SqlUsageStore], backend: ScriptedBackend,
+    path: str, body: dict[str, Any], error_marker: str,
+) -> None:  # fmt: skip
+    client, _, _ = served
+    backend.enqueue(["partial"], fail_with=RuntimeError("secret internal detail"))
+    response = await client.post(path, json=body)
+    assert response.status_code == 200  # the stream had begun
+    assert error_marker in response.text
+    assert "engine failed while generating" in response.text
+    assert "secret internal detail" not in response.text

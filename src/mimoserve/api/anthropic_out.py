@@ -9,14 +9,14 @@ stop reason and the output tokens, and `message_stop`.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+from mimoserve.api.sse import failure_after_start
 from mimoserve.api.sse import named_frame as sse
 from mimoserve.chat.answer import Answer
 from mimoserve.chat.service import PreparedChat
-from mimoserve.errors import ContextLengthExceededError, EngineError, MimoError
+from mimoserve.errors import ContextLengthExceededError, MimoError
 from mimoserve.events import (
     ContentDelta,
     Finished,
@@ -29,8 +29,6 @@ from mimoserve.events import (
     ToolCallStarted,
 )
 from mimoserve.parsing.safe_json import loads_for_wire
-
-log = logging.getLogger(__name__)
 
 # Thinking blocks carry a signature that clients send back; this server never checks it.
 SIGNATURE = "mimoserve"
@@ -211,8 +209,5 @@ async def stream_frames(
                 has_calls = has_calls or isinstance(event, ToolCallStarted)
                 for frame in _event_frames(blocks, event):
                     yield frame
-    except MimoError as exc:
-        yield sse("error", error_body(exc))
-    except Exception:
-        log.exception("stream failed after it started")
-        yield sse("error", error_body(EngineError("engine failed while generating")))
+    except Exception as exc:
+        yield sse("error", error_body(failure_after_start(exc)))

@@ -10,17 +10,16 @@ or `response.failed`. Every event carries a `sequence_number`.
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from mimoserve.api.responses_in import Translation
+from mimoserve.api.sse import failure_after_start
 from mimoserve.api.sse import named_frame as sse
 from mimoserve.chat.answer import Answer
 from mimoserve.chat.service import PreparedChat
-from mimoserve.errors import EngineError, MimoError
 from mimoserve.events import (
     ContentDelta,
     Finished,
@@ -32,8 +31,6 @@ from mimoserve.events import (
     ToolCallStarted,
 )
 from mimoserve.parsing.safe_json import loads_for_wire
-
-log = logging.getLogger(__name__)
 
 
 def _id(prefix: str) -> str:
@@ -281,9 +278,7 @@ async def stream_frames(
             for frame in _frames(items, event):
                 yield frame
     except Exception as exc:
-        if not isinstance(exc, MimoError):
-            log.exception("stream failed after it started")
-            exc = EngineError("engine failed while generating")
-        error = {"code": exc.code, "message": exc.message}
+        failure = failure_after_start(exc)
+        error = {"code": failure.code, "message": failure.message}
         failed = shape.response("failed", items.done, None, error)
         yield items.event("response.failed", response=failed)

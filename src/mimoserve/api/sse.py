@@ -31,6 +31,16 @@ def named_frame(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
+def failure_after_start(error: Exception) -> MimoError:
+    """What a stream that failed after its first bytes tells its client (in the door's
+    error event; the status code is already sent): an API error as it is, anything else
+    logged and reported as the engine failing, never its text."""
+    if isinstance(error, MimoError):
+        return error
+    log.error("stream failed after it started", exc_info=error)
+    return EngineError("engine failed while generating")
+
+
 def sse_frames(chunks: ClosableStream[ChatCompletionChunk]) -> OwnedStream[bytes]:
     """The SSE frames of a chunk stream; closing them closes the chunks, read or not."""
     return OwnedStream(_frames(chunks), chunks.aclose)
@@ -41,11 +51,8 @@ async def _frames(chunks: ClosableStream[ChatCompletionChunk]) -> AsyncGenerator
     try:
         async for chunk in chunks:
             yield frame(chunk.model_dump_json())
-    except MimoError as exc:
-        yield frame(json.dumps(error_body(exc)))
-    except Exception:
-        log.exception("stream failed after it started")
-        yield frame(json.dumps(error_body(EngineError("engine failed while generating"))))
+    except Exception as exc:
+        yield frame(json.dumps(error_body(failure_after_start(exc))))
     finally:
         await chunks.aclose()
     yield DONE

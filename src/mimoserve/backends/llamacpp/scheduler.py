@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from mimoserve.backends.llamacpp.engine_parts import (
     BatchFactory,
@@ -44,7 +45,7 @@ from mimoserve.backends.llamacpp.sequence import (
     Step,
 )
 from mimoserve.errors import EngineError, OverloadedError
-from mimoserve.events import Finished, KvCells, Started, TokenLogprob, TokenUsage
+from mimoserve.events import Finished, FinishReason, KvCells, Started, TokenLogprob, TokenUsage
 
 log = logging.getLogger(__name__)
 
@@ -507,31 +508,14 @@ class Scheduler:
             self._cache.evict(self._cache.evictable())
 
     def _advance(self, running: Running) -> None:
-        output, sampler, job = running.output, running.sampler, running.job
-        assert output is not None and sampler is not None
-        if not running.cached_once:
-            # Its prompt has just been read: cache it now, so requests waiting for the
-            # same prefix can start (and this one attends to the tree's cells).
-            running.cached_once = True
-            assert running.lane is not None
-            running.holding, running.shared = self._cache.insert(
-                running.lane, running.fed, running.shared, running.holding
-            )
-        end_banned = output.must_not_end or job.sampling.ignore_eos
-        rivals = job.sampling.logprobs
+        """A sequence whose logits are ready: one token sampled, turned into events and
+        handed to its requester; then the sequence ends or queues the token."""
+        output = running.output
+        assert output is not None
+        self._cache_prompt_once(running)
         # Read before banning end tokens: the model's own distribution.
-        dist = log_softmax(self._ctx.logits(running.batch_index)) if rivals is not None else None
-        token: int | None
-        too_slow = False
-        if sampler.constrained:
-            banned = self._end_tokens if end_banned else []
-            began = time.perf_counter()
-            token = sampler.sample_constrained(self._ctx, running.batch_index, banned)
-            too_slow = time.perf_counter() - began > self.constraint_step_limit_s
-        else:
-            if end_banned:
-                self._ctx.ban_tokens(running.batch_index, self._end_tokens)
-            token = sampler.sample(self._ctx, running.batch_index)
+        dist = self._distribution(running)
+        token, too_slow = self._sample(running)
         # None: the grammar is complete and accepts only the (banned) end: the answer is.
         step = Step(finished="stop") if token is None else output.on_token(token)
         if too_slow and step.finished is None:
@@ -539,35 +523,76 @@ class Scheduler:
             log.warning("ending a sequence: its grammar took over %.1f s for one token",
                         self.constraint_step_limit_s)  # fmt: skip
             step = Step(step.events, finished="length")
+        self._hand_on(running, step, self._logprobs(running, dist, token))
+        if step.finished is not None:
+            self._finish(running, step.finished)
+            return
+        assert token is not None  # a None token always finishes
+        running.pending = ([] if self._is_end(token) else [token]) + list(step.inject)
+
+    def _cache_prompt_once(self, running: Running) -> None:
+        """Its prompt has just been read: cache it now, so requests waiting for the same
+        prefix can start (and this one attends to the tree's cells)."""
+        if running.cached_once:
+            return
+        running.cached_once = True
+        assert running.lane is not None
+        running.holding, running.shared = self._cache.insert(
+            running.lane, running.fed, running.shared, running.holding
+        )
+
+    def _distribution(self, running: Running) -> Any:
+        """The model's log-probabilities at this step, when the request asked for them."""
+        if running.job.sampling.logprobs is None:
+            return None
+        return log_softmax(self._ctx.logits(running.batch_index))
+
+    def _sample(self, running: Running) -> tuple[int | None, bool]:
+        """(the token, whether its grammar took longer than the constraint step limit)."""
+        sampler, output, job = running.sampler, running.output, running.job
+        assert sampler is not None and output is not None
+        end_banned = output.must_not_end or job.sampling.ignore_eos
+        if not sampler.constrained:
+            if end_banned:
+                self._ctx.ban_tokens(running.batch_index, self._end_tokens)
+            return sampler.sample(self._ctx, running.batch_index), False
+        banned = self._end_tokens if end_banned else []
+        began = time.perf_counter()
+        token = sampler.sample_constrained(self._ctx, running.batch_index, banned)
+        return token, time.perf_counter() - began > self.constraint_step_limit_s
+
+    def _logprobs(self, running: Running, dist: Any, token: int | None) -> tuple[TokenLogprob, ...]:
+        rivals = running.job.sampling.logprobs
+        if dist is None or rivals is None or token is None or self._is_end(token):
+            return ()  # the end of the turn carries none
+        return (token_logprob(dist, token, rivals, self._token_bytes),)
+
+    def _hand_on(self, running: Running, step: Step, logprobs: tuple[TokenLogprob, ...]) -> None:
+        """The step's events and the tokens they cost, to the requester (counted for
+        backpressure: the requester counts what it takes)."""
+        output, job = running.output, running.job
+        assert output is not None
         events = step.events
         if step.finished is not None:
             events += tuple(output.flush())
-        logprobs: tuple[TokenLogprob, ...] = ()
-        if (
-            dist is not None
-            and rivals is not None
-            and token is not None
-            and not self._is_end(token)
-        ):
-            logprobs = (token_logprob(dist, token, rivals, self._token_bytes),)
         job.generated_tokens = output.completion_tokens
         job.emitted += 1
         job.emit(Generated(events, output.completion_tokens - running.reported, logprobs))
         running.reported = output.completion_tokens
-        if step.finished is not None:
-            usage = TokenUsage(
-                prompt_tokens=len(job.prompt),
-                completion_tokens=output.completion_tokens,
-                cached_tokens=running.reused,
-                reasoning_tokens=output.reasoning_tokens,
-            )
-            # Released first: a client that has its answer finds the engine's state
-            # already without it (its lane free, its cells cached).
-            self._release(running)
-            job.emit(Finished(step.finished, usage, output.stop_sequence))
-            return
-        assert token is not None  # a None token always finishes
-        running.pending = ([] if self._is_end(token) else [token]) + list(step.inject)
+
+    def _finish(self, running: Running, reason: FinishReason) -> None:
+        output, job = running.output, running.job
+        assert output is not None
+        usage = TokenUsage(
+            prompt_tokens=len(job.prompt),
+            completion_tokens=output.completion_tokens,
+            cached_tokens=running.reused,
+            reasoning_tokens=output.reasoning_tokens,
+        )
+        # Released first: a client that has its answer finds the engine's state already
+        # without it (its lane free, its cells cached).
+        self._release(running)
+        job.emit(Finished(reason, usage, output.stop_sequence))
 
     def _fail_all(self, reason: str) -> None:
         log.error("engine step failed: %s", reason)
