@@ -21,12 +21,13 @@ from starlette.responses import JSONResponse, Response
 from mimoserve.api.auth import require_principal
 from mimoserve.api.body import read_json_body
 from mimoserve.api.disconnect import until_disconnect
+from mimoserve.api.errors import store_unavailable
 from mimoserve.api.sse import EventStreamResponse, write_timeout
 from mimoserve.auth.keys import Principal
 from mimoserve.chat.answer import Answer
 from mimoserve.chat.choices import IndexedEvent
 from mimoserve.chat.service import ChatService, PreparedChat
-from mimoserve.errors import MimoError, StoreUnavailableError
+from mimoserve.errors import MimoError
 from mimoserve.events import GenerationEvent
 from mimoserve.protocol.chat import ChatCompletionRequest
 from mimoserve.store.base import StoreError
@@ -74,10 +75,10 @@ def handler(
             if run is not None:
                 return await run(request)
             return await _handle(door, request)
-        except StoreError:
+        except StoreError as exc:
             if door.error_body is None:
                 raise  # the app's handler answers 503 in the contract's body
-            return _error(door, _STORE_DOWN)
+            return _error(door, store_unavailable(exc))
         except MimoError as exc:
             error = in_doors_words(door, exc)
             if door.error_body is None:
@@ -85,9 +86,6 @@ def handler(
             return _error(door, error)
 
     return handle
-
-
-_STORE_DOWN = StoreUnavailableError("The store is unavailable; retry shortly.", retry_after_s=2)
 
 
 def _error(door: Door[Any, Any], error: MimoError) -> JSONResponse:

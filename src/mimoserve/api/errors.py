@@ -79,12 +79,15 @@ async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=500)
 
 
-async def _on_store_error(_: Request, exc: Exception) -> JSONResponse:
-    # The driver's message may name hosts or queries: it goes to the log, not the client.
+def store_unavailable(exc: Exception) -> StoreUnavailableError:
+    """What a client is told when the store fails: the driver's message may name hosts or
+    queries, so it goes to the log, not the client."""
     log.warning("store unavailable: %s", exc)
-    return error_response(
-        StoreUnavailableError("The store is unavailable; retry shortly.", retry_after_s=2)
-    )
+    return StoreUnavailableError("The store is unavailable; retry shortly.", retry_after_s=2)
+
+
+async def _on_store_error(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(store_unavailable(exc))
 
 
 async def _on_client_gone(_: Request, exc: Exception) -> Response:

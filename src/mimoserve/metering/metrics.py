@@ -80,7 +80,7 @@ class Metrics:
             "mimoserve:budgets_over_soft_threshold",
             "Budgets whose spend has passed their soft threshold", ["scope"], registry=r,
         )  # fmt: skip
-        self._over_soft: dict[tuple[str, str], bool] = {}
+        self._over_soft: dict[str, set[str]] = {}  # scope -> owners past the threshold
         self.running = Gauge(
             "mimoserve:num_requests_running", "Requests generating now", ["model"], registry=r
         )
@@ -129,9 +129,12 @@ class Metrics:
     def budget_flag(self, scope: str, owner: str, over_soft: bool) -> None:
         """Notes whether one budget is past its soft threshold; /metrics shows the count
         per scope."""
-        self._over_soft[(scope, owner)] = over_soft
-        count = sum(1 for (s, _), over in self._over_soft.items() if s == scope and over)
-        self.child(self.budgets_over_soft, scope).set(count)
+        owners = self._over_soft.setdefault(scope, set())
+        if over_soft:
+            owners.add(owner)
+        else:
+            owners.discard(owner)
+        self.child(self.budgets_over_soft, scope).set(len(owners))
 
     def _count_up(self, counter: Counter, model: str, name: str, total: int) -> None:
         """Moves a counter to an engine's own running total (engines count, we export)."""

@@ -93,40 +93,36 @@ def nested_weight(items: Any) -> int:
     return max(_weights(items)[1], 1)
 
 
-def _weights(items: Any) -> tuple[int, int]:
-    """(weight of the sequence, heaviest nested repetition inside it)."""
-    weight, worst = 1, 0
+_REPEATS = (_c.MAX_REPEAT, _c.MIN_REPEAT, _c.POSSESSIVE_REPEAT)
+
+
+def _weights(items: Any) -> tuple[int, int, bool]:
+    """(weight of the sequence, heaviest nested repetition inside it, whether it holds a
+    repetition at all), in one walk."""
+    weight, worst, repeats = 1, 0, False
     for op, value in items:
-        inner_weight, inner_worst = 1, 0
-        if op in (_c.MAX_REPEAT, _c.MIN_REPEAT, _c.POSSESSIVE_REPEAT):
+        inner_weight, inner_worst, inner_repeats = 1, 0, False
+        if op in _REPEATS:
             low, high, body = value
-            body_weight, body_worst = _weights(body)
+            body_weight, body_worst, body_repeats = _weights(body)
             choices = 2 if high == _c.MAXREPEAT else high - low + 1
             inner_weight = min(choices * body_weight, 1 << 40)
-            contains_repeat = body_weight > 1 or body_worst > 0 or _has_repeat(body)
-            inner_worst = max(body_worst, inner_weight if contains_repeat else 0)
+            nested = body_repeats or body_weight > 1  # another repetition or alternation
+            inner_worst = max(body_worst, inner_weight if nested else 0)
+            inner_repeats = True
         elif op is _c.SUBPATTERN:
-            inner_weight, inner_worst = _weights(value[-1])
+            inner_weight, inner_worst, inner_repeats = _weights(value[-1])
         elif op is _c.ATOMIC_GROUP:
-            inner_weight, inner_worst = _weights(value)
+            inner_weight, inner_worst, inner_repeats = _weights(value)
         elif op is _c.BRANCH:
             branches = [_weights(branch) for branch in value[1]]
-            inner_weight = sum(w for w, _ in branches)
-            inner_worst = max(w for _, w in branches)
+            inner_weight = sum(w for w, _, _ in branches)
+            inner_worst = max(w for _, w, _ in branches)
+            inner_repeats = any(r for _, _, r in branches)
         weight = max(weight, inner_weight)
         worst = max(worst, inner_worst)
-    return weight, worst
-
-
-def _has_repeat(items: Any) -> bool:
-    for op, value in items:
-        if op in (_c.MAX_REPEAT, _c.MIN_REPEAT, _c.POSSESSIVE_REPEAT):
-            return True
-        if op is _c.SUBPATTERN and _has_repeat(value[-1]):
-            return True
-        if op is _c.BRANCH and any(_has_repeat(b) for b in value[1]):
-            return True
-    return False
+        repeats = repeats or inner_repeats
+    return weight, worst, repeats
 
 
 def build_grammar(constraint: OutputConstraint | None, model: NativeModel) -> str | None:
