@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mimoserve.backends.llamacpp.speculation import DEFAULT_MAX_DRAFT
 from mimoserve.limits.policy import Limits
 from mimoserve.store import open_database
 from mimoserve.store.base import Database
@@ -62,6 +63,19 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(
         default=16, ge=0, description="Requests that may wait for a busy engine before 503"
+    )
+    spec_max_draft: int = Field(
+        default=DEFAULT_MAX_DRAFT,
+        ge=0,
+        le=64,
+        description="Speculative decoding: most tokens guessed per sequence and step, from "
+        "the client's prediction, the sequence's own text and recent outputs (0: off)",
+    )
+    steady_steps: bool = Field(
+        default=False,
+        description="Decode a lone token beside a scratch one, so every step takes the same "
+        "llama.cpp kernels: greedy outputs identical alone, batched and speculated (a lone "
+        "stream decodes about half as fast)",
     )
     stream_write_timeout_s: float = Field(
         default=60.0,

@@ -75,6 +75,12 @@ class TokenUsage:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     estimated: bool = False  # the engine did not count them all: the server estimated
+    # Speculation: tokens guessed and verified, and how many of them the sampler chose;
+    # of those, the ones the client's `prediction` supplied.
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,9 @@ class KvCells:
     # for room, and sequences ended because one constrained token took too long.
     preemptions: int = 0
     constraint_timeouts: int = 0
+    # Speculation: tokens guessed and verified, and those the samplers chose.
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
     @property
     def free(self) -> int:

@@ -31,7 +31,11 @@ async def test_non_streaming_shape(client: httpx.AsyncClient, backend: ScriptedB
         "prompt_tokens": 21,
         "completion_tokens": 2,
         "total_tokens": 23,
-        "completion_tokens_details": {"reasoning_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
         "prompt_tokens_details": {"cached_tokens": 4},
     }
 

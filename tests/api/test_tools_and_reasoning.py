@@ -247,7 +247,7 @@ async def test_reasoning_tokens_are_reported(
 
     backend.generate = generate  # type: ignore[method-assign]
     usage = (await client.post(URL, json=payload())).json()["usage"]
-    assert usage["completion_tokens_details"] == {"reasoning_tokens": 6}
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == 6
 
 
 async def test_invalid_tool_parameters_schema_is_400(client: httpx.AsyncClient) -> None:

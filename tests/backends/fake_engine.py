@@ -18,6 +18,7 @@ import numpy as np
 from mimoserve.backends.base import SamplingParams
 from mimoserve.backends.llamacpp.scheduler import Scheduler
 from mimoserve.backends.llamacpp.sequence import DecodeJob, EngineEvent, Generated
+from mimoserve.backends.llamacpp.speculation import StepShape
 from mimoserve.events import ContentDelta, Finished, Started
 
 VOCAB = 64
@@ -153,13 +154,20 @@ def new_sampler(sampling: SamplingParams, seed: int, grammar: str | None) -> Cou
 
 
 def fake_scheduler(
-    *, pool_cells: int = 256, lanes: int = LANES, n_batch: int = 64, seq_ctx: int = 256
+    *,
+    pool_cells: int = 256,
+    lanes: int = LANES,
+    n_batch: int = 64,
+    seq_ctx: int = 256,
+    max_draft: int = 0,
+    step_shape: StepShape | None = None,
 ) -> tuple[Scheduler, FakeContext]:
     context = FakeContext(pool_cells, n_seq_max=lanes + 8)
     scheduler = Scheduler(
         new_sampler, context, lanes=lanes, pool_cells=pool_cells, seq_ctx=seq_ctx,
         n_batch=n_batch, token_bytes=lambda t: f"<{t}>".encode(), is_end=lambda t: t == END,
-        end_tokens=[END], forced_close=[VOCAB - 1], new_batch=FakeBatch,
+        end_tokens=[END], forced_close=[VOCAB - 1], new_batch=FakeBatch, max_draft=max_draft,
+        step_shape=step_shape,
     )  # fmt: skip
     return scheduler, context
 

@@ -53,7 +53,7 @@ def test_non_stream_maps_reasoning_and_keeps_usage(tmp_path: Path) -> None:
         assert body["model"] == "mimo-v2-flash" and body["id"].startswith("chatcmpl-")
         assert body["id"] != "chatcmpl-upstream"
         assert body["usage"]["prompt_tokens"] == 11 and body["usage"]["total_tokens"] == 18
-        assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
+        assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
         assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
         sent = engine.requests[-1]
         assert sent["model"] == "XiaomiMiMo/MiMo-V2-Flash"

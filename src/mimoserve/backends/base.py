@@ -84,6 +84,8 @@ class GenerationRequest:
     thinking: Thinking = field(default_factory=Thinking)
     # How the engine's text becomes events: think blocks, tool-call formats, forced calls.
     plan: OutputPlan = field(default_factory=OutputPlan)
+    # The client's predicted output: a guess the engine verifies, never sent as output.
+    prediction: str | None = None
 
     def capped(self, max_tokens: int) -> GenerationRequest:
         """Stops after `max_tokens` completion tokens, or the client's cap if lower."""

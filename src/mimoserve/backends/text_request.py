@@ -228,4 +228,5 @@ def to_generation_request(
         constraint=constraint,
         thinking=thinking,
         plan=plan,
+        prediction=request.prediction.text if request.prediction is not None else None,
     )

@@ -69,6 +69,10 @@ def summed(finished: list[Finished]) -> TokenUsage:
         cached_tokens=first.cached_tokens,
         reasoning_tokens=sum(f.usage.reasoning_tokens for f in finished),
         estimated=any(f.usage.estimated for f in finished),
+        draft_tokens=sum(f.usage.draft_tokens for f in finished),
+        accepted_draft_tokens=sum(f.usage.accepted_draft_tokens for f in finished),
+        accepted_prediction_tokens=sum(f.usage.accepted_prediction_tokens for f in finished),
+        rejected_prediction_tokens=sum(f.usage.rejected_prediction_tokens for f in finished),
     )
 
 

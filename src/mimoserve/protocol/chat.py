@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from mimoserve.protocol.messages import Message, Tool, ToolCall
 from mimoserve.protocol.wire import WireModel
@@ -15,6 +15,9 @@ _Strict = WireModel
 MAX_STOP_CHARS = 256
 # Choices per request: each is a sequence on the engine; more would crowd out other clients.
 MAX_CHOICES = 8
+# A predicted output (OpenAI's `prediction`) longer than this is refused: it is a guess
+# at the answer, and no answer outgrows a context window of text.
+MAX_PREDICTION_CHARS = 262_144
 
 
 class StreamOptions(_Strict):
@@ -56,6 +59,31 @@ class JsonSchemaFormat(_Strict):
     json_schema: JsonSchemaSpec
 
 
+class PredictionText(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Prediction(_Strict):
+    """OpenAI's predicted output: text the answer is expected to repeat largely (a file
+    being edited). The engine verifies it as a guess; the answer is what the model writes."""
+
+    type: Literal["content"]
+    content: str | list[PredictionText] = Field(max_length=1024)
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Prediction:
+        if len(self.text) > MAX_PREDICTION_CHARS:
+            raise ValueError(f"the prediction is longer than {MAX_PREDICTION_CHARS} characters")
+        return self
+
+
 ResponseFormat = Annotated[
     TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")
 ]
@@ -90,6 +118,7 @@ class ChatCompletionRequest(WireModel):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
+    prediction: Prediction | None = None
     # Extensions, named as in vLLM and llama-server:
     # keep generating past end-of-turn tokens, up to max_completion_tokens;
     ignore_eos: bool | None = None
@@ -104,6 +133,9 @@ class ChatCompletionRequest(WireModel):
 
 class CompletionTokensDetails(BaseModel):
     reasoning_tokens: int = 0
+    # Predicted outputs, as OpenAI reports them (0 without a prediction).
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 class PromptTokensDetails(BaseModel):

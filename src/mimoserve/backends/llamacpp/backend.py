@@ -16,7 +16,12 @@ from typing import Any
 from mimoserve.backends.base import Capabilities, ChatRequest, GenerationRequest
 from mimoserve.backends.llamacpp.grammar import build_grammar
 from mimoserve.backends.llamacpp.model import PREFIX_HOLDERS, EngineConfig, LoadedModel
-from mimoserve.backends.llamacpp.native import Batch, NativeContext, Sampler
+from mimoserve.backends.llamacpp.native import (
+    Batch,
+    NativeContext,
+    Sampler,
+    measure_step_shape,
+)
 from mimoserve.backends.llamacpp.scheduler import Scheduler, engine_down
 from mimoserve.backends.llamacpp.sequence import (
     FORCED_CLOSE,
@@ -25,6 +30,7 @@ from mimoserve.backends.llamacpp.sequence import (
     EngineEvent,
     Generated,
 )
+from mimoserve.backends.llamacpp.speculation import StepShape
 from mimoserve.backends.llamacpp.template import TemplateError, inline_reasoning
 from mimoserve.backends.text_request import to_generation_request
 from mimoserve.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
@@ -83,8 +89,16 @@ class LlamaCppBackend:
             n_batch=config.n_batch,
             n_threads=config.threads,
             kv_type=config.kv_type,
+            steady_steps=config.steady_steps,
         )
         weights = self._model.weights
+        batch = Batch(config.n_batch)
+        # Speculation weighs a guess's cost by how a step's cost grows with its size here.
+        shape = (
+            StepShape(measure_step_shape(self._context, batch))
+            if config.spec_max_draft > 0
+            else None
+        )
         self._scheduler = Scheduler(
             lambda sampling, seed, grammar: Sampler(weights, sampling, seed=seed, grammar=grammar),
             self._context,
@@ -96,7 +110,9 @@ class LlamaCppBackend:
             is_end=self._model.is_end_of_generation,
             end_tokens=self._model.end_tokens,
             forced_close=self._model.tokenize_text(FORCED_CLOSE),
-            new_batch=Batch,
+            new_batch=lambda _capacity: batch,
+            max_draft=config.spec_max_draft,
+            step_shape=shape,
         )
         self._mailbox: Mailbox | None = None
         # Admitted requests (running or waiting): `n_parallel` run, `max_queue` may wait.
@@ -149,10 +165,12 @@ class LlamaCppBackend:
             )
         return tokens
 
-    def _prepare(self, request: GenerationRequest) -> tuple[list[int], str | None]:
+    def _prepare(self, request: GenerationRequest) -> tuple[list[int], str | None, list[int]]:
         """Template, tokenizer and grammar compiler: CPU work that runs off the event loop."""
         prompt = self._prompt_tokens(request)
-        return prompt, build_grammar(request.constraint, self._model.weights)
+        grammar = build_grammar(request.constraint, self._model.weights)
+        predicted = self._model.tokenize_text(request.prediction) if request.prediction else []
+        return prompt, grammar, predicted
 
     @property
     def healthy(self) -> bool:
@@ -175,7 +193,7 @@ class LlamaCppBackend:
             self._admitted -= 1
 
     async def _run(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
-        prompt, grammar = await asyncio.to_thread(self._prepare, request)
+        prompt, grammar, predicted = await asyncio.to_thread(self._prepare, request)
         events: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
         mailbox = self._mailbox_for(asyncio.get_running_loop())
 
@@ -192,6 +210,7 @@ class LlamaCppBackend:
             in_think=request.thinking.mode == "prompted" and grammar is None,
             think_budget=request.thinking.budget,
             plan=request.plan,
+            prediction=predicted,
         )
         try:
             self._scheduler.submit(job)

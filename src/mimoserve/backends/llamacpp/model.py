@@ -27,6 +27,8 @@ class EngineConfig:
     # KV pool shared by all sequences, in tokens; see `pool_cells`.
     kv_cells: int | None = None
     kv_type: str = "f16"
+    spec_max_draft: int = 0  # speculative decoding: most guessed tokens per step (0: off)
+    steady_steps: bool = False  # same kernels for every step (see NativeContext)
 
     @property
     def threads(self) -> int:

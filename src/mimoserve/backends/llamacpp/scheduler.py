@@ -15,10 +15,17 @@ fits; when the pool fills up mid-generation, unreferenced cached prefixes are ev
 (least recently used) and then the newest sequence is pre-empted: its cells go to the
 cache and it resumes later where it stopped (recomputing whatever was evicted
 meanwhile), so a running stream never fails for lack of memory.
+
+Speculation (`speculation.py`): beside its next token, a decoding sequence may put a
+guess of the tokens after it into the same batch; every position is sampled in order
+with the sequence's own sampler and a guessed token is kept only when it equals the
+token sampled there, so one step may yield several tokens, always the ones decoding
+without guesses gives. Rejected guesses' cells are removed at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import secrets
@@ -43,6 +50,13 @@ from mimoserve.backends.llamacpp.sequence import (
     Generated,
     SequenceOutput,
     Step,
+)
+from mimoserve.backends.llamacpp.speculation import (
+    AcceptanceTable,
+    Drafted,
+    SequenceDrafts,
+    SharedHistory,
+    StepShape,
 )
 from mimoserve.errors import EngineError, OverloadedError
 from mimoserve.events import Finished, FinishReason, KvCells, Started, TokenLogprob, TokenUsage
@@ -110,6 +124,9 @@ class Running:
     reused: int = 0  # prompt tokens it did not compute (reported as cached)
     batch_index: int = -1  # where this sequence's logits are in the current batch
     reported: int = 0  # completion tokens already accounted for in emitted deltas
+    drafts: SequenceDrafts | None = None  # its draft sources (speculation on)
+    guess: Drafted | None = None  # drafted tokens in this step's batch, after `fed`'s last
+    draft_indices: list[int] = field(default_factory=list)  # their logits in the batch
 
     @property
     def tokens(self) -> list[int]:
@@ -139,6 +156,9 @@ class Scheduler:
         end_tokens: list[int],
         forced_close: list[int],
         new_batch: BatchFactory,
+        max_draft: int = 0,
+        step_shape: StepShape | None = None,
+        step_cost: StepCost | None = None,
     ) -> None:
         self._new_sampler = new_sampler
         self._ctx = context
@@ -160,7 +180,14 @@ class Scheduler:
         self.preemptions = 0
         self.constraint_timeouts = 0  # sequences ended for a grammar step too slow
         self.constraint_step_limit_s = CONSTRAINT_STEP_LIMIT_S
-        self._step_cost = StepCost()
+        self._step_cost = step_cost or StepCost()
+        # Speculation: at most this many drafted tokens per sequence and step (0: off).
+        self._max_draft = max_draft if step_shape is not None else 0
+        self._shape = step_shape
+        self._shared = SharedHistory() if self._max_draft > 0 else None
+        self._acceptance = AcceptanceTable()
+        self.drafted_tokens = 0
+        self.accepted_tokens = 0
         self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self._thread.start()
 
@@ -195,6 +222,8 @@ class Scheduler:
             cached=cache.cells - cache.locked_cells,
             preemptions=self.preemptions,
             constraint_timeouts=self.constraint_timeouts,
+            drafted_tokens=self.drafted_tokens,
+            accepted_tokens=self.accepted_tokens,
         )
 
     def stop(self) -> None:
@@ -345,6 +374,10 @@ class Scheduler:
             job, limit, self._token_bytes, self._is_end, self._forced_close
         )
         running.reused = reuse
+        if self._max_draft > 0:
+            running.drafts = SequenceDrafts.start(
+                job.prompt, job.prediction, self._shared, self._acceptance, self._max_draft
+            )
         job.emit(Started(prompt_tokens=len(job.prompt), cached_tokens=reuse))
         return None
 
@@ -382,6 +415,7 @@ class Scheduler:
         """Caches what the lane computed, then frees the lane's own cells."""
         lane = running.lane
         assert lane is not None
+        self._drop_guess(running)
         if running.fed:
             running.holding, running.shared = self._cache.insert(
                 lane, running.fed, running.shared, running.holding
@@ -413,8 +447,7 @@ class Scheduler:
     def _fill_batch(self) -> list[tuple[Running, list[int]]]:
         """Decoding sequences first (one token each), then prompt chunks in arrival order,
         as far as the batch and the pool have room. Returns what each sequence added."""
-        batch = self._batch
-        batch.clear()
+        self._batch.clear()
         active = self._active()
         decoding = [r for r in active if not r.reading_prompt and len(r.pending) == 1]
         prefilling = sorted((r for r in active if r not in decoding), key=lambda r: r.order)
@@ -423,27 +456,95 @@ class Scheduler:
         # Every decoding sequence and the oldest prompt must be able to move on.
         self._make_room(len(decoding) + (1 if prefilling else 0), protect=self._oldest())
         free = self.free_cells()
-        limit = self._n_batch
-        if decoding:
-            limit = min(limit, len(decoding) + self._prompt_share())
+        share = self._prompt_share() if decoding else self._n_batch
         added: list[tuple[Running, list[int]]] = []
-        for running in decoding + prefilling:
+        for running in decoding:
             if running.lane is None:
                 continue  # pre-empted just now
-            room = min(limit - batch.size, free)
+            if free <= 0:
+                break
+            chunk = list(running.pending)
+            free -= len(chunk)
+            self._feed(running, chunk)
+            added.append((running, chunk))
+        # Guesses take what the decoding tokens and the prompts' share leave, in the
+        # batch and in the pool.
+        reserved = share if prefilling else 0
+        room = min(self._n_batch - self._batch.size - reserved, free - reserved)
+        yielded = float(self._batch.size)
+        for running, _ in list(added):
+            drafted = self._guess(running, room, yielded)
+            room, free, yielded = room - drafted[0], free - drafted[0], yielded + drafted[1]
+        limit = min(self._n_batch, self._batch.size + share)
+        for running in prefilling:
+            if running.lane is None:
+                continue
+            room = min(limit - self._batch.size, free)
             if room <= 0:
                 break
             chunk = running.pending[:room]
             free -= len(chunk)
-            for offset, token in enumerate(chunk):
-                last = offset == len(chunk) - 1 and len(chunk) == len(running.pending)
-                index = batch.add(token, len(running.fed), running.lane, last)
-                running.fed.append(token)
-                if last:
-                    running.batch_index = index
-            running.pending = running.pending[len(chunk) :]
+            self._feed(running, chunk)
             added.append((running, chunk))
+            if not running.pending:
+                # The prompt's end: the client's prediction is worth a guess already.
+                room = min(limit - self._batch.size, free)
+                free -= self._guess(running, room, yielded + 1)[0]
         return added
+
+    def _feed(self, running: Running, chunk: list[int]) -> None:
+        """Puts a chunk of the sequence's pending tokens into the batch; logits for its
+        last token when that was the last pending one."""
+        assert running.lane is not None
+        for offset, token in enumerate(chunk):
+            last = offset == len(chunk) - 1 and len(chunk) == len(running.pending)
+            index = self._batch.add(token, len(running.fed), running.lane, last)
+            running.fed.append(token)
+            if last:
+                running.batch_index = index
+        running.pending = running.pending[len(chunk) :]
+
+    def _guess(self, running: Running, room: int, yielded: float) -> tuple[int, float]:
+        """Adds a guess of the tokens after the sequence's next one to the batch, each with
+        its logits, when one is worth verifying in this step (`yielded`: the tokens the
+        step yields so far). Returns how many it added and how many it expects kept."""
+        if running.drafts is None or running.lane is None or self._shape is None:
+            return 0, 0.0
+        guess = running.drafts.propose(self._shape, self._batch.size, yielded, room)
+        if guess is None:
+            return 0, 0.0
+        running.guess = guess
+        for token in guess.tokens:
+            running.draft_indices.append(
+                self._batch.add(token, len(running.fed), running.lane, True)
+            )
+            running.fed.append(token)
+        return len(guess.tokens), guess.expected
+
+    def _drop_guess(self, running: Running) -> None:
+        """Takes an unverified guess out of the lane (its cells and `fed`)."""
+        if running.guess is None:
+            return
+        assert running.lane is not None
+        del running.fed[len(running.fed) - len(running.guess.tokens) :]
+        self._ctx.remove(running.lane, len(running.fed))
+        running.guess, running.draft_indices = None, []
+
+    def _settle_guess(self, running: Running, accepted: int) -> None:
+        """The guess's first `accepted` tokens were what the sampler chose: they stay
+        (their cells are the sequence's); the rest leave the lane."""
+        guess = running.guess
+        if guess is None:
+            return
+        assert running.drafts is not None and running.lane is not None
+        rejected = len(guess.tokens) - accepted
+        if rejected:
+            del running.fed[len(running.fed) - rejected :]
+            self._ctx.remove(running.lane, len(running.fed))
+        running.drafts.verified(guess, accepted)
+        self.drafted_tokens += len(guess.tokens)
+        self.accepted_tokens += accepted
+        running.guess, running.draft_indices = None, []
 
     def _prompt_share(self) -> int:
         """Prompt tokens a step may carry beside decoding streams: as many as fit in the
@@ -497,6 +598,7 @@ class Scheduler:
         fragmentation): give the tokens back and free room by pre-empting the newest."""
         log.warning("llama.cpp found no KV cells for a batch; pre-empting to make room")
         for running, chunk in added:
+            self._drop_guess(running)
             del running.fed[len(running.fed) - len(chunk) :]
             running.pending = chunk + running.pending
             assert running.lane is not None
@@ -508,11 +610,38 @@ class Scheduler:
             self._cache.evict(self._cache.evictable())
 
     def _advance(self, running: Running) -> None:
-        """A sequence whose logits are ready: one token sampled, turned into events and
-        handed to its requester; then the sequence ends or queues the token."""
+        """A sequence whose logits are ready: one token sampled (and, where the batch held
+        its guess, one more for each guessed token the sampler agreed with), turned into
+        events and handed to its requester; then the sequence ends or queues the token."""
+        self._cache_prompt_once(running)
+        guess = running.guess.tokens if running.guess is not None else []
+        indices = [running.batch_index, *running.draft_indices]
+        for position, index in enumerate(indices):
+            running.batch_index = index
+            token, step, logprobs = self._next_token(running)
+            # A guessed token stands when the sampler chose it at its position and nothing
+            # else (an end, a stop, injected text) comes between.
+            agreed = position < len(guess) and token == guess[position]
+            go_on = agreed and step.finished is None and not step.inject
+            if not go_on:
+                self._settle_guess(running, accepted=position)
+            self._hand_on(running, step, logprobs)
+            if step.finished is not None:
+                self._finish(running, step.finished)
+                return
+            assert token is not None  # a None token always finishes
+            follows = [token, *step.inject] if not self._is_end(token) else list(step.inject)
+            if running.drafts is not None:
+                for followed in follows:
+                    running.drafts.follow(followed)
+            if not go_on:
+                running.pending = follows
+                return
+
+    def _next_token(self, running: Running) -> tuple[int | None, Step, tuple[TokenLogprob, ...]]:
+        """The token sampled at `running.batch_index`, what it leads to, its logprobs."""
         output = running.output
         assert output is not None
-        self._cache_prompt_once(running)
         # Read before banning end tokens: the model's own distribution.
         dist = self._distribution(running)
         token, too_slow = self._sample(running)
@@ -523,12 +652,7 @@ class Scheduler:
             log.warning("ending a sequence: its grammar took over %.1f s for one token",
                         self.constraint_step_limit_s)  # fmt: skip
             step = Step(step.events, finished="length")
-        self._hand_on(running, step, self._logprobs(running, dist, token))
-        if step.finished is not None:
-            self._finish(running, step.finished)
-            return
-        assert token is not None  # a None token always finishes
-        running.pending = ([] if self._is_end(token) else [token]) + list(step.inject)
+        return token, step, self._logprobs(running, dist, token)
 
     def _cache_prompt_once(self, running: Running) -> None:
         """Its prompt has just been read: cache it now, so requests waiting for the same
@@ -537,9 +661,11 @@ class Scheduler:
             return
         running.cached_once = True
         assert running.lane is not None
+        guessed = len(running.guess.tokens) if running.guess is not None else 0
         running.holding, running.shared = self._cache.insert(
-            running.lane, running.fed, running.shared, running.holding
-        )
+            running.lane, running.fed[: len(running.fed) - guessed], running.shared,
+            running.holding,
+        )  # fmt: skip
 
     def _distribution(self, running: Running) -> Any:
         """The model's log-probabilities at this step, when the request asked for them."""
@@ -581,7 +707,7 @@ class Scheduler:
         running.reported = output.completion_tokens
 
     def _finish(self, running: Running, reason: FinishReason) -> None:
-        output, job = running.output, running.job
+        output, job, drafts = running.output, running.job, running.drafts
         assert output is not None
         usage = TokenUsage(
             prompt_tokens=len(job.prompt),
@@ -589,6 +715,16 @@ class Scheduler:
             cached_tokens=running.reused,
             reasoning_tokens=output.reasoning_tokens,
         )
+        if drafts is not None:
+            usage = dataclasses.replace(
+                usage,
+                draft_tokens=drafts.drafted,
+                accepted_draft_tokens=drafts.accepted,
+                accepted_prediction_tokens=drafts.prediction_accepted,
+                rejected_prediction_tokens=drafts.prediction_rejected,
+            )
+            if self._shared is not None:
+                self._shared.add(drafts.output())
         # Released first: a client that has its answer finds the engine's state already
         # without it (its lane free, its cells cached).
         self._release(running)
@@ -599,6 +735,7 @@ class Scheduler:
         for running in self._active():
             running.job.emit(EngineError("engine failed while generating"))
             assert running.lane is not None
+            running.guess, running.draft_indices = None, []
             self._ctx.remove(running.lane)
             self._lanes[running.lane] = None
             self._close(running)

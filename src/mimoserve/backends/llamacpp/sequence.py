@@ -48,6 +48,8 @@ class DecodeJob:
     # Reasoning: already inside <think> when the prompt opened it; closed at the budget.
     in_think: bool = False
     think_budget: int | None = None
+    # The client's guess of the answer (`prediction`), tokenized: the first draft source.
+    prediction: list[int] = field(default_factory=list)
     # Set by the requester when its client goes away; checked before every step.
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Backpressure: steps emitted (written by the scheduler thread only) and steps the

@@ -45,7 +45,14 @@ def usage_of(raw: Any) -> TokenUsage | None:
         completion_tokens=int(raw.get("completion_tokens") or 0),
         cached_tokens=int(prompt_details.get("cached_tokens") or 0),
         reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+        accepted_prediction_tokens=_count(completion_details, "accepted_prediction_tokens"),
+        rejected_prediction_tokens=_count(completion_details, "rejected_prediction_tokens"),
     )
+
+
+def _count(details: Any, name: str) -> int:
+    value = details.get(name) if isinstance(details, Mapping) else None
+    return value if isinstance(value, int) and value >= 0 else 0
 
 
 def logprobs_of(raw: Any, top_logprobs: int) -> list[GenerationEvent]:

@@ -1,0 +1,322 @@
+"""Draft-free speculative decoding: guesses at a sequence's next tokens, taken from text
+it or other requests already hold, for the model to verify in the sequence's next step.
+
+A guess costs one batch position per drafted token; a step that verifies k drafted
+tokens costs about what reading k prompt tokens costs (a fraction of a decode step on a
+CPU, where each step reads the weights once). The scheduler samples every position in
+order with the sequence's own sampler and keeps a drafted token only when it equals the
+token sampled there, so the output is exactly what decoding without drafts gives:
+drafts change how many tokens one step yields, never which tokens.
+
+Where guesses come from, first that answers:
+1. the client's prediction (OpenAI's `prediction`), followed where the output agrees
+   with it and found again by n-gram where it does not;
+2. the sequence itself (prompt and output: "prompt lookup"): a file being rewritten, a
+   path repeated in a tool call;
+3. the recent outputs of every request on this engine, so an agent's repeated tool
+   calls and boilerplate are guessed from its earlier turns.
+Each source follows the sequence: while the output keeps agreeing with the place its
+last guess came from, the next guess continues from there; otherwise it looks for the
+longest of the sequence's last n-grams (`ORDERS`) and continues after its latest
+occurrence.
+
+How much to guess (`draft_length`): the chance that a guessed token is accepted, given
+the ones before it were, is learnt per source and per how long the sequence has agreed
+with the source so far (`AcceptanceTable`: a long agreement predicts a longer one), over
+all requests of the engine. The guess length is the one that maximises the step's
+expected tokens per second under the engine's measured cost of a step of n tokens
+(`StepShape`): on a CPU, a step of one token takes a fast path (llama.cpp's matrix-vector
+kernels), a step of two costs about twice that, and each further token much less, so a
+guess pays only when it is long and likely; text with nothing to copy is not guessed at.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+# n-gram lengths a source looks up, longest first.
+ORDERS = (4, 3, 2)
+# Recent outputs of all requests kept for drafting (tokens; the oldest half goes when full).
+SHARED_CAPACITY = 1 << 16
+# A document boundary in the shared history: never part of a draft.
+_SEPARATOR = -1
+# The longest agreement the acceptance table tells apart.
+MAX_RUN = 16
+# The prior chance that a prediction's next token is accepted, before any agreement.
+_PREDICTION_PRIOR = 0.9
+# How fast the table forgets (per verification), so it follows what the engine serves.
+_DECAY = 0.995
+DEFAULT_MAX_DRAFT = 32
+
+
+class NgramIndex:
+    """A token list and, for each n-gram in it, the positions right after it (where its
+    continuation starts), in order. An n-gram is indexed only once its continuation
+    exists, so the tail of the list never finds itself."""
+
+    def __init__(self, orders: Sequence[int] = ORDERS) -> None:
+        self.orders = tuple(sorted(orders, reverse=True))
+        self.tokens: list[int] = []
+        self.offset = 0  # absolute position of tokens[0] (the shared index drops its head)
+        self._after: dict[tuple[int, ...], list[int]] = {}
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            self._append(token)
+
+    def _append(self, token: int) -> None:
+        tokens, at = self.tokens, len(self.tokens)
+        for n in self.orders:
+            if at >= n:
+                gram = tuple(tokens[at - n : at])
+                if _SEPARATOR not in gram:
+                    self._after.setdefault(gram, []).append(self.offset + at)
+        tokens.append(token)
+
+    def token_at(self, position: int) -> int | None:
+        index = position - self.offset
+        return self.tokens[index] if 0 <= index < len(self.tokens) else None
+
+    def slice(self, start: int, count: int) -> list[int]:
+        begin = max(0, start - self.offset)
+        out = self.tokens[begin : begin + count]
+        if _SEPARATOR in out:
+            out = out[: out.index(_SEPARATOR)]
+        return out
+
+    def find(self, tail: Sequence[int], after: int | None = None) -> tuple[int, int] | None:
+        """Where the continuation of the longest indexed n-gram ending `tail` starts (its
+        first occurrence at or after `after` when given and there is one, else its
+        latest), and that n-gram's length."""
+        for n in self.orders:
+            if len(tail) < n:
+                continue
+            places = self._after.get(tuple(tail[-n:]))
+            if not places:
+                continue
+            if after is not None:
+                first = bisect.bisect_left(places, after)
+                if first < len(places):
+                    return places[first], n
+            return places[-1], n
+        return None
+
+    def drop_oldest(self, keep: int) -> None:
+        """Keeps the last `keep` tokens (re-indexed: positions stay absolute)."""
+        kept = self.tokens[len(self.tokens) - keep :] if keep > 0 else []
+        self.offset += len(self.tokens) - len(kept)
+        self.tokens, self._after = [], {}
+        self.extend(kept)
+
+
+class SharedHistory:
+    """Recent outputs of every request on one engine (the scheduler thread's alone)."""
+
+    def __init__(self, capacity: int = SHARED_CAPACITY) -> None:
+        self.index = NgramIndex()
+        self._capacity = capacity
+
+    def add(self, output: Sequence[int]) -> None:
+        if len(output) < min(self.index.orders) + 1:
+            return
+        output = output[-self._capacity // 2 :]
+        if len(self.index.tokens) + len(output) + 1 > self._capacity:
+            self.index.drop_oldest(max(0, self._capacity // 2 - len(output) - 1))
+        self.index.extend([*output, _SEPARATOR])
+
+
+Kind = Literal["prediction", "context", "shared"]
+
+
+@dataclass
+class Follower:
+    """One sequence's place in one draft source: the position its next guess starts at,
+    valid while the sequence keeps agreeing with the source from there; `run` counts the
+    tokens it has agreed for (the evidence for the next guess)."""
+
+    kind: Kind
+    index: NgramIndex
+    cursor: int | None = None  # absolute position in the source's tokens
+    aligned: bool = False  # the sequence agrees with the source up to the cursor
+    run: int = 0
+    # Prediction: resync at the first occurrence after the cursor, not the latest (the
+    # answer moves through the prediction in order).
+    forward: bool = False
+
+    def follow(self, token: int) -> None:
+        if not self.aligned:
+            return
+        assert self.cursor is not None
+        if self.index.token_at(self.cursor) == token:
+            self.cursor += 1
+            self.run += 1
+        else:
+            self.aligned, self.run = False, 0
+
+    def guess(self, tail: Sequence[int], count: int) -> list[int]:
+        if not self.aligned or self.cursor is None or self.index.token_at(self.cursor) is None:
+            found = self.index.find(tail, self.cursor if self.forward else None)
+            if found is None:
+                self.aligned = False
+                return []
+            self.cursor, self.run = found
+            self.aligned = True
+        return self.index.slice(self.cursor, count)
+
+
+class AcceptanceTable:
+    """For each source and length of agreement so far, decaying counts of guessed tokens
+    accepted and of rejections (a verification ends at the first rejected token):
+    a = accepted / (accepted + rejections) estimates the chance that the next guessed
+    token is accepted, given those before it were. Priors: a long agreement is trusted
+    more (1 - 1/(run + 2); a prediction at least 0.9), worth two verifications, so the table starts guessing where
+    it probably pays and learns the rest."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[Kind, int], list[float]] = {}
+
+    def _entry(self, kind: Kind, run: int) -> list[float]:
+        key = (kind, min(run, MAX_RUN))
+        entry = self._counts.get(key)
+        if entry is None:
+            prior = 1 - 1 / (min(run, MAX_RUN) + 2)
+            if kind == "prediction":  # the client says the answer repeats it
+                prior = max(prior, _PREDICTION_PRIOR)
+            entry = self._counts[key] = [2 * prior, 2 * (1 - prior)]
+        return entry
+
+    def rate(self, kind: Kind, run: int) -> float:
+        accepted, rejections = self._entry(kind, run)
+        return accepted / (accepted + rejections)
+
+    def record(self, kind: Kind, run: int, accepted: int, rejected: bool) -> None:
+        entry = self._entry(kind, run)
+        entry[0] = entry[0] * _DECAY + accepted
+        entry[1] = entry[1] * _DECAY + (1 if rejected else 0)
+
+
+class StepShape:
+    """The cost of a decode step of n tokens relative to a step of one, measured on this
+    engine (`points`: sizes -> seconds), interpolated linearly between sizes and
+    extended beyond the largest along its last segment."""
+
+    def __init__(self, points: dict[int, float]) -> None:
+        self._sizes = sorted(points)
+        self._costs = [points[n] / points[self._sizes[0]] for n in self._sizes]
+
+    def cost(self, n: int) -> float:
+        sizes, costs = self._sizes, self._costs
+        if n <= sizes[0]:
+            return costs[0] * n / sizes[0]
+        for i in range(1, len(sizes)):
+            if n <= sizes[i] or i == len(sizes) - 1:
+                span = (costs[i] - costs[i - 1]) / (sizes[i] - sizes[i - 1])
+                return costs[i - 1] + span * (n - sizes[i - 1])
+        raise AssertionError("unreachable")
+
+
+def draft_length(rate: float, shape: StepShape, tokens: int, yielded: float, limit: int) -> int:
+    """The guess length that maximises the step's expected tokens per unit of cost: the
+    step so far has `tokens` positions yielding `yielded` tokens; a guess of k adds k
+    positions yielding rate + rate**2 + ... + rate**k."""
+    best, best_value = 0, yielded / shape.cost(tokens)
+    expected, chance = yielded, 1.0
+    for k in range(1, limit + 1):
+        chance *= rate
+        expected += chance
+        value = expected / shape.cost(tokens + k)
+        if value > best_value:
+            best, best_value = k, value
+    return best
+
+
+@dataclass
+class Drafted:
+    """What one verification used: the guess, where it came from, the evidence for it."""
+
+    tokens: list[int]
+    kind: Kind
+    run: int
+    expected: float  # accepted tokens expected of it
+
+
+@dataclass
+class SequenceDrafts:
+    """One sequence's draft sources and counts."""
+
+    context: NgramIndex
+    followers: list[Follower]
+    table: AcceptanceTable
+    prompt_length: int
+    max_draft: int
+    # Totals for the usage record and the prediction fields of the usage.
+    drafted: int = 0
+    accepted: int = 0
+    prediction_accepted: int = 0
+    prediction_rejected: int = 0
+
+    @classmethod
+    def start(
+        cls,
+        prompt: Sequence[int],
+        prediction: Sequence[int],
+        shared: SharedHistory | None,
+        table: AcceptanceTable,
+        max_draft: int,
+    ) -> SequenceDrafts:
+        context = NgramIndex()
+        context.extend(prompt)
+        followers = []
+        if prediction:
+            index = NgramIndex()
+            index.extend(prediction)
+            # The answer is expected to start where the prediction starts.
+            followers.append(Follower("prediction", index, cursor=0, aligned=True, forward=True))
+        followers.append(Follower("context", context))
+        if shared is not None:
+            followers.append(Follower("shared", shared.index))
+        return cls(context, followers, table, len(prompt), max_draft)
+
+    def follow(self, token: int) -> None:
+        """A token the sequence now continues with (sampled, accepted or injected)."""
+        for follower in self.followers:
+            follower.follow(token)
+        self.context.extend((token,))
+
+    def output(self) -> list[int]:
+        return self.context.tokens[self.prompt_length :]
+
+    def propose(self, shape: StepShape, tokens: int, yielded: float, room: int) -> Drafted | None:
+        """A guess of the next tokens worth verifying in a step that has `tokens`
+        positions yielding `yielded` tokens so far, or None."""
+        limit = min(self.max_draft, room)
+        if limit <= 0:
+            return None
+        tail = self.context.tokens[-max(ORDERS) :]
+        for follower in self.followers:
+            guess = follower.guess(tail, limit)
+            if not guess:
+                continue
+            rate = self.table.rate(follower.kind, follower.run)
+            length = draft_length(rate, shape, tokens, yielded, len(guess))
+            if length == 0:
+                continue
+            expected = sum(rate**i for i in range(1, length + 1))
+            return Drafted(guess[:length], follower.kind, follower.run, expected)
+        return None
+
+    def verified(self, drafted: Drafted, accepted: int) -> None:
+        rejected = len(drafted.tokens) - accepted
+        self.table.record(drafted.kind, drafted.run, accepted, rejected > 0)
+        self.drafted += len(drafted.tokens)
+        self.accepted += accepted
+        if drafted.kind == "prediction":
+            self.prediction_accepted += accepted
+            self.prediction_rejected += rejected

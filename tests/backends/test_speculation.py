@@ -1,0 +1,242 @@
+"""Speculation: the draft sources and the length rule (pure), and the scheduler's
+verification on the simulated engine, where a scripted sampler draws from a fixed
+distribution with its own random stream, so exactness is checked token for token."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from mimoserve.backends.base import SamplingParams
+from mimoserve.backends.llamacpp.sequence import DecodeJob, Generated
+from mimoserve.backends.llamacpp.speculation import (
+    AcceptanceTable,
+    NgramIndex,
+    SequenceDrafts,
+    SharedHistory,
+    StepShape,
+    draft_length,
+)
+from mimoserve.events import Finished
+from tests.backends import fake_engine
+from tests.backends.fake_engine import END, VOCAB, Collected, FakeContext
+
+# ---- the sources and the rule ----------------------------------------------------------
+
+
+def test_an_ngram_finds_the_continuation_of_its_latest_earlier_occurrence() -> None:
+    index = NgramIndex()
+    index.extend([1, 2, 3, 4, 9, 1, 2, 3, 5, 7, 1, 2, 3])
+    # The tail [1, 2, 3] itself is not indexed (no continuation yet): the latest earlier one.
+    assert index.find([1, 2, 3]) == (8, 3)
+    assert index.slice(8, 2) == [5, 7]
+    assert index.find([1, 2, 3], after=0) == (3, 3)  # forward: the first at or after 0
+    assert index.find([1, 2, 3], after=4) == (8, 3)
+    assert index.find([8, 8]) is None
+
+
+def test_the_longest_ngram_wins() -> None:
+    index = NgramIndex(orders=(3, 2))
+    index.extend([7, 2, 3, 40, 1, 2, 3, 50])
+    assert index.find([1, 2, 3]) == (7, 3)  # the 3-gram, before the 2-gram's later place
+    assert index.find([9, 2, 3]) == (7, 2)
+
+
+def test_the_shared_history_keeps_positions_after_dropping_its_oldest_half() -> None:
+    shared = SharedHistory(capacity=64)
+    for start in range(0, 200, 10):
+        shared.add(list(range(start + 1, start + 11)))
+    index = shared.index
+    assert len(index.tokens) <= 64
+    tail = [193, 194, 195]
+    found = index.find(tail)
+    assert found is not None and index.slice(found[0], 3) == [196, 197, 198]
+    # Documents never run into each other: a draft stops at a boundary.
+    found = index.find([198, 199, 200])
+    assert found is None or index.slice(found[0], 5) == []
+
+
+# Qwen2.5-Coder-0.5B's step times on this machine (ms by tokens per step).
+CPU_SHAPE = StepShape({1: 19.3, 2: 43.6, 4: 60.4, 8: 85.1, 16: 123.1, 32: 244.7})
+
+
+def test_a_prediction_is_followed_from_its_start_and_found_again_after_an_edit() -> None:
+    prediction = [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+    drafts = SequenceDrafts.start([1, 2, 3], prediction, None, AcceptanceTable(), max_draft=4)
+    guess = drafts.propose(CPU_SHAPE, tokens=1, yielded=1, room=4)
+    assert guess is not None and guess.kind == "prediction" and guess.tokens == [10, 11, 12, 13]
+    for token in [10, 11, 99, 100]:  # two tokens agree, then the answer departs
+        drafts.follow(token)
+    assert drafts.followers[0].aligned is False
+    for token in [14, 15, 16]:  # ... and rejoins it further on
+        drafts.follow(token)
+    follower = drafts.followers[0]
+    assert follower.guess(drafts.context.tokens[-4:], 3) == [17, 18, 19]
+    assert follower.run == 3  # the 3-gram it was found by
+
+
+def test_agreement_is_counted_while_decoding_without_guesses() -> None:
+    drafts = SequenceDrafts.start([5, 6, 7, 8, 9, 1, 2, 3], [], None, AcceptanceTable(), 8)
+    own = drafts.followers[0]
+    assert own.guess(drafts.context.tokens[-4:], 4) == []  # [1, 2, 3] has no earlier copy
+    for token in [5, 6, 7]:
+        drafts.follow(token)
+    assert own.guess(drafts.context.tokens[-4:], 2) == [8, 9]
+    for token in [8, 9]:
+        drafts.follow(token)
+    assert own.aligned and own.run == 5  # found by the 3-gram [5, 6, 7], then 8 and 9 agreed
+
+
+def test_the_guess_length_maximises_expected_tokens_per_cost() -> None:
+    # One stream: the first guessed token moves the step off the one-token fast path
+    # (19 -> 44 ms), so only a long, likely guess pays.
+    assert draft_length(0.5, CPU_SHAPE, tokens=1, yielded=1, limit=32) == 0
+    assert draft_length(0.8, CPU_SHAPE, tokens=1, yielded=1, limit=32) == 0
+    long_run = draft_length(0.97, CPU_SHAPE, tokens=1, yielded=1, limit=32)
+    assert 8 <= long_run <= 32
+    # Eight streams already in the step: past the fast path, a position costs a quarter
+    # of the step's mean, so shorter and less likely guesses pay, unlikely ones do not.
+    assert draft_length(0.3, CPU_SHAPE, tokens=8, yielded=8, limit=32) == 0
+    assert 0 < draft_length(0.8, CPU_SHAPE, tokens=8, yielded=8, limit=32) < long_run
+    assert CPU_SHAPE.cost(1) == 1 and CPU_SHAPE.cost(64) > CPU_SHAPE.cost(32)
+
+
+def test_the_table_learns_from_verifications() -> None:
+    table = AcceptanceTable()
+    before = table.rate("shared", 2)
+    for _ in range(20):
+        table.record("shared", 2, accepted=0, rejected=True)
+    assert table.rate("shared", 2) < before / 4
+    assert table.rate("context", 16) > 0.9 and table.rate("prediction", 0) >= 0.9
+
+
+# ---- verification in the scheduler -----------------------------------------------------
+
+
+class ScriptedSampler:
+    """Draws from a fixed distribution given the token at the sampled position: mostly
+    the next of a short cycle (text worth copying), sometimes any token, with its own
+    random stream, one draw per call, as llama.cpp's `dist` sampler. Greedy: always the
+    cycle's next."""
+
+    constrained = False
+
+    def __init__(self, seed: int, temperature: float) -> None:
+        self._random = random.Random(seed)
+        self._greedy = temperature <= 0
+
+    def sample(self, context: Any, batch_index: int) -> int:
+        assert isinstance(context, FakeContext)
+        _, _, token = context.context_of(batch_index)
+        draw = self._random.random()
+        if self._greedy or draw < 0.8:
+            return 1 + token % 8
+        return self._random.randrange(1, VOCAB)
+
+    def sample_constrained(self, context: Any, batch_index: int, banned: list[int]) -> int | None:
+        return self.sample(context, batch_index)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def scripted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        fake_engine,
+        "new_sampler",
+        lambda sampling, seed, grammar: ScriptedSampler(seed, sampling.temperature),
+    )
+
+
+def run(
+    prompt: list[int], *, max_draft: int, seed: int, temperature: float = 0.8,
+    max_tokens: int = 60, prediction: list[int] | None = None, stop: tuple[str, ...] = (),
+    n: int = 1,
+) -> tuple[list[Collected], FakeContext]:  # fmt: skip
+    scheduler, context = fake_engine.fake_scheduler(
+        max_draft=max_draft, n_batch=64, step_shape=CPU_SHAPE
+    )
+    try:
+        outs = []
+        for choice in range(n):
+            out = Collected()
+            sampling = SamplingParams(
+                temperature=temperature, max_tokens=max_tokens, seed=seed + choice, stop=stop
+            )
+            job = DecodeJob(prompt=prompt, sampling=sampling, emit=out,
+                            prediction=list(prediction or []))  # fmt: skip
+            out.job = job
+            outs.append(out)
+            scheduler.submit(job)
+        for out in outs:
+            out.wait()
+        return outs, context
+    finally:
+        scheduler.stop()
+
+
+def tokens_of(out: Collected) -> list[int]:
+    return [int(piece) for piece in out.text.strip("<>").split("><")] if out.text else []
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_guesses_change_how_many_steps_never_which_tokens(temperature: float) -> None:
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3]
+    for seed in range(12):
+        plain, plain_ctx = run(prompt, max_draft=0, seed=seed, temperature=temperature)
+        fast, fast_ctx = run(prompt, max_draft=8, seed=seed, temperature=temperature)
+        assert fast[0].text == plain[0].text, seed
+        usage = fast[0].wait().usage
+        assert usage.completion_tokens == plain[0].wait().usage.completion_tokens
+        assert usage.draft_tokens > 0 and usage.accepted_draft_tokens > 0
+        assert len(fast_ctx.batches) < len(plain_ctx.batches)
+    if temperature == 0:  # the cycle is copied whole: most steps yield several tokens
+        assert len(fast_ctx.batches) * 3 < len(plain_ctx.batches)
+
+
+def test_stop_strings_n_and_the_end_stay_exact_with_guesses() -> None:
+    prompt = [3, 4, 5, 6, 7, 8, 1, 2]
+    plain, _ = run(prompt, max_draft=0, seed=5, stop=("<7><8>",), n=2)
+    fast, _ = run(prompt, max_draft=8, seed=5, stop=("<7><8>",), n=2)
+    for a, b in zip(plain, fast, strict=True):
+        assert a.text == b.text and a.wait().reason == b.wait().reason
+        assert a.wait().stop_sequence == b.wait().stop_sequence
+
+
+def test_each_token_arrives_as_its_own_step_in_order() -> None:
+    (plain,), _ = run([1, 2, 3, 4, 5, 6, 7, 8], max_draft=0, seed=1, temperature=0)
+    (fast,), _ = run([1, 2, 3, 4, 5, 6, 7, 8], max_draft=8, seed=1, temperature=0)
+
+    def shape(out: Collected) -> list[tuple[int, tuple[Any, ...]]]:
+        return [(e.tokens, e.events) for e in out.events if isinstance(e, Generated)]
+
+    assert shape(fast) == shape(plain)
+
+
+def test_a_right_prediction_is_accepted_and_a_wrong_one_changes_nothing() -> None:
+    prompt = [9, 10, 11]
+    (plain,), plain_ctx = run(prompt, max_draft=0, seed=3, max_tokens=40)
+    answer = tokens_of(plain)
+    (right,), right_ctx = run(prompt, max_draft=16, seed=3, max_tokens=40, prediction=answer)
+    usage = right.wait().usage
+    assert right.text == plain.text
+    assert usage.accepted_prediction_tokens >= len(answer) // 2
+    assert len(right_ctx.batches) < len(plain_ctx.batches)
+    wrong = [VOCAB - 2] * 30
+    (guessed,), _ = run(prompt, max_draft=16, seed=3, max_tokens=40, prediction=wrong)
+    assert guessed.text == plain.text
+    assert guessed.wait().usage.rejected_prediction_tokens > 0
+    assert guessed.wait().usage.accepted_prediction_tokens == 0
+
+
+def test_rejected_guesses_leave_no_cells_behind() -> None:
+    # The simulated pool asserts on every decode that a sequence attends to exactly its
+    # earlier positions, once each: a stale guessed cell would fail the next step.
+    (out,), context = run([1, 2, 3, 4, 5, 6, 7, 8], max_draft=8, seed=7, temperature=1.0)
+    finished = out.wait()
+    assert isinstance(finished, Finished)
+    assert finished.usage.draft_tokens > finished.usage.accepted_draft_tokens > 0
+    assert not any(t == END for t, *_ in context.batches[-1])
