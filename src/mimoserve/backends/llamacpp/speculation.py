@@ -176,8 +176,8 @@ class AcceptanceTable:
     accepted and of rejections (a verification ends at the first rejected token):
     a = accepted / (accepted + rejections) estimates the chance that the next guessed
     token is accepted, given those before it were. Priors: a long agreement is trusted
-    more (1 - 1/(run + 2); a prediction at least 0.9), worth two verifications, so the table starts guessing where
-    it probably pays and learns the rest."""
+    more (1 - 1/(run + 2); a prediction at least 0.9), worth two verifications, so the
+    table starts guessing where it probably pays and learns the rest."""
 
     def __init__(self) -> None:
         self._counts: dict[tuple[Kind, int], list[float]] = {}
