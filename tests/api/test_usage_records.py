@@ -108,3 +108,20 @@ async def test_abandoned_generation_is_recorded_with_what_it_consumed(
     [record] = store.records
     assert (record.status, record.prompt_tokens, record.key_id) == (499, 30, "key1")
     assert 2 <= record.completion_tokens <= 3
+
+
+async def test_the_record_keeps_speculation_counts(
+    metered: tuple[httpx.AsyncClient, UsageLedger], backend: ScriptedBackend, store: MemoryStore
+) -> None:
+    from mimoserve.events import Finished, Started, TokenUsage
+
+    async def generate(request: object) -> AsyncIterator[object]:
+        yield Started(prompt_tokens=4)
+        yield Finished("stop", TokenUsage(4, 30, draft_tokens=40, accepted_draft_tokens=25))
+
+    backend.generate = generate  # type: ignore[method-assign,assignment]
+    client, ledger = metered
+    assert (await client.post(URL, json=BODY)).status_code == 200
+    await ledger.close()
+    [record] = store.records
+    assert (record.draft_tokens, record.accepted_draft_tokens) == (40, 25)

@@ -75,8 +75,10 @@ def test_admin_credential(any_database: Database) -> None:
 def test_usage_round_trip_and_totals(any_database: Database) -> None:
     store = SqlUsageStore(any_database)
     store.insert_usage([
-        UsageRecord("a", "m1", 200, 10, 5, 2, 3, 0.5, 0.1, "stop", request_id="r1"),
-        UsageRecord("a", "m1", 499, 8, 1, 0, 0, 0.2, 0.1, None, account_id="acc"),
+        UsageRecord("a", "m1", 200, 10, 5, 2, 3, 0.5, 0.1, "stop", request_id="r1",
+                    draft_tokens=12, accepted_draft_tokens=9),
+        UsageRecord("a", "m1", 499, 8, 1, 0, 0, 0.2, 0.1, None, account_id="acc",
+                    draft_tokens=4, accepted_draft_tokens=1),
         UsageRecord("b", "m2", 200, 1, 1, 0, 0, 0.1, None, "length"),
     ])  # fmt: skip
     records = store.records()
@@ -87,6 +89,8 @@ def test_usage_round_trip_and_totals(any_database: Database) -> None:
     assert totals[("a", "m1")].requests == 2
     assert totals[("a", "m1")].prompt_tokens == 18 and totals[("a", "m1")].completion_tokens == 6
     assert type(totals[("a", "m1")].prompt_tokens) is int
+    assert records[0].draft_tokens == 12 and records[0].accepted_draft_tokens == 9
+    assert (totals[("a", "m1")].draft_tokens, totals[("a", "m1")].accepted_draft_tokens) == (16, 10)
     assert store.totals(since=time.time() + 60) == []
 
 

@@ -76,6 +76,7 @@ class RequestMeter:
     ) -> None:  # fmt: skip
         self._prompt_estimate = prompt_estimate
         self._estimated = False  # some counts are the server's estimate, not the engine's
+        self._drafts = (0, 0)  # speculation: guessed tokens, accepted ones
         self._generated: Callable[[], int] | None = None
         self._api = api
         self._price = price
@@ -117,6 +118,12 @@ class RequestMeter:
         m.child(m.cached_tokens, model).inc(usage.cached_tokens)
         m.child(m.e2e_latency, model).observe(latency)
         self._estimated = usage.estimated
+        self._drafts = (usage.draft_tokens, usage.accepted_draft_tokens)
+        if usage.draft_tokens:
+            m.child(m.draft_tokens, model).inc(usage.draft_tokens)
+            m.child(m.accepted_draft_tokens, model).inc(usage.accepted_draft_tokens)
+            rejected = usage.draft_tokens - usage.accepted_draft_tokens
+            m.child(m.rejected_draft_tokens, model).inc(rejected)
         self._record(200, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
                      usage.reasoning_tokens, reason)  # fmt: skip
 
@@ -166,5 +173,7 @@ class RequestMeter:
                     http_request_id=current_request_id.get(),
                     cost_micros=cost,
                     usage_source="estimate" if self._estimated else "engine",
+                    draft_tokens=self._drafts[0],
+                    accepted_draft_tokens=self._drafts[1],
                 )
             )

@@ -53,6 +53,20 @@ class Metrics:
             "mimoserve:prompt_tokens_cached", "Prompt tokens reused from the KV cache", ["model"],
             registry=r,
         )  # fmt: skip
+        # Speculative decoding, per request as the engine reports it: the acceptance rate
+        # is accepted / draft.
+        self.draft_tokens = Counter(
+            "mimoserve:spec_draft_tokens", "Tokens guessed by speculative decoding and verified",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.accepted_draft_tokens = Counter(
+            "mimoserve:spec_accepted_tokens",
+            "Guessed tokens the sampler chose (kept in the output)", ["model"], registry=r,
+        )  # fmt: skip
+        self.rejected_draft_tokens = Counter(
+            "mimoserve:spec_rejected_tokens", "Guessed tokens the sampler did not choose",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.e2e_latency = Histogram(
             "mimoserve:e2e_request_latency_seconds", "Request latency", ["model"],
             buckets=_LATENCY_BUCKETS, registry=r,

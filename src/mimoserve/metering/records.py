@@ -33,6 +33,9 @@ class UsageRecord:
     # "engine": the engine counted the tokens; "estimate": it did not (a relayed stream
     # cut short before the engine's usage, an engine that sends none), the server did.
     usage_source: str = "engine"
+    # Speculative decoding: tokens guessed and verified, and those the sampler chose.
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
 
 def safe_text(text: str) -> str:

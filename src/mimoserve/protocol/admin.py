@@ -111,6 +111,9 @@ class UsageRow(BaseModel):
     cached_tokens: int
     cost: float
     currency: str
+    # Speculative decoding: tokens guessed and verified, and those kept.
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
 
 class UsagePointView(BaseModel):

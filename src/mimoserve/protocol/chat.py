@@ -69,7 +69,7 @@ class Prediction(_Strict):
     being edited). The engine verifies it as a guess; the answer is what the model writes."""
 
     type: Literal["content"]
-    content: str | list[PredictionText] = Field(max_length=1024)
+    content: str | Annotated[list[PredictionText], Field(max_length=1024)]
 
     @property
     def text(self) -> str:

@@ -101,6 +101,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE usage_records ADD COLUMN usage_source TEXT NOT NULL DEFAULT 'engine';
     """,
+    # Speculative decoding's guessed and accepted tokens per request.
+    """
+    ALTER TABLE usage_records ADD COLUMN draft_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_records ADD COLUMN accepted_draft_tokens INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 _MIGRATION_LOCK = 0x6D696D6F  # any constant shared by every replica
 

@@ -25,6 +25,8 @@ class UsageTotal:
     reasoning_tokens: int
     cached_tokens: int
     cost_micros: int
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,9 @@ class SqlUsageStore:
                 " CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens,"
                 " CAST(SUM(reasoning_tokens) AS BIGINT) AS reasoning_tokens,"
                 " CAST(SUM(cached_tokens) AS BIGINT) AS cached_tokens,"
-                " CAST(SUM(cost_micros) AS BIGINT) AS cost_micros"
+                " CAST(SUM(cost_micros) AS BIGINT) AS cost_micros,"
+                " CAST(SUM(draft_tokens) AS BIGINT) AS draft_tokens,"
+                " CAST(SUM(accepted_draft_tokens) AS BIGINT) AS accepted_draft_tokens"
                 " FROM usage_records WHERE created_at >= ? GROUP BY key_id, model"
                 " ORDER BY key_id, model",
                 (since,),

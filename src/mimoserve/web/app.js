@@ -318,9 +318,18 @@ async function loadUsage(event) {
   for (const t of totals) {
     const row = document.createElement("tr");
     for (const value of [t.key_id, modelName(t.model), t.requests, t.prompt_tokens, t.completion_tokens,
-                         t.reasoning_tokens, t.cached_tokens, money(t.cost, t.currency)]) cell(row, value);
+                         t.reasoning_tokens, t.cached_tokens, acceptance(t),
+                         money(t.cost, t.currency)]) cell(row, value);
     body.appendChild(row);
   }
+}
+
+// Speculative decoding's acceptance rate: of the tokens guessed and verified, the share
+// the model kept ("-" where nothing was guessed).
+function acceptance(total) {
+  if (!total.draft_tokens) return "-";
+  const rate = Math.round((100 * total.accepted_draft_tokens) / total.draft_tokens);
+  return `${rate}% of ${total.draft_tokens}`;
 }
 
 function svg(name, attributes) {
