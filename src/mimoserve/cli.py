@@ -314,9 +314,6 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, help="waiting requests before 503 (default 16)")
     serve.add_argument("--spec-max-draft", type=int, help="speculative decoding: most tokens "
                        "guessed per sequence and step (default 32; 0 turns it off)")  # fmt: skip
-    serve.add_argument("--steady-steps", action="store_true", default=None,
-                       help="same kernels for every step: outputs independent of batching and "
-                       "speculation (slower alone)")  # fmt: skip
     serve.add_argument("--stream-write-timeout-s", type=float, help="end a stream whose client "
                        "reads nothing for this long (default 60)")  # fmt: skip
     serve.add_argument("--access-log", action="store_true", default=None,

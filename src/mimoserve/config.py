@@ -71,12 +71,6 @@ class Settings(BaseSettings):
         description="Speculative decoding: most tokens guessed per sequence and step, from "
         "the client's prediction, the sequence's own text and recent outputs (0: off)",
     )
-    steady_steps: bool = Field(
-        default=False,
-        description="Decode a lone token beside a scratch one, so every step takes the same "
-        "llama.cpp kernels: greedy outputs identical alone, batched and speculated (a lone "
-        "stream decodes about half as fast)",
-    )
     stream_write_timeout_s: float = Field(
         default=60.0,
         gt=0,

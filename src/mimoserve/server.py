@@ -53,7 +53,6 @@ def build_backends(settings: Settings, registry: ModelRegistry) -> dict[str, Bac
                 n_batch=settings.n_batch,
                 max_queue=settings.max_queue,
                 spec_max_draft=settings.spec_max_draft,
-                steady_steps=settings.steady_steps,
             )
             engines[entry.weights] = LlamaCppBackend(config, weights_name=entry.weights)
         by_model[entry.id] = engines[entry.weights]

@@ -89,7 +89,6 @@ class LlamaCppBackend:
             n_batch=config.n_batch,
             n_threads=config.threads,
             kv_type=config.kv_type,
-            steady_steps=config.steady_steps,
         )
         weights = self._model.weights
         batch = Batch(config.n_batch)

@@ -28,7 +28,6 @@ class EngineConfig:
     kv_cells: int | None = None
     kv_type: str = "f16"
     spec_max_draft: int = 0  # speculative decoding: most guessed tokens per step (0: off)
-    steady_steps: bool = False  # same kernels for every step (see NativeContext)
 
     @property
     def threads(self) -> int:

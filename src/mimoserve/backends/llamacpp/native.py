@@ -69,7 +69,6 @@ class NativeContext:
         n_batch: int,
         n_threads: int,
         kv_type: str = "f16",
-        steady_steps: bool = False,
     ) -> None:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -88,25 +87,10 @@ class NativeContext:
             raise RuntimeError("llama.cpp could not create a context")
         self.memory = llama_cpp.llama_get_memory(self.ptr)
         self.n_vocab = model.n_vocab
-        # Steady steps: llama.cpp's CPU kernels round a one-token step differently from a
-        # step of two or more (measured: logits differ by up to 0.37), so what a sequence
-        # writes depends on whether it decoded alone. With `steady_steps` a lone token is
-        # decoded beside a scratch token on the last sequence id (kept from the
-        # scheduler), so every step takes the same kernels: outputs are the same alone,
-        # batched and speculated, for about twice the cost of a lone step.
-        self._scratch = n_seq - 1 if steady_steps else None
-        self.n_seq_max = n_seq - 1 if steady_steps else n_seq
+        self.n_seq_max = n_seq
 
     def decode(self, batch: Batch) -> int:
-        if self._scratch is None or batch.size != 1:
-            return int(llama_cpp.llama_decode(self.ptr, batch.native))
-        batch.add(0, 0, self._scratch, False)
-        try:
-            return int(llama_cpp.llama_decode(self.ptr, batch.native))
-        finally:
-            batch.size -= 1
-            batch.native.n_tokens = batch.size
-            llama_cpp.llama_memory_seq_rm(self.memory, self._scratch, 0, -1)
+        return int(llama_cpp.llama_decode(self.ptr, batch.native))
 
     def remove(self, seq: int, start: int = 0, end: int = -1) -> None:
         """Takes `seq` off its cells at positions [start, end); cells no sequence holds
