@@ -42,6 +42,11 @@ pytestmark = pytest.mark.real_model
 
 LISTING = "\n".join(f"def step_{i}(value):\n    return value * {i} + {i * 3}\n" for i in range(12))
 COPY = f"Here is a file:\n\n{LISTING}\nRepeat the file exactly, with nothing else."
+LIST_SCHEMA = {
+    "type": "object",
+    "properties": {"items": {"type": "array", "items": {"type": "string"}}},
+    "required": ["items"],
+}
 ITEMS = ", ".join(f"item {i} is {i * 7 % 11}" for i in range(20))
 
 
@@ -52,9 +57,7 @@ class Answer:
     finished: Finished
 
 
-def request(
-    user: str, max_tokens: int = 120, **sampling: object
-) -> GenerationRequest:
+def request(user: str, max_tokens: int = 120, **sampling: object) -> GenerationRequest:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, **sampling)  # type: ignore[arg-type]
     return GenerationRequest((PromptMessage(role="user", content=user),), params)
 
@@ -117,7 +120,9 @@ def answers(weights: Path, draft: int, requests: list[GenerationRequest]) -> lis
     backend = LlamaCppBackend(config, weights.stem)
 
     async def one(req: GenerationRequest) -> Answer:
-        text, logprobs, finished = [], [], None
+        text: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        finished: Finished | None = None
         async for event in backend.generate(req):
             if isinstance(event, ContentDelta):
                 text.append(event.text)
@@ -145,9 +150,8 @@ def test_greedy_answers_are_the_same_with_guesses(weights: Path, trace: Trace) -
         GenerationRequest(
             (PromptMessage(role="user", content=f"Give {ITEMS} as a JSON object."),),
             SamplingParams(temperature=0, max_tokens=120),
-            constraint=OutputConstraint({"type": "object", "properties": {
-                "items": {"type": "array", "items": {"type": "string"}}}, "required": ["items"]}),
-        ),  # fmt: skip
+            constraint=OutputConstraint(LIST_SCHEMA),
+        ),
     ]
     plain = answers(weights, 0, cases)
     reference = dict(trace)
