@@ -1,0 +1,282 @@
+"""Speculative decoding: decode speed with guesses against without, and against llama-server
+with its n-gram speculation, same GGUF, same threads, one server at a time.
+
+    .venv/bin/python bench/speculation.py [--model qwen2.5-coder-0.5b-instruct] [--runs 3]
+
+Workloads (greedy unless said; decode tok/s = completion tokens after the first / time
+from the first streamed token to the last, so prompt reading is left out):
+- code edit: a 160-170-line source file of this repository in the prompt, asked back
+  whole with one rename (two files; answers of 1,100-1,300 tokens), greedy and at
+  temperature 0.7 (seed 7);
+- the same with `prediction` set to the original file (mimoserve only: llama-server has
+  no such field; its figure stays the one without);
+- agent replay: the recorded Claude Code (Messages) and Codex (Responses) first requests,
+  answers capped at 400 tokens, timed from sending to the last event with the prompt
+  already cached (mimoserve only: llama-server speaks neither door here);
+- no repetition: an essay from a one-line prompt (400 tokens), one stream and 8 at once
+  (aggregate tok/s).
+Servers: mimoserve with speculation (default flags) and with `--spec-max-draft 0`, both up
+together and given each request in turn (the order alternating), so the shared
+machine's slow spells fall on both; then llama-server with `--spec-type ngram-mod` and
+`ngram-simple` (its defaults otherwise), each alone. Each run starts every server
+afresh; prompts are read once per server before timing.
+Prints each run's table, then the medians and ranges over the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from peers import llama_server_binary
+from run import MODELS_DIR, THREADS, Server, free_port, started
+
+from mimoserve.weights.store import WeightsStore
+
+ROOT = Path(__file__).parent.parent
+FILES = {
+    "weights/store.py": ("WeightsError", "WeightsProblem"),
+    "billing/keeper.py": ("BudgetKeeper", "SpendKeeper"),
+}
+FIXTURES = ROOT / "tests" / "api" / "fixtures"
+ESSAY = "Write a long essay about the history of the printing press in Europe."
+TIMEOUT = httpx.Timeout(1800)
+
+
+def edit_prompt(path: str) -> tuple[str, str]:
+    source = (ROOT / "src" / "mimoserve" / path).read_text()
+    old, new = FILES[path]
+    prompt = (f"Here is a Python file:\n\n```python\n{source}```\n\nRename every occurrence of "
+              f"`{old}` to `{new}`. Return the whole file, changed, in one code block, and "
+              "nothing else.")  # fmt: skip
+    return prompt, f"```python\n{source}```"
+
+
+def chat_body(prompt: str, max_tokens: int, temperature: float, **extra: Any) -> dict[str, Any]:
+    return {"model": "mimo-v2-flash", "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": temperature, "seed": 7, "stream": True,
+            "stream_options": {"include_usage": True}, **extra}  # fmt: skip
+
+
+async def _spec_counts(client: httpx.AsyncClient, server: Server) -> tuple[float, float]:
+    """mimoserve's drafted and accepted token counters (all models summed)."""
+    page = (await client.get(server.base_url + "/metrics")).text
+    drafted = accepted = 0.0
+    for line in page.splitlines():
+        if line.startswith("mimoserve:spec_draft_tokens_total"):
+            drafted += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("mimoserve:spec_accepted_tokens_total"):
+            accepted += float(line.rsplit(" ", 1)[1])
+    return drafted, accepted
+
+
+async def timed(client: httpx.AsyncClient, server: Server, path: str, body: dict[str, Any]
+                ) -> dict[str, float]:  # fmt: skip
+    """Streams one request: completion tokens, decode tok/s, and drafted/accepted counts
+    (llama-server's timings; mimoserve's counters around the request)."""
+    ours = bool(server.headers)
+    before = await _spec_counts(client, server) if ours else (0.0, 0.0)
+    sent = time.perf_counter()
+    first = last = 0.0
+    tokens, drafted, accepted = 0, 0, 0
+    async with client.stream("POST", server.base_url + path, json=body,
+                             headers=server.headers) as response:  # fmt: skip
+        assert response.status_code == 200, (await response.aread())[:500]
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            now = time.perf_counter()
+            if _carries_output(event):
+                first = first or now
+                last = now
+            tokens = max(tokens, _output_tokens(event))
+            if timings := event.get("timings"):  # llama-server's own counts
+                drafted = timings.get("draft_n", drafted)
+                accepted = timings.get("draft_n_accepted", accepted)
+    if ours:
+        after = await _spec_counts(client, server)
+        drafted, accepted = int(after[0] - before[0]), int(after[1] - before[1])
+    if path != "/v1/chat/completions":
+        # The agent doors may hold text back (a possible tool call) and send it late; their
+        # prompts are cached by then, so the whole request's time is the decode time.
+        first = sent
+    rate = (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0
+    return {"tokens": tokens, "tok_s": rate, "drafted": drafted, "accepted": accepted}
+
+
+def _carries_output(event: dict[str, Any]) -> bool:
+    kind = event.get("type", "")
+    if "delta" in kind:  # Anthropic and Responses doors
+        return True
+    for choice in event.get("choices") or []:
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"):
+            return True
+    return False
+
+
+def _output_tokens(event: dict[str, Any]) -> int:
+    usage = event.get("usage") or (event.get("response") or {}).get("usage") or {}
+    return int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
+
+
+Item = tuple[str, str, dict[str, Any]]  # name, path, body
+
+
+def items(ours: bool) -> tuple[list[Item], list[Item]]:
+    """(requests that read prompts once, timed requests), in order."""
+    reads: list[Item] = []
+    timed_items: list[Item] = []
+    for path in FILES:
+        prompt, original = edit_prompt(path)
+        reads.append(("read", "/v1/chat/completions", chat_body(prompt, 8, 0)))
+        for temperature in (0.0, 0.7):
+            name = f"edit {path} t={temperature}"
+            timed_items.append((name, "/v1/chat/completions", chat_body(prompt, 1400, temperature)))
+            if ours:
+                prediction = {"type": "content", "content": original}
+                body = chat_body(prompt, 1400, temperature, prediction=prediction)
+                timed_items.append((f"{name} +prediction", "/v1/chat/completions", body))
+    if ours:
+        for door, fixture in (("/v1/messages", "claude_code_request.json"),
+                              ("/v1/responses", "codex_request.json")):  # fmt: skip
+            body = json.loads((FIXTURES / fixture).read_text())
+            cap = "max_tokens" if door == "/v1/messages" else "max_output_tokens"
+            body.update({cap: 400, "temperature": 0, "stream": True})
+            body.pop("thinking", None)
+            body.pop("reasoning", None)
+            reads.append(("read", door, {**body, cap: 8}))
+            timed_items.append((f"agent {fixture.split('_')[0]}", door, body))
+    timed_items.append(("essay", "/v1/chat/completions", chat_body(ESSAY, 400, 0)))
+    return reads, timed_items
+
+
+async def eight_streams(client: httpx.AsyncClient, server: Server) -> dict[str, float]:
+    began = time.perf_counter()
+    streams = await asyncio.gather(*(
+        timed(client, server, "/v1/chat/completions", chat_body(f"{ESSAY} ({i})", 200, 0))
+        for i in range(8)
+    ))  # fmt: skip
+    total = sum(s["tokens"] for s in streams)
+    return {"tokens": total, "tok_s": total / (time.perf_counter() - began),
+            "drafted": sum(s["drafted"] for s in streams) / 8,
+            "accepted": sum(s["accepted"] for s in streams) / 8}  # fmt: skip
+
+
+async def workload(servers: list[Server], ours: bool) -> list[dict[str, dict[str, float]]]:
+    """Every item on each server in turn (the order alternating from item to item), so a
+    slow spell of the shared machine falls on both sides of a comparison."""
+    reads, timed_items = items(ours)
+    results: list[dict[str, dict[str, float]]] = [{} for _ in servers]
+    async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+        for server in servers:
+            for _, path, body in reads:
+                await timed(client, server, path, body)
+        for turn, (name, path, body) in enumerate([*timed_items, ("8 streams", "", {})]):
+            order = list(enumerate(servers))
+            if turn % 2:
+                order.reverse()
+            for index, server in order:
+                if name == "8 streams":
+                    results[index][name] = await eight_streams(client, server)
+                else:
+                    results[index][name] = await timed(client, server, path, body)
+    return results
+
+
+def mimoserve_command(gguf: Path, port: int, home: Path, draft: int | None) -> list[str]:
+    command = [sys.executable, "-m", "mimoserve.cli", "--home", str(home), "serve",
+               "--weights", str(gguf), "--port", str(port), "--n-threads", THREADS,
+               "--n-parallel", "8", "--n-ctx", "16384"]  # fmt: skip
+    return command + ([] if draft is None else ["--spec-max-draft", str(draft)])
+
+
+def llama_server_command(gguf: Path, port: int, spec: str) -> list[str]:
+    return [str(llama_server_binary()), "-m", str(gguf), "--host", "127.0.0.1",
+            "--port", str(port), "--parallel", "8", "-c", str(8 * 16384), "--kv-unified",
+            "-t", THREADS, "--jinja", "--no-webui", "--spec-type", spec]  # fmt: skip
+
+
+def one_run(gguf: Path, work: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Both mimoserve configurations up together (only one decodes at a time), then each
+    llama-server configuration alone."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    spec_port, plain_port = free_port(), free_port()
+    with (
+        started("mimoserve", mimoserve_command(gguf, spec_port, work / "spec", None), spec_port,
+                work / "spec.log", key_from_log=True) as spec,
+        started("mimoserve", mimoserve_command(gguf, plain_port, work / "plain", 0), plain_port,
+                work / "plain.log", key_from_log=True) as plain,
+    ):  # fmt: skip
+        table["mimoserve"], table["mimoserve no-spec"] = asyncio.run(workload([spec, plain], True))
+    for spec_type in ("ngram-mod", "ngram-simple"):
+        name, port = f"llama-server {spec_type}", free_port()
+        command = llama_server_command(gguf, port, spec_type)
+        with started("llama-server", command, port, work / f"{spec_type}.log") as server:
+            [table[name]] = asyncio.run(workload([server], False))
+    print(json.dumps(table), flush=True)
+    return table
+
+
+def report(runs: list[dict[str, dict[str, dict[str, float]]]]) -> None:
+    def figure(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+    rows: dict[str, list[str]] = defaultdict(list)
+    base = "mimoserve no-spec"
+    for work in runs[0]["mimoserve"]:
+        ours = [r["mimoserve"][work]["tok_s"] for r in runs]
+        plain_name = work.replace(" +prediction", "")
+        plain = [r[base][plain_name]["tok_s"] for r in runs]
+        kept = [r["mimoserve"][work] for r in runs]
+        rate = [k["accepted"] / k["drafted"] for k in kept if k.get("drafted")]
+        cells = [
+            f"{statistics.median(ours):.1f}",
+            figure([o / p for o, p in zip(ours, plain, strict=True)]),
+        ]
+        for peer in ("llama-server ngram-mod", "llama-server ngram-simple"):
+            theirs = [r[peer].get(plain_name, {}).get("tok_s", 0.0) for r in runs]
+            cells.append(
+                figure([o / t for o, t in zip(ours, theirs, strict=True)]) if all(theirs) else "-"
+            )
+        cells.append(f"{statistics.median(rate):.0%}" if rate else "-")
+        rows[work] = cells
+    print("| workload | mimoserve tok/s | / no speculation | / llama-server ngram-mod "
+          "| / llama-server ngram-simple | guesses kept |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for work, cells in rows.items():
+        print(f"| {work} | " + " | ".join(cells) + " |")
+    for peer in ("llama-server ngram-mod", "llama-server ngram-simple"):
+        for work in runs[0][peer]:
+            values = [r[peer][work]["tok_s"] for r in runs]
+            print(f"{peer} {work}: {figure(values)} tok/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    gguf = WeightsStore(MODELS_DIR).resolve(args.model)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.runs):
+            runs.append(one_run(gguf, Path(tmp)))
+    report(runs)
+
+
+if __name__ == "__main__":
+    main()
