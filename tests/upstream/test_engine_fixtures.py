@@ -130,3 +130,14 @@ def test_the_clients_own_body_is_forwarded_without_unknown_top_level_fields() ->
     assert "vendor_field" not in body and body["max_tokens"] == 9
     assert body["messages"][0]["x-trace"] == "kept inside messages"
     assert body["model"] == "id"
+
+
+def test_a_prediction_goes_to_every_engine_as_sent() -> None:
+    from mimoserve.protocol.chat import ChatCompletionRequest
+    from mimoserve.registry import UpstreamSpec
+
+    prediction = {"type": "content", "content": [{"type": "text", "text": "def f(): ..."}]}
+    request = ChatCompletionRequest.model_validate({**CHAT, "prediction": prediction})
+    for kind in ("vllm", "sglang", "llama.cpp", "openai", "mimoserve"):
+        body = wire.request_body(request, UpstreamSpec(url="http://x/v1", kind=kind), "id")
+        assert body["prediction"] == prediction, kind
