@@ -75,6 +75,7 @@ def create_app(
         load_probe=lambda: chat_service.catalogue.engine_load(),
         memory_probe=lambda: chat_service.catalogue.engine_memory(),
         ledger_probe=(lambda: (ledger.pending, ledger.set_aside_total)) if ledger else None,
+        routing_probe=lambda: fleet.routing(),
     )
     policy = AdmissionPolicy(settings.default_limits, settings.completion_reserve_tokens)
     rate_limiter = limiter or RateLimiter()

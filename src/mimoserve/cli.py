@@ -323,6 +323,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", help="redis://... for rate limits shared by replicas")
     serve.add_argument("--max-body-bytes", type=int, help="request body limit (default 1 MiB)")
     serve.add_argument("--log-format", choices=["text", "json"], help="log lines (default text)")
+    serve.add_argument("--fleet-routing", choices=["cache", "least-outstanding"],
+                       help="pick upstream replicas by cached prefix within a load bound "
+                       "(default) or by least outstanding requests")  # fmt: skip
     serve.add_argument("--media-url-allow", help="internal hosts/networks (a,10.0.0.0/8) that "
                        "relayed media URLs may name (default: public addresses only)")  # fmt: skip
     serve.set_defaults(handler=cmd_serve)

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
         default=1 << 20, ge=1024, description="Largest accepted request body (413 above it)"
     )
 
+    fleet_routing: Literal["cache", "least-outstanding"] = Field(
+        default="cache",
+        description="How upstream replicas are picked: by where the prompt's prefix is likely "
+        "cached (within a load bound), or by least outstanding requests",
+    )
     media_url_allow: str = Field(
         default="",
         description="Comma-separated hosts and networks (10.0.0.0/8) that relayed media URLs "

@@ -92,5 +92,7 @@ def build_server_app(
     return create_app(
         settings, registry=registry, backends=backends, keys=keys,
         ledger=open_ledger(settings, usage), admin=admin, usage=usage, limiter=limiter,
-        upstreams=build_upstreams(registry.entries()),
+        upstreams=build_upstreams(
+            registry.entries(), cache_aware=settings.fleet_routing == "cache"
+        ),
     )  # fmt: skip

@@ -45,6 +45,31 @@ class Canned:
     headers: list[dict[str, str]] = field(default_factory=list)
     cancelled: int = 0
     healthy: bool = True
+    # A prefix cache as engines keep one: usage reports, of a prompt of len(text) / 4
+    # tokens, the longest prefix shared with any prompt served before as cached.
+    prefix_cache: bool = False
+    served_prompts: list[str] = field(default_factory=list)
+
+    def usage(self, body: dict[str, Any], completion: int) -> dict[str, Any]:
+        if not self.prefix_cache:
+            return {"prompt_tokens": 11, "completion_tokens": completion,
+                    "total_tokens": 11 + completion}  # fmt: skip
+        text = json.dumps(body.get("messages"))
+        shared = max((_common(text, seen) for seen in self.served_prompts), default=0)
+        self.served_prompts.append(text)
+        prompt = len(text) // 4
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": shared // 4}}  # fmt: skip
+
+
+def _common(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def word_logprobs(word: str) -> dict[str, Any]:
@@ -54,22 +79,26 @@ def word_logprobs(word: str) -> dict[str, Any]:
     return {**token, "top_logprobs": [token, {"token": "?", "logprob": -3.5, "bytes": [63]}]}
 
 
-def _completion(c: Canned, model: str, logprobs: bool) -> dict[str, Any]:
+def _completion(c: Canned, model: str, logprobs: bool, body: dict[str, Any]) -> dict[str, Any]:
     message = {"role": "assistant", "content": c.content, c.reasoning_field: c.reasoning}
     choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "stop"}
     if logprobs:
         choice["logprobs"] = {"content": [word_logprobs(w + " ") for w in c.content.split(" ")]}
-    body: dict[str, Any] = {
+    answer: dict[str, Any] = {
         "id": "chatcmpl-upstream", "object": "chat.completion", "created": 1, "model": model,
         "choices": [choice],
     }  # fmt: skip
     if c.send_usage:
-        body["usage"] = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
-    return body
+        answer["usage"] = c.usage(body, 7)
+    return answer
 
 
 def _chunks(
-    c: Canned, model: str, include_usage: bool, logprobs: bool = False
+    c: Canned,
+    model: str,
+    include_usage: bool,
+    logprobs: bool = False,
+    body: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {"id": "chatcmpl-upstream", "object": "chat.completion.chunk", "created": 1,
@@ -88,7 +117,7 @@ def _chunks(
     if include_usage and c.send_usage:
         yield {"id": "chatcmpl-upstream", "object": "chat.completion.chunk", "created": 1,
                "model": model, "choices": [],
-               "usage": {"prompt_tokens": 11, "completion_tokens": 9, "total_tokens": 20}}  # fmt: skip
+               "usage": c.usage(body or {}, 9)}  # fmt: skip
 
 
 def build_app(c: Canned) -> Starlette:
@@ -114,9 +143,9 @@ def build_app(c: Canned) -> Starlette:
         model = body.get("model", "canned")
         logprobs = bool(body.get("logprobs"))
         if not body.get("stream"):
-            return JSONResponse(_completion(c, model, logprobs))
+            return JSONResponse(_completion(c, model, logprobs, body))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_stream(request, c, model, include_usage, logprobs),
+        return StreamingResponse(_stream(request, c, model, include_usage, logprobs, body),
                                  media_type="text/event-stream")  # fmt: skip
 
     async def stats(request: Request) -> Response:
@@ -138,11 +167,12 @@ async def _sleep_or_notice_disconnect(request: Request, c: Canned, seconds: floa
 
 
 async def _stream(request: Request, c: Canned, model: str, include_usage: bool,
-                  logprobs: bool = False) -> AsyncIterator[bytes]:  # fmt: skip
+                  logprobs: bool = False, body: dict[str, Any] | None = None,
+                  ) -> AsyncIterator[bytes]:  # fmt: skip
     if c.mode == "broken_first":
         return  # closes the body at once: no chunk, no [DONE]
     try:
-        for number, chunk in enumerate(_chunks(c, model, include_usage, logprobs)):
+        for number, chunk in enumerate(_chunks(c, model, include_usage, logprobs, body)):
             if c.mode == "broken" and number == 3:
                 yield b"data: {not json\n\n"
                 return

@@ -8,6 +8,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mimoserve.backends.upstream.routing import ReplicaRouting
 from mimoserve.events import KvCells
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -20,6 +21,8 @@ LoadProbe = Callable[[], dict[str, tuple[int, int]]]
 LedgerProbe = Callable[[], tuple[int, int]]
 # (model) -> its engine's KV pool, for engines we can see into
 MemoryProbe = Callable[[], dict[str, KvCells]]
+# (model) -> what fleet routing counted per replica (name, counts)
+RoutingProbe = Callable[[], dict[str, list[tuple[str, ReplicaRouting]]]]
 
 
 class Metrics:
@@ -28,8 +31,10 @@ class Metrics:
         load_probe: LoadProbe | None = None,
         ledger_probe: LedgerProbe | None = None,
         memory_probe: MemoryProbe | None = None,
+        routing_probe: RoutingProbe | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
+        self._routing_probe = routing_probe
         self._load_probe = load_probe
         self._memory_probe = memory_probe
         self._ledger_probe = ledger_probe
@@ -120,7 +125,26 @@ class Metrics:
             "Sequences ended because their grammar took too long for one token", ["model"],
             registry=r,
         )  # fmt: skip
-        self._engine_counts: dict[tuple[str, str], int] = {}
+        self._engine_counts: dict[tuple[tuple[str, ...], str], int] = {}
+        # Fleet routing (upstream replicas), as counted by this gateway.
+        self.fleet_routed = Counter(
+            "mimoserve:fleet_routed",
+            "Requests sent to each replica, by whether routing expected it to hold part of "
+            "the prompt in its cache", ["model", "replica", "predicted"], registry=r,
+        )  # fmt: skip
+        self.fleet_prompt_tokens = Counter(
+            "mimoserve:fleet_prompt_tokens", "Prompt tokens each replica reported",
+            ["model", "replica"], registry=r,
+        )  # fmt: skip
+        self.fleet_cached_tokens = Counter(
+            "mimoserve:fleet_cached_tokens", "Prompt tokens each replica reported as cached",
+            ["model", "replica"], registry=r,
+        )  # fmt: skip
+        self.fleet_reliability = Gauge(
+            "mimoserve:fleet_replica_reliability",
+            "How much of the predicted cached prefix each replica reported holding (0-1)",
+            ["model", "replica"], registry=r,
+        )  # fmt: skip
         self.ledger_pending = Gauge(
             "mimoserve:usage_records_pending", "Usage records not yet in the database",
             registry=r,
@@ -150,12 +174,28 @@ class Metrics:
             owners.discard(owner)
         self.child(self.budgets_over_soft, scope).set(len(owners))
 
-    def _count_up(self, counter: Counter, model: str, name: str, total: int) -> None:
+    def _count_up(
+        self, counter: Counter, labels: str | tuple[str, ...], name: str, total: int
+    ) -> None:
         """Moves a counter to an engine's own running total (engines count, we export)."""
-        seen = self._engine_counts.get((model, name), 0)
+        key = (labels,) if isinstance(labels, str) else labels
+        seen = self._engine_counts.get((key, name), 0)
         if total > seen:
-            counter.labels(model).inc(total - seen)
-            self._engine_counts[(model, name)] = total
+            counter.labels(*key).inc(total - seen)
+            self._engine_counts[(key, name)] = total
+
+    def _render_routing(self, routing: dict[str, list[tuple[str, ReplicaRouting]]]) -> None:
+        for model, replicas in routing.items():
+            for replica, counts in replicas:
+                hits, misses = counts.predicted_hits, counts.routed - counts.predicted_hits
+                routed = self.fleet_routed
+                self._count_up(routed, (model, replica, "hit"), "routed", hits)
+                self._count_up(routed, (model, replica, "miss"), "routed", misses)
+                self._count_up(self.fleet_prompt_tokens, (model, replica), "prompt",
+                               counts.prompt_tokens)  # fmt: skip
+                self._count_up(self.fleet_cached_tokens, (model, replica), "cached",
+                               counts.cached_tokens)  # fmt: skip
+                self.fleet_reliability.labels(model, replica).set(counts.reliability)
 
     def render(self) -> bytes:
         if self._load_probe is not None:
@@ -172,6 +212,8 @@ class Metrics:
                 self._count_up(
                     self.constraint_timeouts, model, "constraint", cells.constraint_timeouts
                 )
+        if self._routing_probe is not None:
+            self._render_routing(self._routing_probe())
         if self._ledger_probe is not None:
             pending, set_aside = self._ledger_probe()
             self.ledger_pending.set(pending)

@@ -21,8 +21,9 @@ from mimoserve.backends.upstream.client import UpstreamModel
 from mimoserve.backends.upstream.events import AnswerMapper
 from mimoserve.backends.upstream.media import MediaLimits, check_media
 from mimoserve.backends.upstream.replicas import Replica
+from mimoserve.backends.upstream.routing import route_hint
 from mimoserve.backends.upstream.url_guard import MediaUrl, refuse_internal_urls
-from mimoserve.events import GenerationEvent, Started
+from mimoserve.events import Finished, GenerationEvent, Started
 from mimoserve.protocol.estimate import estimate_prompt_tokens
 
 
@@ -93,13 +94,14 @@ class UpstreamBackend:
         chat = prepared.chat
         mapper = AnswerMapper(lambda: estimate_prompt_tokens(chat.request, chat.raw),
                               top_logprobs=chat.request.top_logprobs or 0)  # fmt: skip
+        hint = route_hint(chat.request) if self.model.pool.router is not None else None
         if not prepared.chat.request.stream:
-            data = await self.model.complete(prepared.body_for)
+            data = await self.model.complete(prepared.body_for, hint)
             yield Started(0, estimated=True)  # the engine counts only in its answer
             for event in _mapped(mapper.completion, data, "answer"):
                 yield event
         else:
-            stream = await self.model.open_stream(prepared.body_for)
+            stream = await self.model.open_stream(prepared.body_for, hint)
             try:
                 yield Started(0, estimated=True)  # a client may leave before the usage
                 async for batch in stream:
@@ -109,6 +111,11 @@ class UpstreamBackend:
             finally:
                 await stream.aclose()
         for event in mapper.finish():
+            if isinstance(event, Finished) and hint is not None and not event.usage.estimated:
+                # What the engine had cached, against what routing predicted.
+                router = self.model.pool.router
+                assert router is not None
+                router.reported(hint, event.usage.prompt_tokens, event.usage.cached_tokens)
             yield event
 
 

@@ -25,6 +25,7 @@ import aiohttp
 
 from mimoserve.backends.base import Capabilities
 from mimoserve.backends.upstream.replicas import Replica, ReplicaPool
+from mimoserve.backends.upstream.routing import PrefixRouter, RouteHint
 from mimoserve.backends.upstream.wire import UpstreamFailure, error_from_status
 from mimoserve.errors import MimoError
 from mimoserve.registry import ModelEntry
@@ -68,9 +69,12 @@ class UpstreamModel:
         *,
         pool: ReplicaPool | None = None,
         health_interval_s: float = 5.0,
+        cache_aware: bool = True,
     ) -> None:
         self.entry = entry
-        self.pool = pool or ReplicaPool(entry.upstreams)
+        self.pool = pool or ReplicaPool(
+            entry.upstreams, router=PrefixRouter() if cache_aware else None
+        )
         self._session = session
         # sock_read: the longest silence between bytes, so a long generation that keeps
         # streaming is never cut, while a stalled engine is.
@@ -148,8 +152,8 @@ class UpstreamModel:
 
     # ---- requests ----------------------------------------------------------------------
 
-    def _next(self, tried: set[int], last: MimoError | None) -> Replica:
-        replica = self.pool.pick(tried)
+    def _next(self, tried: set[int], last: MimoError | None, hint: RouteHint | None) -> Replica:
+        replica = self.pool.pick(tried, hint)
         if replica is None:
             if last is not None:
                 raise last
@@ -166,12 +170,12 @@ class UpstreamModel:
             headers={**_JSON, **replica.headers}, timeout=self._timeout,
         )  # fmt: skip
 
-    async def complete(self, body_for: BodyFor) -> Any:
+    async def complete(self, body_for: BodyFor, hint: RouteHint | None = None) -> Any:
         """The engine's parsed JSON answer (mapping is the caller's)."""
         tried: set[int] = set()
         last: MimoError | None = None
         for _ in range(min(MAX_ATTEMPTS, len(self.pool.replicas))):
-            replica = self._next(tried, last)
+            replica = self._next(tried, last, hint)
             done = blamed = False  # a client that leaves (CancelledError) blames no replica
             response: aiohttp.ClientResponse | None = None
             try:
@@ -212,13 +216,15 @@ class UpstreamModel:
         assert last is not None
         raise last
 
-    async def open_stream(self, body_for: BodyFor) -> OwnedStream[list[Any]]:
+    async def open_stream(
+        self, body_for: BodyFor, hint: RouteHint | None = None
+    ) -> OwnedStream[list[Any]]:
         """Yields the engine's parsed chunks in the batches they arrived in; returns only
         once the first batch is there."""
         tried: set[int] = set()
         last: MimoError | None = None
         for _ in range(min(MAX_ATTEMPTS, len(self.pool.replicas))):
-            replica = self._next(tried, last)
+            replica = self._next(tried, last, hint)
             response: aiohttp.ClientResponse | None = None
             try:
                 response = await self._post(replica, body_for(replica))
@@ -329,6 +335,12 @@ async def _sse_data(response: aiohttp.ClientResponse) -> AsyncGenerator[list[Any
             yield batch
 
 
-def build_upstreams(entries: list[ModelEntry]) -> dict[str, UpstreamModel]:
+def build_upstreams(
+    entries: list[ModelEntry], *, cache_aware: bool = True
+) -> dict[str, UpstreamModel]:
     """Every upstream model of the registry (the relay gives them one session at start)."""
-    return {entry.id: UpstreamModel(entry) for entry in entries if entry.backend == "upstream"}
+    return {
+        entry.id: UpstreamModel(entry, cache_aware=cache_aware)
+        for entry in entries
+        if entry.backend == "upstream"
+    }

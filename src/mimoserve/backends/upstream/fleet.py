@@ -9,6 +9,7 @@ import aiohttp
 from mimoserve.backends.upstream.backend import UpstreamBackend
 from mimoserve.backends.upstream.client import UpstreamModel, new_session
 from mimoserve.backends.upstream.media import MediaLimits
+from mimoserve.backends.upstream.routing import ReplicaRouting
 
 
 class UpstreamFleet:
@@ -25,6 +26,17 @@ class UpstreamFleet:
         self._session = new_session()
         for backend in self.backends.values():
             backend.start(self._session)
+
+    def routing(self) -> dict[str, list[tuple[str, ReplicaRouting]]]:
+        """What cache-aware routing counted, per model and replica (for /metrics)."""
+        found: dict[str, list[tuple[str, ReplicaRouting]]] = {}
+        for model_id, backend in self.backends.items():
+            pool = backend.model.pool
+            if pool.router is not None:
+                found[model_id] = [
+                    (replica.name, pool.router.stats(replica.index)) for replica in pool.replicas
+                ]
+        return found
 
     async def close(self) -> None:
         for backend in self.backends.values():

@@ -1,5 +1,6 @@
-"""The replicas of one model: pick by least outstanding requests, with a circuit breaker
-per replica and active health checks.
+"""The replicas of one model: pick by where the prompt's prefix is likely cached, within
+a load bound (routing.py), or else by least outstanding requests; a circuit breaker per
+replica and active health checks.
 
 A replica that fails `failure_threshold` times in a row is opened (skipped) for a
 cooldown that doubles on each reopening, up to `max_cooldown_s`. After the cooldown one
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from mimoserve.backends.upstream.routing import PrefixRouter, RouteHint
 from mimoserve.registry import UpstreamSpec
 
 
@@ -55,7 +57,9 @@ class ReplicaPool:
         cooldown_s: float = 1.0,
         max_cooldown_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        router: PrefixRouter | None = None,
     ) -> None:
+        self.router = router
         self.replicas = [Replica(spec, i, auth_headers(spec)) for i, spec in enumerate(specs)]
         self._threshold = failure_threshold
         self._base_cooldown_s = cooldown_s
@@ -68,14 +72,18 @@ class ReplicaPool:
             return True  # closed
         return now >= replica.open_until and not replica.trial_in_flight  # half-open: one trial
 
-    def pick(self, exclude: set[int]) -> Replica | None:
+    def pick(self, exclude: set[int], hint: RouteHint | None = None) -> Replica | None:
         now = self._clock()
         usable = [r for r in self.replicas if r.index not in exclude and self._usable(r, now)]
         if not usable:
             return None
-        least = min(r.outstanding for r in usable)
-        tied = [r for r in usable if r.outstanding == least]
-        replica = tied[next(self._turn) % len(tied)]
+        if self.router is not None and hint is not None:
+            replica = self.router.choose(usable, hint)
+            self.router.routed(replica.index, hint)
+        else:
+            least = min(r.outstanding for r in usable)
+            tied = [r for r in usable if r.outstanding == least]
+            replica = tied[next(self._turn) % len(tied)]
         if replica.failures >= self._threshold:
             replica.trial_in_flight = True
         replica.outstanding += 1
@@ -98,6 +106,8 @@ class ReplicaPool:
     def failed(self, replica: Replica, *, at_once: bool = False) -> None:
         replica.failures = max(replica.failures + 1, self._threshold if at_once else 0)
         if replica.failures >= self._threshold:
+            if self.router is not None:
+                self.router.forget(replica.index)  # a restart empties its cache
             if self._clock() >= replica.open_until:  # (re)opening: back off further
                 replica.cooldown_s = min(
                     self._max_cooldown_s, max(self._base_cooldown_s, replica.cooldown_s * 2)
