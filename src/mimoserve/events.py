@@ -131,9 +131,6 @@ class KvCells:
     # for room, and sequences ended because one constrained token took too long.
     preemptions: int = 0
     constraint_timeouts: int = 0
-    # Speculation: tokens guessed and verified, and those the samplers chose.
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
 
     @property
     def free(self) -> int:

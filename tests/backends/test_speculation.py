@@ -240,3 +240,28 @@ def test_rejected_guesses_leave_no_cells_behind() -> None:
     assert isinstance(finished, Finished)
     assert finished.usage.draft_tokens > finished.usage.accepted_draft_tokens > 0
     assert not any(t == END for t, *_ in context.batches[-1])
+
+
+def test_guesses_stay_within_the_context_and_the_tokens_left() -> None:
+    # A prompt that fills most of a 256-token context: the answer may use the rest, and
+    # no guessed position may pass the context (llama.cpp refuses such a batch).
+    prompt = [1 + i % 8 for i in range(200)]
+    # Steps that cost little more with more tokens (as on a GPU): guesses as long as allowed.
+    flat = StepShape({1: 1.0, 2: 1.05, 64: 1.5})
+    scheduler, context = fake_engine.fake_scheduler(
+        max_draft=32, step_shape=flat, pool_cells=1024, seq_ctx=256
+    )
+    try:
+        out = Collected()
+        sampling = SamplingParams(temperature=0, seed=1)
+        # A right prediction longer than what is left: long guesses, up to the end.
+        answer = [1 + (prompt[-1] + i) % 8 for i in range(200)]
+        job = DecodeJob(prompt=prompt, sampling=sampling, emit=out, prediction=answer)
+        out.job = job
+        scheduler.submit(job)
+        finished = out.wait()
+    finally:
+        scheduler.stop()
+    assert finished.reason == "length" and finished.usage.completion_tokens == 256 - 200
+    assert finished.usage.accepted_draft_tokens > 0
+    assert max(pos for batch in context.batches for _, pos, _, _ in batch) < 256

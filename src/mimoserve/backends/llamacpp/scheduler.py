@@ -186,8 +186,6 @@ class Scheduler:
         self._shape = step_shape
         self._shared = SharedHistory() if self._max_draft > 0 else None
         self._acceptance = AcceptanceTable()
-        self.drafted_tokens = 0
-        self.accepted_tokens = 0
         self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self._thread.start()
 
@@ -222,8 +220,6 @@ class Scheduler:
             cached=cache.cells - cache.locked_cells,
             preemptions=self.preemptions,
             constraint_timeouts=self.constraint_timeouts,
-            drafted_tokens=self.drafted_tokens,
-            accepted_tokens=self.accepted_tokens,
         )
 
     def stop(self) -> None:
@@ -510,6 +506,10 @@ class Scheduler:
         step yields so far). Returns how many it added and how many it expects kept."""
         if running.drafts is None or running.lane is None or self._shape is None:
             return 0, 0.0
+        assert running.output is not None
+        # Never past the request's context (llama.cpp refuses such positions) nor past
+        # the tokens it may still write.
+        room = min(room, self._seq_ctx - len(running.fed) - 1, running.output.remaining - 1)
         guess = running.drafts.propose(self._shape, self._batch.size, yielded, room)
         if guess is None:
             return 0, 0.0
@@ -542,8 +542,6 @@ class Scheduler:
             del running.fed[len(running.fed) - rejected :]
             self._ctx.remove(running.lane, len(running.fed))
         running.drafts.verified(guess, accepted)
-        self.drafted_tokens += len(guess.tokens)
-        self.accepted_tokens += accepted
         running.guess, running.draft_indices = None, []
 
     def _prompt_share(self) -> int:

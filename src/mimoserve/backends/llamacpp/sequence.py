@@ -106,6 +106,11 @@ class SequenceOutput:
         self._require_answer = job.in_think
 
     @property
+    def remaining(self) -> int:
+        """Completion tokens it may still write."""
+        return self._limit - self.completion_tokens
+
+    @property
     def must_not_end(self) -> bool:
         return self._require_answer and self._think_closed and not self.output.answered
 
