@@ -120,6 +120,18 @@ GenerationEvent = Started | OutputEvent | Progress | Logprobs | Finished
 
 
 @dataclass(frozen=True)
+class ReplicaRoutingCounts:
+    """What fleet routing counted for one upstream replica (for /metrics)."""
+
+    replica: str
+    routed: int
+    predicted_hits: int  # routed where it was expected to hold part of the prompt
+    prompt_tokens: int  # as the engine reported them
+    cached_tokens: int
+    reliability: float
+
+
+@dataclass(frozen=True)
 class KvCells:
     """An engine's KV pool, in tokens: held by running sequences (`used`), kept for
     prefixes nobody attends to now (`cached`, evicted on demand), and free."""

@@ -8,8 +8,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from mimoserve.backends.upstream.routing import ReplicaRouting
-from mimoserve.events import KvCells
+from mimoserve.events import KvCells, ReplicaRoutingCounts
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
@@ -22,7 +21,7 @@ LedgerProbe = Callable[[], tuple[int, int]]
 # (model) -> its engine's KV pool, for engines we can see into
 MemoryProbe = Callable[[], dict[str, KvCells]]
 # (model) -> what fleet routing counted per replica (name, counts)
-RoutingProbe = Callable[[], dict[str, list[tuple[str, ReplicaRouting]]]]
+RoutingProbe = Callable[[], dict[str, list[ReplicaRoutingCounts]]]
 
 
 class Metrics:
@@ -184,9 +183,10 @@ class Metrics:
             counter.labels(*key).inc(total - seen)
             self._engine_counts[(key, name)] = total
 
-    def _render_routing(self, routing: dict[str, list[tuple[str, ReplicaRouting]]]) -> None:
+    def _render_routing(self, routing: dict[str, list[ReplicaRoutingCounts]]) -> None:
         for model, replicas in routing.items():
-            for replica, counts in replicas:
+            for counts in replicas:
+                replica = counts.replica
                 hits, misses = counts.predicted_hits, counts.routed - counts.predicted_hits
                 routed = self.fleet_routed
                 self._count_up(routed, (model, replica, "hit"), "routed", hits)

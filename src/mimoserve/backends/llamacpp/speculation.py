@@ -49,7 +49,6 @@ MAX_RUN = 16
 _PREDICTION_PRIOR = 0.9
 # How fast the table forgets (per verification), so it follows what the engine serves.
 _DECAY = 0.995
-DEFAULT_MAX_DRAFT = 32
 
 
 class NgramIndex:

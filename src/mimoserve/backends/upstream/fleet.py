@@ -9,7 +9,7 @@ import aiohttp
 from mimoserve.backends.upstream.backend import UpstreamBackend
 from mimoserve.backends.upstream.client import UpstreamModel, new_session
 from mimoserve.backends.upstream.media import MediaLimits
-from mimoserve.backends.upstream.routing import ReplicaRouting
+from mimoserve.events import ReplicaRoutingCounts
 
 
 class UpstreamFleet:
@@ -27,15 +27,20 @@ class UpstreamFleet:
         for backend in self.backends.values():
             backend.start(self._session)
 
-    def routing(self) -> dict[str, list[tuple[str, ReplicaRouting]]]:
+    def routing(self) -> dict[str, list[ReplicaRoutingCounts]]:
         """What cache-aware routing counted, per model and replica (for /metrics)."""
-        found: dict[str, list[tuple[str, ReplicaRouting]]] = {}
+        found: dict[str, list[ReplicaRoutingCounts]] = {}
         for model_id, backend in self.backends.items():
-            pool = backend.model.pool
-            if pool.router is not None:
-                found[model_id] = [
-                    (replica.name, pool.router.stats(replica.index)) for replica in pool.replicas
-                ]
+            pool, counts = backend.model.pool, []
+            if pool.router is None:
+                continue
+            for replica in pool.replicas:
+                s = pool.router.stats(replica.index)
+                counts.append(ReplicaRoutingCounts(
+                    replica.name, s.routed, s.predicted_hits, s.prompt_tokens, s.cached_tokens,
+                    s.reliability,
+                ))  # fmt: skip
+            found[model_id] = counts
         return found
 
     async def close(self) -> None:
