@@ -20,6 +20,8 @@ from mimoserve.backends.llamacpp.speculation import (
     draft_length,
 )
 from mimoserve.events import Finished
+from mimoserve.parsing.assembler import OutputPlan
+from mimoserve.parsing.output import OutputFormat
 from tests.backends import fake_engine
 from tests.backends.fake_engine import END, VOCAB, Collected, FakeContext
 
@@ -265,3 +267,26 @@ def test_guesses_stay_within_the_context_and_the_tokens_left() -> None:
     assert finished.reason == "length" and finished.usage.completion_tokens == 256 - 200
     assert finished.usage.accepted_draft_tokens > 0
     assert max(pos for batch in context.batches for _, pos, _, _ in batch) < 256
+
+
+def test_the_thinking_budget_closes_the_block_at_the_same_token_with_guesses() -> None:
+    def events(max_draft: int) -> tuple[list[Any], Finished]:
+        scheduler, _ = fake_engine.fake_scheduler(max_draft=max_draft, step_shape=CPU_SHAPE)
+        try:
+            out = Collected()
+            sampling = SamplingParams(temperature=0, max_tokens=80, seed=2)
+            plan = OutputPlan(OutputFormat(think=True, start_in_think=True))
+            job = DecodeJob(prompt=[1, 2, 3, 4, 5, 6, 7, 8, 1, 2], sampling=sampling, emit=out,
+                            in_think=True, think_budget=20, plan=plan)  # fmt: skip
+            out.job = job
+            scheduler.submit(job)
+            finished = out.wait()
+            return [e for g in out.events if isinstance(g, Generated) for e in g.events], finished
+        finally:
+            scheduler.stop()
+
+    plain, plain_end = events(0)
+    guessed, guessed_end = events(32)
+    assert guessed == plain
+    assert guessed_end.usage.reasoning_tokens == plain_end.usage.reasoning_tokens == 20
+    assert guessed_end.usage.accepted_draft_tokens > 0
