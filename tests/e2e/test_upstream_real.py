@@ -189,3 +189,46 @@ def test_replica_killed_and_restarted_under_load(tmp_path: Path) -> None:
     assert failed == [], failed[:5]  # non-stream and not-yet-started requests failed over
     assert outcomes.count("stream-error-event") <= 8  # at most the streams cut at the kill
     assert stats["requests"] > 0, "the restarted replica got traffic again"
+
+
+def test_cache_routing_keeps_each_conversation_on_the_engine_that_holds_it(
+    tmp_path: Path,
+) -> None:
+    """Two real engines behind a gateway (cache-aware routing, the default): every turn
+    after a conversation's first finds its whole earlier prompt in its engine's cache."""
+    rules = " ".join(f"Rule {i}: item {i} has code {i * 7 % 13}." for i in range(60))
+    systems = [f"You are agent {name}. {rules}" for name in ("Alder", "Birch")]
+    with running_server(tmp_path / "e0", "--n-threads", "1", "--n-ctx", "4096",
+                        env=ONE_CORE) as e0, \
+            running_server(tmp_path / "e1", "--n-threads", "1", "--n-ctx", "4096",
+                           env=ONE_CORE) as e1:  # fmt: skip
+        registry = tmp_path / "fleet.toml"
+        registry.write_text('[models.mimo-v2-flash]\nbackend = "upstream"\n' + "".join(
+            f'[[models.mimo-v2-flash.upstreams]]\nurl = "{e.base_url}/v1"\nkind = "mimoserve"\n'
+            f'model = "mimo-v2-flash"\napi_key_env = "E{i}_KEY"\n' for i, e in enumerate((e0, e1))
+        ))  # fmt: skip
+        env = {"E0_KEY": e0.api_key, "E1_KEY": e1.api_key, **ONE_CORE}
+        with running_server(tmp_path / "gw", "--registry-file", str(registry), env=env) as gw:
+            client = openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key=gw.api_key,
+                                   max_retries=0)  # fmt: skip
+            later_turns: list[tuple[int, int]] = []
+            for number in range(4):
+                messages: Any = [{"role": "system", "content": systems[number % 2]},
+                                 {"role": "user", "content": f"Task {number}: item {number}?"}]  # fmt: skip
+                for turn in range(3):
+                    answer = client.chat.completions.create(
+                        model="mimo-v2-flash", messages=messages, max_completion_tokens=8,
+                        temperature=0,
+                    )  # fmt: skip
+                    usage = answer.usage
+                    assert usage is not None and usage.prompt_tokens_details is not None
+                    if turn:
+                        later_turns.append((usage.prompt_tokens,
+                                            usage.prompt_tokens_details.cached_tokens or 0))  # fmt: skip
+                    messages += [{"role": "assistant", "content": answer.choices[0].message.content},
+                                 {"role": "user", "content": f"And item {number + turn + 1}?"}]  # fmt: skip
+            metrics = httpx.get(f"{gw.base_url}/metrics").text
+    # Each later turn's prompt was cached up to its previous answer (a few new tokens).
+    for prompt, cached in later_turns:
+        assert cached >= prompt - 40, (prompt, cached)
+    assert 'predicted="hit"' in metrics and "mimoserve:fleet_cached_tokens_total" in metrics
