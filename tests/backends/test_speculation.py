@@ -187,14 +187,16 @@ def tokens_of(out: Collected) -> list[int]:
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_guesses_change_how_many_steps_never_which_tokens(temperature: float) -> None:
     prompt = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3]
+    kept, steps_saved = 0, 0
     for seed in range(12):
         plain, plain_ctx = run(prompt, max_draft=0, seed=seed, temperature=temperature)
         fast, fast_ctx = run(prompt, max_draft=8, seed=seed, temperature=temperature)
         assert fast[0].text == plain[0].text, seed
         usage = fast[0].wait().usage
         assert usage.completion_tokens == plain[0].wait().usage.completion_tokens
-        assert usage.draft_tokens > 0 and usage.accepted_draft_tokens > 0
-        assert len(fast_ctx.batches) < len(plain_ctx.batches)
+        kept += usage.accepted_draft_tokens
+        steps_saved += len(plain_ctx.batches) - len(fast_ctx.batches)
+    assert kept > 0 and steps_saved > 0
     if temperature == 0:  # the cycle is copied whole: most steps yield several tokens
         assert len(fast_ctx.batches) * 3 < len(plain_ctx.batches)
 
@@ -290,3 +292,18 @@ def test_the_thinking_budget_closes_the_block_at_the_same_token_with_guesses() -
     assert guessed == plain
     assert guessed_end.usage.reasoning_tokens == plain_end.usage.reasoning_tokens == 20
     assert guessed_end.usage.accepted_draft_tokens > 0
+
+
+def test_a_sequence_whose_guesses_miss_stops_guessing_whatever_the_table_says() -> None:
+    table = AcceptanceTable()
+    for _ in range(50):  # other requests taught that long agreements are kept
+        table.record("context", 16, accepted=16, rejected=False)
+    drafts = SequenceDrafts.start([1, 2, 3, 4, 5, 6, 7, 8] * 4, [], None, table, max_draft=32)
+    drafts.propose(CPU_SHAPE, tokens=1, yielded=1, room=32)  # finds its place in the prompt
+    for token in [1, 2, 3, 4, 5, 6, 7, 8] * 3:  # and the text keeps agreeing with it
+        drafts.follow(token)
+    first = drafts.propose(CPU_SHAPE, tokens=1, yielded=1, room=32)
+    assert first is not None and len(first.tokens) >= 8
+    for _ in range(6):  # ... but this sequence's guesses keep missing at once
+        drafts.verified(first, accepted=0)
+    assert drafts.propose(CPU_SHAPE, tokens=1, yielded=1, room=32) is None

@@ -23,9 +23,10 @@ occurrence.
 How much to guess (`draft_length`): the chance that a guessed token is accepted, given
 the ones before it were, is learnt per source and per how long the sequence has agreed
 with the source so far (`AcceptanceTable`: a long agreement predicts a longer one), over
-all requests of the engine. The guess length is the one that maximises the step's
-expected tokens per second under the engine's measured cost of a step of n tokens
-(`StepShape`): on a CPU, a step of one token takes a fast path (llama.cpp's matrix-vector
+all requests of the engine, and corrected by the sequence's own recent acceptance
+(text that keeps missing stops being guessed at, whatever other requests taught). The
+guess length is the one that maximises the step's expected tokens per second under the
+engine's measured cost of a step of n tokens (`StepShape`): on a CPU, a step of one token takes a fast path (llama.cpp's matrix-vector
 kernels), a step of two costs about twice that, and each further token much less, so a
 guess pays only when it is long and likely; text with nothing to copy is not guessed at.
 """
@@ -50,6 +51,10 @@ _PREDICTION_PRIOR = 0.9
 # A guess must promise this much more throughput for the step (measured: with 8 streams,
 # guesses the table rated barely worth it cost 15 % of their throughput).
 MIN_GAIN = 0.15
+# A sequence's own record: how much the table's rate weighs against it (in verifications
+# of one token), and how fast it forgets (per verification).
+_OWN_PRIOR = 4.0
+_OWN_DECAY = 0.8
 # How fast the table forgets (per verification), so it follows what the engine serves.
 _DECAY = 0.995
 
@@ -260,6 +265,9 @@ class SequenceDrafts:
     table: AcceptanceTable
     prompt_length: int
     max_draft: int
+    # This sequence's own recent record (decaying): what it adds to the table's rate.
+    own_accepted: float = 0.0
+    own_rejections: float = 0.0
     # Totals for the usage record and the prediction fields of the usage.
     drafted: int = 0
     accepted: int = 0
@@ -308,7 +316,7 @@ class SequenceDrafts:
             guess = follower.guess(tail, limit)
             if not guess:
                 continue
-            rate = self.table.rate(follower.kind, follower.run)
+            rate = self._rate(follower)
             length = draft_length(rate, shape, tokens, yielded, len(guess))
             if length == 0:
                 continue
@@ -316,9 +324,19 @@ class SequenceDrafts:
             return Drafted(guess[:length], follower.kind, follower.run, expected)
         return None
 
+    def _rate(self, follower: Follower) -> float:
+        """The table's rate for this source and agreement, moved by the sequence's own
+        recent record (the table's rate counts as `_OWN_PRIOR` verifications): what all
+        requests taught, corrected by what this text does."""
+        rate = self.table.rate(follower.kind, follower.run)
+        accepted, total = self.own_accepted, self.own_accepted + self.own_rejections
+        return (accepted + _OWN_PRIOR * rate) / (total + _OWN_PRIOR)
+
     def verified(self, drafted: Drafted, accepted: int) -> None:
         rejected = len(drafted.tokens) - accepted
         self.table.record(drafted.kind, drafted.run, accepted, rejected > 0)
+        self.own_accepted = self.own_accepted * _OWN_DECAY + accepted
+        self.own_rejections = self.own_rejections * _OWN_DECAY + (1 if rejected else 0)
         self.drafted += len(drafted.tokens)
         self.accepted += accepted
         if drafted.kind == "prediction":
