@@ -26,9 +26,10 @@ with the source so far (`AcceptanceTable`: a long agreement predicts a longer on
 all requests of the engine, and corrected by the sequence's own recent acceptance
 (text that keeps missing stops being guessed at, whatever other requests taught). The
 guess length is the one that maximises the step's expected tokens per second under the
-engine's measured cost of a step of n tokens (`StepShape`): on a CPU, a step of one token takes a fast path (llama.cpp's matrix-vector
-kernels), a step of two costs about twice that, and each further token much less, so a
-guess pays only when it is long and likely; text with nothing to copy is not guessed at.
+engine's measured cost of a step of n tokens (`StepShape`): on a CPU, a step of one
+token takes a fast path (llama.cpp's matrix-vector kernels), a step of two costs about
+twice that, and each further token much less, so a guess pays only when it is long and
+likely; text with nothing to copy is not guessed at.
 """
 
 from __future__ import annotations
