@@ -56,6 +56,7 @@ MIN_GAIN = 0.15
 # of one token), and how fast it forgets (per verification).
 _OWN_PRIOR = 4.0
 _OWN_DECAY = 0.8
+_OWN_FADE = 0.97  # per step: about 30 steps without guessing and the table speaks again
 # How fast the table forgets (per verification), so it follows what the engine serves.
 _DECAY = 0.995
 
@@ -310,6 +311,10 @@ class SequenceDrafts:
         """A guess of the next tokens worth verifying in a step that has `tokens`
         positions yielding `yielded` tokens so far, or None."""
         limit = min(self.max_draft, room)
+        # The sequence's own record fades step by step, so one that stopped guessing
+        # comes back to what the table says (or it would never guess again).
+        self.own_accepted *= _OWN_FADE
+        self.own_rejections *= _OWN_FADE
         if limit <= 0:
             return None
         tail = self.context.tokens[-max(ORDERS) :]
