@@ -293,8 +293,10 @@ def main() -> None:
     gguf = WeightsStore(MODELS_DIR).resolve(args.model)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.runs):
-            runs.append(one_run(gguf, Path(tmp)))
+        for run in range(args.runs):
+            work = Path(tmp) / f"run{run}"  # fresh homes: a new server prints a new key
+            work.mkdir()
+            runs.append(one_run(gguf, work))
             Path("bench-speculation-runs.json").write_text(json.dumps(runs))
     report(runs)
 
