@@ -47,7 +47,9 @@ async def turn(client: httpx.AsyncClient, gateway: Server, messages: list[dict[s
                ) -> tuple[float, str, dict[str, Any]]:  # fmt: skip
     body = {"model": "mimo-v2-flash", "messages": messages, "max_tokens": 16,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    began, ttft, text, usage = time.perf_counter(), 0.0, [], {}
+    began, ttft = time.perf_counter(), 0.0
+    text: list[str] = []
+    usage: dict[str, Any] = {}
     async with client.stream("POST", gateway.base_url + "/v1/chat/completions", json=body,
                              headers=gateway.headers) as response:  # fmt: skip
         assert response.status_code == 200, await response.aread()
