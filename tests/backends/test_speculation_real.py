@@ -206,6 +206,8 @@ def test_a_prediction_is_verified_and_counted(weights: Path, trace: Trace) -> No
     [with_right] = answers(weights, 32, [right])
     [with_wrong] = answers(weights, 32, [wrong])
     usage = with_right.finished.usage
-    assert usage.accepted_prediction_tokens > usage.completion_tokens / 2
+    # The prediction is one source among others (the prompt holds the same text).
+    assert usage.accepted_prediction_tokens > 0
+    assert usage.accepted_draft_tokens > usage.completion_tokens / 2
     assert with_wrong.finished.usage.accepted_prediction_tokens == 0
     assert with_wrong.finished.usage.rejected_prediction_tokens > 0
