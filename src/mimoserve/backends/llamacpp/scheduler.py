@@ -162,7 +162,6 @@ class Scheduler:
         new_batch: BatchFactory,
         max_draft: int = 0,
         step_shape: StepShape | None = None,
-        step_cost: StepCost | None = None,
     ) -> None:
         self._new_sampler = new_sampler
         self._ctx = context
@@ -184,7 +183,7 @@ class Scheduler:
         self.preemptions = 0
         self.constraint_timeouts = 0  # sequences ended for a grammar step too slow
         self.constraint_step_limit_s = CONSTRAINT_STEP_LIMIT_S
-        self._step_cost = step_cost or StepCost()
+        self._step_cost = StepCost()
         # Speculation: at most this many drafted tokens per sequence and step (0: off).
         self._max_draft = max_draft if step_shape is not None else 0
         self._shape = step_shape
