@@ -1,13 +1,17 @@
 """Fleet routing: least outstanding requests against cache-aware routing, on real engines.
 
     .venv/bin/python bench/routing.py [--runs 3] [--engine mimoserve|llama-server]
+                                      [--turns short|tool]
 
 Three engines serve SmolLM2 (one thread each: three engines share this machine's two
 cores), mimoserve's embedded engine or llama-server, behind one mimoserve gateway
 (`--fleet-routing least-outstanding`, then `cache`), and behind two gateways at once
-(cache routing, turns alternating between them, no state shared). 12 agent conversations
-with 3 distinct ~1,500-token system prompts, 4 turns each (answers capped at 16 tokens,
-the answer goes into the next turn), all 12 conversations under way at once.
+(cache routing, turns alternating between them), first each learning on its own, then
+sharing claims through one Redis (`--redis-url`). 12 agent conversations with 3
+distinct ~1,500-token system prompts, 4 turns each, all under way at once; answers are
+capped at 16 tokens and go into the next turn. Each turn after the first brings a short
+question (`--turns short`, the default) or a ~300-token tool result of its own (`tool`:
+what an agent reads back, here lines of a file).
 
 Reported per configuration: prompt tokens computed (prompt - cached, as the engines
 count), cache hit rate (cached / prompt), TTFT p50 and p95 (client side), and the
@@ -20,14 +24,17 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -37,7 +44,7 @@ from run import MODELS_DIR, Server, free_port, started
 from mimoserve.weights.store import WeightsStore
 
 RULES = " ".join(f"Rule {i}: when asked about item {i}, answer with code {i * 7 % 13}."
-                 for i in range(110))  # fmt: skip
+                 for i in range(76))  # fmt: skip
 SYSTEMS = [f"You are coding agent {name}. {RULES}" for name in ("Alder", "Birch", "Cedar")]
 CONVERSATIONS, TURNS = 12, 4
 TIMEOUT = httpx.Timeout(900)
@@ -65,6 +72,15 @@ async def turn(client: httpx.AsyncClient, gateway: Server, messages: list[dict[s
     return ttft or time.perf_counter() - began, "".join(text), usage
 
 
+TURNS_KIND = "short"
+
+
+def next_turn(number: int, step: int) -> str:
+    if TURNS_KIND == "short":
+        return f"And item {number + step + 1}?"
+    return tool_result(number, step)
+
+
 async def conversation(client: httpx.AsyncClient, gateways: list[Server], number: int
                        ) -> list[tuple[float, dict[str, Any]]]:  # fmt: skip
     messages = [{"role": "system", "content": SYSTEMS[number % len(SYSTEMS)]},
@@ -74,8 +90,39 @@ async def conversation(client: httpx.AsyncClient, gateways: list[Server], number
         ttft, answer, usage = await turn(client, gateways[step % len(gateways)], messages)
         results.append((ttft, usage))
         messages += [{"role": "assistant", "content": answer},
-                     {"role": "user", "content": f"And item {number + step + 1}?"}]  # fmt: skip
+                     {"role": "user", "content": next_turn(number, step)}]  # fmt: skip
     return results
+
+
+def tool_result(number: int, step: int) -> str:
+    """A turn's own text, as an agent's tool call brings back (about 300 tokens)."""
+    lines = [f"    total_{number}_{step} += table[{k}] * {number * 31 + step * 7 + k}"
+             for k in range(20)]  # fmt: skip
+    return (
+        f"Tool result (read_file task_{number}/step_{step}.py):\n"
+        + "\n".join(lines)
+        + (f"\nWhat is the code for item {number + step + 1}?")
+    )
+
+
+@contextmanager
+def redis_server(folder: Path) -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                "--save", "", "--appendonly", "no", "--dir", str(folder)],
+                               stdout=subprocess.DEVNULL)  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        for _ in range(100):
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 async def workload(gateways: list[Server]) -> list[tuple[float, dict[str, Any]]]:
@@ -85,7 +132,8 @@ async def workload(gateways: list[Server]) -> list[tuple[float, dict[str, Any]]]
     return [r for run in runs for r in run]
 
 
-def measure(kind: str, routing: str, gateways: int, work: Path) -> dict[str, float]:
+def measure(kind: str, routing: str, gateways: int, shared: bool, work: Path
+            ) -> dict[str, float]:  # fmt: skip
     gguf = WeightsStore(MODELS_DIR).resolve("smollm2-135m-instruct")
     with ExitStack() as stack:
         engines, env = [], {}
@@ -110,12 +158,13 @@ def measure(kind: str, routing: str, gateways: int, work: Path) -> dict[str, flo
             f'kind = "{"mimoserve" if kind == "mimoserve" else "llama.cpp"}"\n'
             f'api_key_env = "ENGINE_{i}_KEY"\n' for i, e in enumerate(engines)))  # fmt: skip
         fronts = []
+        sharing = ["--redis-url", stack.enter_context(redis_server(work))] if shared else []
         for g in range(gateways):
             port = free_port()
             fronts.append(stack.enter_context(started(
                 "mimoserve", [sys.executable, "-m", "mimoserve.cli", "--home",
                               str(work / f"g{g}"), "serve", "--registry-file", str(registry),
-                              "--port", str(port), "--fleet-routing", routing],
+                              "--port", str(port), "--fleet-routing", routing, *sharing],
                 port, work / f"g{g}.log", key_from_log=True, env=env)))  # fmt: skip
         began = time.perf_counter()
         results = asyncio.run(workload(fronts))
@@ -128,6 +177,7 @@ def measure(kind: str, routing: str, gateways: int, work: Path) -> dict[str, flo
     return {
         "computed": prompt - cached, "hit_rate": cached / prompt if prompt else 0.0,
         "ttft_p50": statistics.median(ttfts), "ttft_p95": ttfts[int(0.95 * (len(ttfts) - 1))],
+        "ttft_mean": statistics.fmean(ttfts),
         "max_over_mean_load": max(loads) / (sum(loads) / len(loads)) if sum(loads) else 0.0,
         "seconds": elapsed,
     }  # fmt: skip
@@ -144,45 +194,57 @@ def counted(engine: Server, kind: str) -> float:
                if line.startswith(prefix))  # fmt: skip
 
 
+def name(routing: str, gateways: int, shared: bool) -> str:
+    return f"{routing} x{gateways}{' redis' if shared else ''}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--engine", choices=["mimoserve", "llama-server"], default="mimoserve")
+    parser.add_argument("--turns", choices=["short", "tool"], default="short")
     args = parser.parse_args()
-    configs = [("least-outstanding", 1), ("cache", 1), ("cache", 2)]
-    table: dict[str, list[dict[str, float]]] = {f"{r} x{g}": [] for r, g in configs}
+    global TURNS_KIND
+    TURNS_KIND = args.turns
+    configs = [("least-outstanding", 1, False), ("cache", 1, False), ("cache", 2, False),
+               ("cache", 2, True)]  # fmt: skip
+    table: dict[str, list[dict[str, float]]] = {name(*c): [] for c in configs}
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
-            for routing, gateways in configs:
-                work = Path(tmp) / f"{run}-{routing}-{gateways}"
+            for routing, gateways, shared in configs:
+                work = Path(tmp) / f"{run}-{routing}-{gateways}-{shared}"
                 work.mkdir()
-                figures = measure(args.engine, routing, gateways, work)
-                table[f"{routing} x{gateways}"].append(figures)
+                figures = measure(args.engine, routing, gateways, shared, work)
+                table[name(routing, gateways, shared)].append(figures)
                 print(json.dumps({"run": run, "routing": routing, "gateways": gateways,
-                                  **figures}), flush=True)  # fmt: skip
+                                  "redis": shared, **figures}), flush=True)  # fmt: skip
 
     def cell(name: str, key: str, fmt: str) -> str:
         values = [f[key] for f in table[name]]
         return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
 
-    print(f"\nengines: 3 x {args.engine} (SmolLM2, 1 thread each); {args.runs} runs, "
-          "median [range]")  # fmt: skip
+    print(f"\nengines: 3 x {args.engine} (SmolLM2, 1 thread each); turns: {args.turns}; "
+          f"{args.runs} runs, median [range]")  # fmt: skip
     print("| routing | gateways | prompt tokens computed | hit rate | TTFT p50 s | TTFT p95 s "
-          "| busiest / mean |\n|---|---|---|---|---|---|---|")  # fmt: skip
-    for routing, gateways in configs:
-        name = f"{routing} x{gateways}"
+          "| TTFT mean s | all turns done s | busiest / mean |\n"
+          "|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    for routing, gateways, shared in configs:
+        key = name(routing, gateways, shared)
         print(
-            f"| {routing} | {gateways} | {cell(name, 'computed', '.0f')} | "
-            f"{cell(name, 'hit_rate', '.2f')} | {cell(name, 'ttft_p50', '.2f')} | "
-            f"{cell(name, 'ttft_p95', '.2f')} | {cell(name, 'max_over_mean_load', '.2f')} |"
+            f"| {routing} | {gateways}{' (Redis)' if shared else ''} | "
+            f"{cell(key, 'computed', '.0f')} | "
+            f"{cell(key, 'hit_rate', '.2f')} | {cell(key, 'ttft_p50', '.2f')} | "
+            f"{cell(key, 'ttft_p95', '.2f')} | {cell(key, 'ttft_mean', '.2f')} | "
+            f"{cell(key, 'seconds', '.1f')} | {cell(key, 'max_over_mean_load', '.2f')} |"
         )
-    base = [f["ttft_p50"] for f in table["least-outstanding x1"]]
-    ours = [f["ttft_p50"] for f in table["cache x1"]]
-    ratios = [o / b for o, b in zip(ours, base, strict=True)]
-    print(
-        f"TTFT p50, cache / least-outstanding (paired by run): {statistics.median(ratios):.2f} "
-        f"[{min(ratios):.2f}-{max(ratios):.2f}]"
-    )
+    for key in ("ttft_p50", "ttft_p95", "ttft_mean", "computed"):
+        base = [f[key] for f in table[name("least-outstanding", 1, False)]]
+        ours = [f[key] for f in table[name("cache", 1, False)]]
+        ratios = [o / b for o, b in zip(ours, base, strict=True)]
+        print(
+            f"{key}, cache / least-outstanding (paired by run): "
+            f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+        )
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ def build_server_app(
         settings, registry=registry, backends=backends, keys=keys,
         ledger=open_ledger(settings, usage), admin=admin, usage=usage, limiter=limiter,
         upstreams=build_upstreams(
-            registry.entries(), cache_aware=settings.fleet_routing == "cache"
+            registry.entries(), cache_aware=settings.fleet_routing == "cache",
+            redis_url=settings.redis_url,
         ),
     )  # fmt: skip

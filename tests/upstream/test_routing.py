@@ -14,11 +14,13 @@ import pytest
 from mimoserve.backends.upstream.client import build_upstreams
 from mimoserve.backends.upstream.routing import (
     BLOCK_CHARS,
+    BUSY_FLOOR,
     LOAD_SLACK,
     PrefixRouter,
     RouteHint,
     route_hint,
 )
+from mimoserve.backends.upstream.shared_claims import RedisClaims
 from mimoserve.protocol.chat import ChatCompletionRequest
 from tests.upstream.canned import Canned, serve_in_thread
 from tests.upstream.conftest import registry_for, running_gateway
@@ -86,6 +88,22 @@ def test_gateways_without_shared_state_agree_on_new_conversations() -> None:
     assert spread == {0, 1, 2}
 
 
+def test_a_burst_of_new_system_prompts_puts_each_on_its_own_replica() -> None:
+    # Conversations all under way at once, none learnt yet: a prompt nobody holds goes
+    # where least is running, so three system prompts never share a replica by chance
+    # (rendezvous alone puts the third on a taken replica one time in three).
+    for trial in range(10):
+        router, replicas = PrefixRouter(), [FakeReplica(i) for i in range(3)]
+        systems = [f"Trial {trial}, agent {name}. " + "Keep to the rules. " * 60 for name in "XYZ"]
+        homes: dict[int, set[int]] = {}
+        for i in range(12):
+            chosen = send(router, replicas, hint(conversation(systems[i % 3], f"task {i}", 1)))
+            chosen.outstanding += 1
+            homes.setdefault(i % 3, set()).add(chosen.index)
+        assert sorted(min(h) for h in homes.values()) == [0, 1, 2], (trial, homes)
+        assert all(len(h) == 1 for h in homes.values()), (trial, homes)
+
+
 def test_a_saturated_replica_sheds_new_work_and_none_runs_above_the_bound() -> None:
     router, replicas = PrefixRouter(), [FakeReplica(i) for i in range(3)]
     home = send(router, replicas, hint(conversation(SYSTEMS[0], "seed", 1)))
@@ -93,9 +111,20 @@ def test_a_saturated_replica_sheds_new_work_and_none_runs_above_the_bound() -> N
         chosen = send(router, replicas, hint(conversation(SYSTEMS[0], f"user {i}", 1)))
         chosen.outstanding += 1
         total = sum(r.outstanding for r in replicas)
-        assert chosen.outstanding <= math.ceil(LOAD_SLACK * total / 3), i
+        assert chosen.outstanding <= max(BUSY_FLOOR, math.ceil(LOAD_SLACK * total / 3)), i
     assert home.outstanding == max(r.outstanding for r in replicas)  # the holder took most
     assert sum(r.outstanding > 0 for r in replicas) >= 2  # ... and the rest spilled over
+
+
+def test_a_replica_below_the_busy_floor_keeps_its_conversations() -> None:
+    # Four turns sharing a system prompt arrive together: the replica holding it takes
+    # them all (it batches them), rather than one of them reading the prompt elsewhere.
+    router, replicas = PrefixRouter(), [FakeReplica(i) for i in range(3)]
+    home = send(router, replicas, hint(conversation(SYSTEMS[0], "seed", 1)))
+    for i in range(BUSY_FLOOR - 1):
+        chosen = send(router, replicas, hint(conversation(SYSTEMS[0], f"user {i}", 1)))
+        chosen.outstanding += 1
+        assert chosen is home, i
 
 
 def test_a_dead_replicas_claims_are_dropped() -> None:
@@ -208,3 +237,63 @@ def test_a_dead_replica_is_routed_around_and_comes_back_unflooded(tmp_path: Path
         run_conversations(gw.url, gw.key, turns=3)
         # Its claims were dropped: the conversations stay where they moved.
         assert len(engines[busiest].requests) - counts[busiest] <= 2
+
+
+# ---- gateways sharing claims through Redis ------------------------------------------------
+
+URLS = [f"http://10.0.0.{i}:8000/v1" for i in range(3)]
+
+
+def shared_router(redis_url: str, space: str) -> PrefixRouter:
+    return PrefixRouter(shared=RedisClaims(redis_url, model="m", replicas=URLS, prefix=space))
+
+
+async def send_shared(router: PrefixRouter, replicas: list[FakeReplica], h: RouteHint
+                      ) -> FakeReplica:  # fmt: skip
+    await router.prefetch(h)
+    chosen = router.choose(replicas, h)
+    router.routed(chosen.index, h)
+    assert router.shared is not None
+    await router.shared._writes.drain()  # the claim is written beside the request
+    return chosen
+
+
+async def test_a_turn_reaching_another_gateway_finds_its_replica_through_redis(
+    redis_url: str,
+) -> None:
+    space = f"t{id(object())}"
+    one, two = shared_router(redis_url, space), shared_router(redis_url, space)
+    replicas = [FakeReplica(i, outstanding=1) for i in range(3)]
+    try:
+        for n in range(6):
+            first = await send_shared(one, replicas, hint(conversation(SYSTEMS[n % 3], f"q{n}", 1)))
+            first.outstanding += 1  # the busiest: on its own, gateway two would pick another
+            second = await send_shared(
+                two, replicas, hint(conversation(SYSTEMS[n % 3], f"q{n}", 2))
+            )
+            assert second.index == first.index, n
+            first.outstanding -= 1
+        # A replica whose breaker opened on one gateway is forgotten on the other too.
+        h = hint(conversation(SYSTEMS[0], "q0", 3))
+        await two.prefetch(h)
+        home = max(h.shared, key=h.shared.__getitem__)
+        one.forget(home)
+        assert one.shared is not None
+        await one.shared._writes.drain()
+        again = hint(conversation(SYSTEMS[0], "q0", 3))
+        await two.prefetch(again)
+        assert home not in again.shared
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_routing_goes_on_from_local_claims_when_redis_is_down() -> None:
+    router = PrefixRouter(shared=RedisClaims("redis://127.0.0.1:9", model="m", replicas=URLS))
+    replicas = [FakeReplica(i) for i in range(3)]
+    try:
+        homes = {(await send_shared(router, replicas, hint(conversation(SYSTEMS[1], "q", t)))).index
+                 for t in range(1, 4)}  # fmt: skip
+        assert len(homes) == 1
+    finally:
+        await router.close()

@@ -94,7 +94,10 @@ class UpstreamBackend:
         chat = prepared.chat
         mapper = AnswerMapper(lambda: estimate_prompt_tokens(chat.request, chat.raw),
                               top_logprobs=chat.request.top_logprobs or 0)  # fmt: skip
-        hint = route_hint(chat.request) if self.model.pool.router is not None else None
+        router = self.model.pool.router
+        hint = route_hint(chat.request) if router is not None else None
+        if router is not None and hint is not None:
+            await router.prefetch(hint)
         if not prepared.chat.request.stream:
             data = await self.model.complete(prepared.body_for, hint)
             yield Started(0, estimated=True)  # the engine counts only in its answer
@@ -113,7 +116,6 @@ class UpstreamBackend:
         for event in mapper.finish():
             if isinstance(event, Finished) and hint is not None and not event.usage.estimated:
                 # What the engine had cached, against what routing predicted.
-                router = self.model.pool.router
                 assert router is not None
                 router.reported(hint, event.usage.prompt_tokens, event.usage.cached_tokens)
             yield event

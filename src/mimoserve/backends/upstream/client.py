@@ -26,6 +26,7 @@ import aiohttp
 from mimoserve.backends.base import Capabilities
 from mimoserve.backends.upstream.replicas import Replica, ReplicaPool
 from mimoserve.backends.upstream.routing import PrefixRouter, RouteHint
+from mimoserve.backends.upstream.shared_claims import RedisClaims
 from mimoserve.backends.upstream.wire import UpstreamFailure, error_from_status
 from mimoserve.errors import MimoError
 from mimoserve.registry import ModelEntry
@@ -70,11 +71,17 @@ class UpstreamModel:
         pool: ReplicaPool | None = None,
         health_interval_s: float = 5.0,
         cache_aware: bool = True,
+        redis_url: str | None = None,
     ) -> None:
         self.entry = entry
-        self.pool = pool or ReplicaPool(
-            entry.upstreams, router=PrefixRouter() if cache_aware else None
-        )
+        router = None
+        if cache_aware:
+            shared = None
+            if redis_url:
+                urls = [spec.url.rstrip("/") for spec in entry.upstreams]
+                shared = RedisClaims(redis_url, model=entry.id, replicas=urls)
+            router = PrefixRouter(shared=shared)
+        self.pool = pool or ReplicaPool(entry.upstreams, router=router)
         self._session = session
         # sock_read: the longest silence between bytes, so a long generation that keeps
         # streaming is never cut, while a stalled engine is.
@@ -125,6 +132,8 @@ class UpstreamModel:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
             self._health_task = None
+        if self.pool.router is not None:
+            await self.pool.router.close()
 
     async def check_health(self) -> None:
         """One round of checks: `GET {url}/models` on every replica."""
@@ -336,11 +345,12 @@ async def _sse_data(response: aiohttp.ClientResponse) -> AsyncGenerator[list[Any
 
 
 def build_upstreams(
-    entries: list[ModelEntry], *, cache_aware: bool = True
+    entries: list[ModelEntry], *, cache_aware: bool = True, redis_url: str | None = None
 ) -> dict[str, UpstreamModel]:
-    """Every upstream model of the registry (the relay gives them one session at start)."""
+    """Every upstream model of the registry (the relay gives them one session at start);
+    with `redis_url`, their routing claims are shared with every gateway using it."""
     return {
-        entry.id: UpstreamModel(entry, cache_aware=cache_aware)
+        entry.id: UpstreamModel(entry, cache_aware=cache_aware, redis_url=redis_url)
         for entry in entries
         if entry.backend == "upstream"
     }

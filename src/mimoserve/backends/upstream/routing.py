@@ -16,14 +16,25 @@ circuit breaker opens loses its claims. At most `MAX_BLOCKS` block ids are remem
 (least recently used go first).
 
 The rule, among usable replicas:
-1. Load bound: a replica already at `cap = ceil(LOAD_SLACK x (outstanding + 1) / n)`
-   requests gets none while another is below it, so a hot prefix spreads when its replica
-   is saturated and no replica runs above 1.5x the mean load.
+1. Load bound: a replica already at `cap = max(BUSY_FLOOR, ceil(LOAD_SLACK x
+   (outstanding + 1) / n))` requests gets none while another is below it, so a hot prefix
+   spreads when its replica is saturated and no busy replica runs above 1.5x the mean
+   load. Below `BUSY_FLOOR` a replica is not saturated (engines decode several sequences
+   in one step at little extra cost; mimoserve's default `--n-parallel` is 4): measured,
+   without the floor a burst of four turns of conversations sharing a system prompt put
+   the second on a replica that had to read the whole prompt again.
 2. Among the rest, the most claimed leading blocks (times the replica's reliability).
-3. Ties (and prompts no replica holds) go by rendezvous hashing of the conversation key
-   (the prompt up to the end of its first user message): the same conversation gets the
-   same replica from every gateway without shared state, and distinct conversations
-   that share a system prompt spread over the replicas.
+3. Ties (and prompts no replica holds) go to the least outstanding requests: a new
+   system prompt lands where nothing is running, so a burst of conversations with three
+   distinct system prompts puts each on its own replica instead of two on one by
+   chance (measured with bench/routing.py: with rendezvous before load, cache routing
+   computed as many prompt tokens as least outstanding).
+4. Then rendezvous hashing of the conversation key (the prompt up to the end of its
+   first user message), so equally loaded gateways agree without shared state.
+
+Several gateways: with `--redis-url`, claims are also kept in Redis (shared_claims.py)
+and read before each choice, so the gateway a conversation's next turn reaches knows
+where the last one went; without it each gateway learns on its own.
 """
 
 from __future__ import annotations
@@ -36,10 +47,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+from mimoserve.backends.upstream.shared_claims import RedisClaims
 from mimoserve.protocol.chat import ChatCompletionRequest
 
 BLOCK_CHARS = 512
 LOAD_SLACK = 1.5
+BUSY_FLOOR = 4
 MAX_BLOCKS = 200_000
 # How fast a replica's reliability follows what it reports (per answer with usage).
 _RELIABILITY_RATE = 0.2
@@ -61,6 +74,7 @@ class RouteHint:
     conversation: bytes
     served_by: int | None = None
     predicted: int = 0  # leading blocks the chosen replica was expected to hold
+    shared: dict[int, int] = field(default_factory=dict)  # depths other gateways claimed
 
 
 def route_hint(request: ChatCompletionRequest) -> RouteHint:
@@ -110,9 +124,15 @@ class PrefixRouter:
     max_blocks: int = MAX_BLOCKS
     _claims: OrderedDict[bytes, set[int]] = field(default_factory=OrderedDict)
     replicas: dict[int, ReplicaRouting] = field(default_factory=dict)
+    shared: RedisClaims | None = None
 
     def stats(self, replica: int) -> ReplicaRouting:
         return self.replicas.setdefault(replica, ReplicaRouting())
+
+    async def prefetch(self, hint: RouteHint) -> None:
+        """What every gateway claimed for this prompt (only with shared claims)."""
+        if self.shared is not None:
+            hint.shared = await self.shared.held(hint.blocks)
 
     def held(self, blocks: Sequence[bytes], candidates: Sequence[int]) -> dict[int, int]:
         """Leading blocks of the prompt each candidate has claimed."""
@@ -128,13 +148,17 @@ class PrefixRouter:
 
     def choose(self, usable: Sequence[R], hint: RouteHint) -> R:
         total = sum(r.outstanding for r in usable)
-        cap = math.ceil(LOAD_SLACK * (total + 1) / len(usable))
+        cap = max(BUSY_FLOOR, math.ceil(LOAD_SLACK * (total + 1) / len(usable)))
         under = [r for r in usable if r.outstanding < cap] or list(usable)
         held = self.held(hint.blocks, [r.index for r in under])
+        for index, depth in hint.shared.items():
+            if index in held:
+                held[index] = max(held[index], min(depth, len(hint.blocks)))
 
-        def score(replica: R) -> tuple[float, int]:
+        def score(replica: R) -> tuple[float, int, int]:
             weight = held[replica.index] * self.stats(replica.index).reliability
-            return weight, rendezvous_weight(hint.conversation, replica.index)
+            return (weight, -replica.outstanding,
+                    rendezvous_weight(hint.conversation, replica.index))  # fmt: skip
 
         chosen = max(under, key=score)
         hint.predicted = held[chosen.index]
@@ -155,6 +179,8 @@ class PrefixRouter:
             owners.add(replica)
         while len(self._claims) > self.max_blocks:
             self._claims.popitem(last=False)
+        if self.shared is not None:
+            self.shared.claim(replica, hint.blocks)
 
     def reported(self, hint: RouteHint, prompt_tokens: int, cached_tokens: int) -> None:
         """The engine's usage for a routed request: its share of the prompt it had cached,
@@ -175,3 +201,9 @@ class PrefixRouter:
         for owners in self._claims.values():
             owners.discard(replica)
         self.stats(replica).reliability = 1.0
+        if self.shared is not None:
+            self.shared.forget(replica)
+
+    async def close(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()
