@@ -160,6 +160,8 @@ def items(ours: bool) -> tuple[list[Item], list[Item]]:
             body.pop("reasoning", None)
             reads.append(("read", door, {**body, cap: 8}))
             timed_items.append((f"agent {fixture.split('_')[0]}", door, body))
+            # The same request again: the next session of the same client starts alike.
+            timed_items.append((f"agent {fixture.split('_')[0]} again", door, body))
     timed_items.append(("essay", "/v1/chat/completions", chat_body(ESSAY, 400, 0)))
     return reads, timed_items
 

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         default=16, ge=0, description="Requests that may wait for a busy engine before 503"
     )
     spec_max_draft: int = Field(
-        default=32,  # measured: 64 was slower on both models here (README)
+        default=64,  # measured: the code edit 1.2x faster than with 32 (README)
         ge=0,
         le=64,
         description="Speculative decoding: most tokens guessed per sequence and step, from "
