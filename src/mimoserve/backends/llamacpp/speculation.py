@@ -8,7 +8,7 @@ order with the sequence's own sampler and keeps a drafted token only when it equ
 token sampled there, so the output is exactly what decoding without drafts gives:
 drafts change how many tokens one step yields, never which tokens.
 
-Where guesses come from, first that answers:
+Where guesses come from (each is asked; the guess worth most to the step is verified):
 1. the client's prediction (OpenAI's `prediction`), followed where the output agrees
    with it and found again by n-gram where it does not;
 2. the sequence itself (prompt and output: "prompt lookup"): a file being rewritten, a
@@ -219,8 +219,15 @@ class StepShape:
     def __init__(self, points: dict[int, float]) -> None:
         self._sizes = sorted(points)
         self._costs = [points[n] / points[self._sizes[0]] for n in self._sizes]
+        self._known: dict[int, float] = {}  # asked every step for every length: kept
 
     def cost(self, n: int) -> float:
+        known = self._known.get(n)
+        if known is None:
+            known = self._known[n] = self._interpolated(n)
+        return known
+
+    def _interpolated(self, n: int) -> float:
         sizes, costs = self._sizes, self._costs
         if n <= sizes[0]:
             return costs[0] * n / sizes[0]
@@ -237,6 +244,13 @@ def draft_length(rate: float, shape: StepShape, tokens: int, yielded: float, lim
     positions yielding rate + rate**2 + ... + rate**k. None unless it promises at least
     `MIN_GAIN` more tokens per second: the estimates err, and a guess that misses costs
     every sequence in the step."""
+    return best_draft(rate, shape, tokens, yielded, limit)[0]
+
+
+def best_draft(
+    rate: float, shape: StepShape, tokens: int, yielded: float, limit: int
+) -> tuple[int, float]:
+    """`draft_length`, and the expected tokens per unit of cost it gives the step."""
     best, best_value = 0, yielded / shape.cost(tokens) * (1 + MIN_GAIN)
     expected, chance = yielded, 1.0
     for k in range(1, limit + 1):
@@ -245,7 +259,7 @@ def draft_length(rate: float, shape: StepShape, tokens: int, yielded: float, lim
         value = expected / shape.cost(tokens + k)
         if value > best_value:
             best, best_value = k, value
-    return best
+    return best, best_value
 
 
 @dataclass
@@ -318,17 +332,22 @@ class SequenceDrafts:
         if limit <= 0:
             return None
         tail = self.context.tokens[-max(ORDERS) :]
+        # Every source that answers is asked; the guess worth most to the step wins (the
+        # client's prediction right after an edit is worth less than a copy the output
+        # has agreed with for a while).
+        best: Drafted | None = None
+        best_value = 0.0
         for follower in self.followers:
             guess = follower.guess(tail, limit)
             if not guess:
                 continue
             rate = self._rate(follower)
-            length = draft_length(rate, shape, tokens, yielded, len(guess))
-            if length == 0:
+            length, value = best_draft(rate, shape, tokens, yielded, len(guess))
+            if length == 0 or value <= best_value:
                 continue
             expected = sum(rate**i for i in range(1, length + 1))
-            return Drafted(guess[:length], follower.kind, follower.run, expected)
-        return None
+            best, best_value = Drafted(guess[:length], follower.kind, follower.run, expected), value
+        return best
 
     def _rate(self, follower: Follower) -> float:
         """The table's rate for this source and agreement, moved by the sequence's own
