@@ -35,6 +35,7 @@ from mimoserve.backends.llamacpp.backend import LlamaCppBackend
 from mimoserve.backends.llamacpp.model import EngineConfig
 from mimoserve.backends.llamacpp.native import NativeContext
 from mimoserve.backends.llamacpp.scheduler import Running, Scheduler
+from mimoserve.config import Settings
 from mimoserve.events import ContentDelta, Finished, Logprobs, TokenLogprob
 from tests.e2e.server import pull_test_weights
 
@@ -109,6 +110,10 @@ def assert_same_logits(plain: Trace, guessed: Trace) -> None:
                 break
 
 
+# The shipped default (`--spec-max-draft`), so the exactness checks cover what users run.
+DRAFT = Settings.model_fields["spec_max_draft"].default
+
+
 @pytest.fixture(scope="module", params=["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
 def weights(request: pytest.FixtureRequest) -> Iterator[Path]:
     yield pull_test_weights(request.param)
@@ -156,7 +161,7 @@ def test_greedy_answers_are_the_same_with_guesses(weights: Path, trace: Trace) -
     plain = answers(weights, 0, cases)
     reference = dict(trace)
     trace.clear()
-    guessed = answers(weights, 32, cases)
+    guessed = answers(weights, DRAFT, cases)
     assert_same_logits(reference, trace)
     identical = 0
     for case, (a, b) in enumerate(zip(plain, guessed, strict=True)):
@@ -188,7 +193,7 @@ def test_two_sequences_at_once_stay_exact(weights: Path, trace: Trace) -> None:
     answers(weights, 0, cases)
     reference = dict(trace)
     trace.clear()
-    guessed = answers(weights, 32, cases)
+    guessed = answers(weights, DRAFT, cases)
     assert_same_logits(reference, trace)
     assert sum(a.finished.usage.accepted_draft_tokens for a in guessed) > 0
 
@@ -201,10 +206,10 @@ def test_a_prediction_is_verified_and_counted(weights: Path, trace: Trace) -> No
     wrong = GenerationRequest(right.messages, right.sampling, prediction="print('x')\n" * 40)
     for predicted in (right, wrong):
         trace.clear()
-        answers(weights, 32, [predicted])
+        answers(weights, DRAFT, [predicted])
         assert_same_logits(reference, trace)
-    [with_right] = answers(weights, 32, [right])
-    [with_wrong] = answers(weights, 32, [wrong])
+    [with_right] = answers(weights, DRAFT, [right])
+    [with_wrong] = answers(weights, DRAFT, [wrong])
     usage = with_right.finished.usage
     # The prediction is one source among others (the prompt holds the same text).
     assert usage.accepted_prediction_tokens > 0
