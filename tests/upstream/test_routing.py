@@ -20,7 +20,7 @@ from mimoserve.backends.upstream.routing import (
     RouteHint,
     route_hint,
 )
-from mimoserve.backends.upstream.shared_claims import RedisClaims
+from mimoserve.backends.upstream.shared_claims import RETRY_AFTER_S, RedisClaims
 from mimoserve.protocol.chat import ChatCompletionRequest
 from tests.upstream.canned import Canned, serve_in_thread
 from tests.upstream.conftest import registry_for, running_gateway
@@ -289,11 +289,26 @@ async def test_a_turn_reaching_another_gateway_finds_its_replica_through_redis(
 
 
 async def test_routing_goes_on_from_local_claims_when_redis_is_down() -> None:
-    router = PrefixRouter(shared=RedisClaims("redis://127.0.0.1:9", model="m", replicas=URLS))
+    now = [0.0]
+    shared = RedisClaims("redis://127.0.0.1:9", model="m", replicas=URLS, clock=lambda: now[0])
+    router = PrefixRouter(shared=shared)
     replicas = [FakeReplica(i) for i in range(3)]
+    reads = 0
+    script = shared._held
+
+    async def counted(**kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await script(**kwargs)
+
+    shared._held = counted  # type: ignore[assignment]
     try:
         homes = {(await send_shared(router, replicas, hint(conversation(SYSTEMS[1], "q", t)))).index
                  for t in range(1, 4)}  # fmt: skip
         assert len(homes) == 1
+        assert reads == 1  # a failed Redis is not asked again on every request...
+        now[0] += RETRY_AFTER_S
+        await router.prefetch(hint(conversation(SYSTEMS[1], "q", 1)))
+        assert reads == 2  # ... but again after the interval
     finally:
         await router.close()

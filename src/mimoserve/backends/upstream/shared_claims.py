@@ -10,13 +10,16 @@ than it stop counting, so no gateway has to walk every block.
 One script reads a prompt's leading blocks and answers each replica's depth (how many
 leading blocks it holds, all of them); one script writes a routed prompt's claims. Both
 are one round trip. Writes run beside the request (they never delay it); a Redis that
-fails or is slow leaves routing to what this gateway knows itself, with a log line.
+fails or is slow leaves routing to what this gateway knows itself, with a log line, and
+is not asked again for `RETRY_AFTER_S` (a hung Redis costs one timeout per interval, not
+one per request).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -26,6 +29,7 @@ from mimoserve.store.redis_scripts import Settlements
 log = logging.getLogger(__name__)
 
 CLAIM_TTL_S = 3600
+RETRY_AFTER_S = 5.0
 
 # KEYS: the forgotten-at hash, then the prompt's block keys in order.
 # Returns {member, depth, ...} for every replica holding at least the first block.
@@ -86,6 +90,7 @@ class RedisClaims:
         replicas: Sequence[str],
         prefix: str = "mimoserve",
         ttl_s: int = CLAIM_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         # Routing waits on this read: a short timeout, then it routes on local knowledge.
         self._redis = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
@@ -98,13 +103,15 @@ class RedisClaims:
         self._ttl_s = ttl_s
         self._writes = Settlements()
         self._failing = False
+        self._clock = clock
+        self._retry_at = 0.0
 
     def _key(self, block: bytes) -> str:
         return f"{self._space}:b:{block.hex()}"
 
     async def held(self, blocks: Sequence[bytes]) -> dict[int, int]:
         """Leading blocks of the prompt each replica holds, as every gateway claimed them."""
-        if not blocks:
+        if not blocks or self._clock() < self._retry_at:
             return {}
         try:
             answer = await self._held(keys=[f"{self._space}:forgot", *map(self._key, blocks)])
@@ -120,7 +127,8 @@ class RedisClaims:
         return held
 
     def claim(self, replica: int, blocks: Sequence[bytes]) -> None:
-        if blocks:
+        # Not while Redis is failing: each write would wait out its timeout beside a request.
+        if blocks and self._clock() >= self._retry_at:
             keys = [self._key(b) for b in blocks]
             self._writes.start(self._run(self._claim, keys, [self._names[replica], self._ttl_s]))
 
@@ -138,6 +146,7 @@ class RedisClaims:
         if not self._failing:  # once per outage, not once per request
             log.warning("routing claims in Redis unavailable (%s): routing on local claims", exc)
         self._failing = True
+        self._retry_at = self._clock() + RETRY_AFTER_S
 
     async def close(self) -> None:
         await self._writes.drain()
