@@ -95,14 +95,14 @@ def test_agreement_is_counted_while_decoding_without_guesses() -> None:
 def test_the_guess_length_maximises_expected_tokens_per_cost() -> None:
     # One stream: the first guessed token moves the step off the one-token fast path
     # (19 -> 44 ms), so only a long, likely guess pays.
-    assert draft_length(0.5, CPU_SHAPE, tokens=1, yielded=1, limit=32) == 0
-    assert draft_length(0.8, CPU_SHAPE, tokens=1, yielded=1, limit=32) == 0
-    long_run = draft_length(0.97, CPU_SHAPE, tokens=1, yielded=1, limit=32)
+    assert draft_length(0.5, CPU_SHAPE, tokens=1, yielded=1, limit=32).length == 0
+    assert draft_length(0.8, CPU_SHAPE, tokens=1, yielded=1, limit=32).length == 0
+    long_run = draft_length(0.97, CPU_SHAPE, tokens=1, yielded=1, limit=32).length
     assert 8 <= long_run <= 32
     # Eight streams already in the step: the gain a guess promises is thin, and must be
     # at least MIN_GAIN: only near-certain guesses go in.
-    assert draft_length(0.8, CPU_SHAPE, tokens=8, yielded=8, limit=32) == 0
-    assert draft_length(0.995, CPU_SHAPE, tokens=8, yielded=8, limit=32) > 0
+    assert draft_length(0.8, CPU_SHAPE, tokens=8, yielded=8, limit=32).length == 0
+    assert draft_length(0.995, CPU_SHAPE, tokens=8, yielded=8, limit=32).length > 0
     assert CPU_SHAPE.cost(1) == 1 and CPU_SHAPE.cost(64) > CPU_SHAPE.cost(32)
 
 

@@ -17,6 +17,7 @@ from mimoserve.backends.base import Capabilities, ChatRequest, GenerationRequest
 from mimoserve.backends.llamacpp.grammar import build_grammar
 from mimoserve.backends.llamacpp.model import PREFIX_HOLDERS, EngineConfig, LoadedModel
 from mimoserve.backends.llamacpp.native import (
+    STEP_SIZES,
     Batch,
     NativeContext,
     NativeModel,
@@ -81,9 +82,10 @@ def _measured_shape(weights: NativeModel, config: EngineConfig) -> StepShape:
     found: list[dict[int, float]] = []
 
     def measure() -> None:
-        scratch = NativeContext(weights, n_ctx=256, n_seq=1, n_batch=64,
+        size = max(STEP_SIZES)
+        scratch = NativeContext(weights, n_ctx=4 * size, n_seq=1, n_batch=size,
                                 n_threads=config.threads, kv_type=config.kv_type)  # fmt: skip
-        batch = Batch(64)
+        batch = Batch(size)
         try:
             found.append(measure_step_shape(scratch, batch))
         finally:

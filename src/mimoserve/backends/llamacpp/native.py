@@ -118,8 +118,12 @@ class NativeContext:
             self.ptr = None
 
 
+# Step sizes whose cost speculation measures at start (the longest guess the flag allows).
+STEP_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
 def measure_step_shape(
-    context: NativeContext, batch: Batch, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    context: NativeContext, batch: Batch, sizes: tuple[int, ...] = STEP_SIZES
 ) -> dict[int, float]:
     """Seconds a step of n tokens of one sequence takes on this machine (the better of
     two tries), measured on sequence 0 of an empty context before serving."""

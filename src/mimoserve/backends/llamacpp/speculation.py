@@ -37,7 +37,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 # n-gram lengths a source looks up, longest first.
 ORDERS = (4, 3, 2)
@@ -238,28 +238,28 @@ class StepShape:
         raise AssertionError("unreachable")
 
 
-def draft_length(rate: float, shape: StepShape, tokens: int, yielded: float, limit: int) -> int:
+class DraftChoice(NamedTuple):
+    length: int  # 0: no guess pays
+    value: float  # the step's expected tokens per unit of cost with it
+    kept: float  # guessed tokens expected to be kept
+
+
+def draft_length(rate: float, shape: StepShape, tokens: int, yielded: float, limit: int
+                 ) -> DraftChoice:  # fmt: skip
     """The guess length that maximises the step's expected tokens per unit of cost: the
     step so far has `tokens` positions yielding `yielded` tokens; a guess of k adds k
-    positions yielding rate + rate**2 + ... + rate**k. None unless it promises at least
+    positions yielding rate + rate**2 + ... + rate**k. Length 0 unless it promises at least
     `MIN_GAIN` more tokens per second: the estimates err, and a guess that misses costs
     every sequence in the step."""
-    return best_draft(rate, shape, tokens, yielded, limit)[0]
-
-
-def best_draft(
-    rate: float, shape: StepShape, tokens: int, yielded: float, limit: int
-) -> tuple[int, float]:
-    """`draft_length`, and the expected tokens per unit of cost it gives the step."""
-    best, best_value = 0, yielded / shape.cost(tokens) * (1 + MIN_GAIN)
+    best = DraftChoice(0, yielded / shape.cost(tokens) * (1 + MIN_GAIN), 0.0)
     expected, chance = yielded, 1.0
     for k in range(1, limit + 1):
         chance *= rate
         expected += chance
         value = expected / shape.cost(tokens + k)
-        if value > best_value:
-            best, best_value = k, value
-    return best, best_value
+        if value > best.value:
+            best = DraftChoice(k, value, expected - yielded)
+    return best
 
 
 @dataclass
@@ -341,12 +341,12 @@ class SequenceDrafts:
             guess = follower.guess(tail, limit)
             if not guess:
                 continue
-            rate = self._rate(follower)
-            length, value = best_draft(rate, shape, tokens, yielded, len(guess))
-            if length == 0 or value <= best_value:
+            choice = draft_length(self._rate(follower), shape, tokens, yielded, len(guess))
+            if choice.length == 0 or choice.value <= best_value:
                 continue
-            expected = sum(rate**i for i in range(1, length + 1))
-            best, best_value = Drafted(guess[:length], follower.kind, follower.run, expected), value
+            kind, run = follower.kind, follower.run
+            best = Drafted(guess[: choice.length], kind, run, choice.kept)
+            best_value = choice.value
         return best
 
     def _rate(self, follower: Follower) -> float:
