@@ -24,22 +24,21 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))  # tests/services.py starts Redis
 
 from peers import llama_server_binary
 from run import MODELS_DIR, Server, free_port, started
+from tests.services import redis_server
 
 from mimoserve.weights.store import WeightsStore
 
@@ -72,17 +71,14 @@ async def turn(client: httpx.AsyncClient, gateway: Server, messages: list[dict[s
     return ttft or time.perf_counter() - began, "".join(text), usage
 
 
-TURNS_KIND = "short"
-
-
-def next_turn(number: int, step: int) -> str:
-    if TURNS_KIND == "short":
+def next_turn(turns: str, number: int, step: int) -> str:
+    if turns == "short":
         return f"And item {number + step + 1}?"
     return tool_result(number, step)
 
 
-async def conversation(client: httpx.AsyncClient, gateways: list[Server], number: int
-                       ) -> list[tuple[float, dict[str, Any]]]:  # fmt: skip
+async def conversation(client: httpx.AsyncClient, gateways: list[Server], number: int,
+                       turns: str) -> list[tuple[float, dict[str, Any]]]:  # fmt: skip
     messages = [{"role": "system", "content": SYSTEMS[number % len(SYSTEMS)]},
                 {"role": "user", "content": f"Task {number}: what is the code for item {number}?"}]  # fmt: skip
     results = []
@@ -90,7 +86,7 @@ async def conversation(client: httpx.AsyncClient, gateways: list[Server], number
         ttft, answer, usage = await turn(client, gateways[step % len(gateways)], messages)
         results.append((ttft, usage))
         messages += [{"role": "assistant", "content": answer},
-                     {"role": "user", "content": next_turn(number, step)}]  # fmt: skip
+                     {"role": "user", "content": next_turn(turns, number, step)}]  # fmt: skip
     return results
 
 
@@ -105,34 +101,14 @@ def tool_result(number: int, step: int) -> str:
     )
 
 
-@contextmanager
-def redis_server(folder: Path) -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                "--save", "", "--appendonly", "no", "--dir", str(folder)],
-                               stdout=subprocess.DEVNULL)  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        for _ in range(100):
-            try:
-                redis.Redis.from_url(url).ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-async def workload(gateways: list[Server]) -> list[tuple[float, dict[str, Any]]]:
+async def workload(gateways: list[Server], turns: str) -> list[tuple[float, dict[str, Any]]]:
     async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-        runs = await asyncio.gather(*(conversation(client, gateways, n)
+        runs = await asyncio.gather(*(conversation(client, gateways, n, turns)
                                       for n in range(CONVERSATIONS)))  # fmt: skip
     return [r for run in runs for r in run]
 
 
-def measure(kind: str, routing: str, gateways: int, shared: bool, work: Path
+def measure(kind: str, routing: str, gateways: int, shared: bool, turns: str, work: Path
             ) -> dict[str, float]:  # fmt: skip
     gguf = WeightsStore(MODELS_DIR).resolve("smollm2-135m-instruct")
     with ExitStack() as stack:
@@ -167,7 +143,7 @@ def measure(kind: str, routing: str, gateways: int, shared: bool, work: Path
                               "--port", str(port), "--fleet-routing", routing, *sharing],
                 port, work / f"g{g}.log", key_from_log=True, env=env)))  # fmt: skip
         began = time.perf_counter()
-        results = asyncio.run(workload(fronts))
+        results = asyncio.run(workload(fronts, turns))
         elapsed = time.perf_counter() - began
         loads = [counted(e, kind) for e in engines]
     prompt = sum(u.get("prompt_tokens", 0) for _, u in results)
@@ -194,7 +170,7 @@ def counted(engine: Server, kind: str) -> float:
                if line.startswith(prefix))  # fmt: skip
 
 
-def name(routing: str, gateways: int, shared: bool) -> str:
+def config_name(routing: str, gateways: int, shared: bool) -> str:
     return f"{routing} x{gateways}{' redis' if shared else ''}"
 
 
@@ -204,18 +180,16 @@ def main() -> None:
     parser.add_argument("--engine", choices=["mimoserve", "llama-server"], default="mimoserve")
     parser.add_argument("--turns", choices=["short", "tool"], default="short")
     args = parser.parse_args()
-    global TURNS_KIND
-    TURNS_KIND = args.turns
     configs = [("least-outstanding", 1, False), ("cache", 1, False), ("cache", 2, False),
                ("cache", 2, True)]  # fmt: skip
-    table: dict[str, list[dict[str, float]]] = {name(*c): [] for c in configs}
+    table: dict[str, list[dict[str, float]]] = {config_name(*c): [] for c in configs}
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
             for routing, gateways, shared in configs:
                 work = Path(tmp) / f"{run}-{routing}-{gateways}-{shared}"
                 work.mkdir()
-                figures = measure(args.engine, routing, gateways, shared, work)
-                table[name(routing, gateways, shared)].append(figures)
+                figures = measure(args.engine, routing, gateways, shared, args.turns, work)
+                table[config_name(routing, gateways, shared)].append(figures)
                 print(json.dumps({"run": run, "routing": routing, "gateways": gateways,
                                   "redis": shared, **figures}), flush=True)  # fmt: skip
 
@@ -229,7 +203,7 @@ def main() -> None:
           "| TTFT mean s | all turns done s | busiest / mean |\n"
           "|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for routing, gateways, shared in configs:
-        key = name(routing, gateways, shared)
+        key = config_name(routing, gateways, shared)
         print(
             f"| {routing} | {gateways}{' (Redis)' if shared else ''} | "
             f"{cell(key, 'computed', '.0f')} | "
@@ -238,8 +212,8 @@ def main() -> None:
             f"{cell(key, 'seconds', '.1f')} | {cell(key, 'max_over_mean_load', '.2f')} |"
         )
     for key in ("ttft_p50", "ttft_p95", "ttft_mean", "computed"):
-        base = [f[key] for f in table[name("least-outstanding", 1, False)]]
-        ours = [f[key] for f in table[name("cache", 1, False)]]
+        base = [f[key] for f in table[config_name("least-outstanding", 1, False)]]
+        ours = [f[key] for f in table[config_name("cache", 1, False)]]
         ratios = [o / b for o, b in zip(ours, base, strict=True)]
         print(
             f"{key}, cache / least-outstanding (paired by run): "
