@@ -95,8 +95,9 @@ class UpstreamBackend:
         mapper = AnswerMapper(lambda: estimate_prompt_tokens(chat.request, chat.raw),
                               top_logprobs=chat.request.top_logprobs or 0)  # fmt: skip
         router = self.model.pool.router
-        hint = route_hint(chat.request) if router is not None else None
-        if router is not None and hint is not None:
+        hint = None
+        if router is not None:
+            hint = route_hint(chat.request)
             await router.prefetch(hint)
         if not prepared.chat.request.stream:
             data = await self.model.complete(prepared.body_for, hint)
