@@ -11,8 +11,24 @@ from mimoserve.weights.catalog import DEFAULT_WEIGHTS
 def test_default_registry_maps_mimo_ids_to_the_embedded_default() -> None:
     registry = ModelRegistry.load(None)
     ids = {e.id for e in registry.entries()}
-    assert ids == {"mimo-v2-flash", "mimo-v2-pro", "mimo-v2-omni"}
-    assert {e.weights for e in registry.entries()} == {DEFAULT_WEIGHTS}
+    text = {"mimo-v2-flash", "mimo-v2-pro", "mimo-v2-omni", "mimo-v2.5-pro", "mimo-v2.5"}
+    speech = {"mimo-v2.5-tts", "mimo-v2.5-tts-voicedesign", "mimo-v2.5-tts-voiceclone",
+              "mimo-v2.5-asr"}  # fmt: skip
+    assert ids == text | speech
+    assert {e.weights for e in registry.entries() if e.id in text} == {DEFAULT_WEIGHTS}
+    assert {e.backend for e in registry.entries() if e.id in speech} == {"tts", "asr"}
+    omni = registry.get("mimo-v2.5")
+    assert omni is not None and omni.input_modalities == {"text", "audio"}
+    assert omni.speech_recognizer == "whisper-tiny-en"
+
+
+def test_audio_on_the_embedded_engine_needs_a_recognizer() -> None:
+    text = '[models.x]\nweights = "w"\ninput_modalities = ["text", "audio"]\n'
+    with pytest.raises(RegistryError, match="speech_recognizer"):
+        ModelRegistry.from_toml(text)
+    ModelRegistry.from_toml(text + 'speech_recognizer = "whisper-tiny-en"\n')
+    with pytest.raises(RegistryError, match="needs `weights`"):
+        ModelRegistry.from_toml('[models.t]\nbackend = "tts"\n')
 
 
 def test_registry_file_and_weights_override(tmp_path: Path) -> None:
@@ -62,5 +78,5 @@ def test_registry_refuses_half_configured_entries() -> None:
         ModelRegistry.from_toml('[models.x]\nbackend = "upstream"\n')
     with pytest.raises(RegistryError, match="needs `weights`"):
         ModelRegistry.from_toml("[models.x]\n")
-    with pytest.raises(RegistryError, match="text only"):
+    with pytest.raises(RegistryError, match="takes text, and audio only"):
         ModelRegistry.from_toml('[models.x]\nweights = "w"\ninput_modalities = ["image"]\n')

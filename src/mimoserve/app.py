@@ -12,18 +12,17 @@ from fastapi import FastAPI
 
 from mimoserve import __version__
 from mimoserve.api import admin as admin_api
-from mimoserve.api import anthropic, chat, health, models, responses
+from mimoserve.api import anthropic, audio, chat, health, models, responses
 from mimoserve.api.dashboard import DashboardFiles
 from mimoserve.api.errors import install_error_handlers
 from mimoserve.api.openapi import install_openapi
 from mimoserve.api.request_id import RequestIdMiddleware
 from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
-from mimoserve.backends.base import Backend
+from mimoserve.backends.base import Backend, engine_of
 from mimoserve.backends.upstream.client import UpstreamModel
 from mimoserve.backends.upstream.fleet import UpstreamFleet
 from mimoserve.backends.upstream.media import MediaLimits
-from mimoserve.backends.upstream.url_guard import UrlAllowList
 from mimoserve.billing.budgets import BudgetStore
 from mimoserve.billing.keeper import BudgetKeeper, LocalBudgetKeeper
 from mimoserve.billing.redis_keeper import RedisBudgetKeeper
@@ -60,7 +59,7 @@ def create_app(
         yield
         await fleet.close()
         # Several ids may share one backend: close each once.
-        for backend in {id(b): b for b in backends.values()}.values():
+        for backend in {id(engine_of(b)): engine_of(b) for b in backends.values()}.values():
             await backend.close()
         if ledger is not None:
             await ledger.close()  # drains every record accepted so far
@@ -79,7 +78,7 @@ def create_app(
     )
     policy = AdmissionPolicy(settings.default_limits, settings.completion_reserve_tokens)
     rate_limiter = limiter or RateLimiter()
-    media = MediaLimits(url_allow=UrlAllowList.parse(settings.media_url_allow.split(",")))
+    media = MediaLimits.allowing(settings.media_url_allow)
     fleet = UpstreamFleet(upstreams or {}, media)
     budget_store = BudgetStore(keys.database)
     on_change = functools.partial(report, metrics)
@@ -109,7 +108,7 @@ def create_app(
         app.include_router(admin_api.router)
         app.mount("/dashboard", DashboardFiles(), name="dashboard")
     # Plain Starlette routes first: matched before every other route.
-    app.router.routes[:0] = [*chat.routes, *anthropic.routes, *responses.routes]
+    app.router.routes[:0] = [*chat.routes, *anthropic.routes, *responses.routes, *audio.routes]
     app.include_router(models.router)
     app.include_router(health.router)
     return app

@@ -88,6 +88,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=1 << 20, ge=1024, description="Largest accepted request body (413 above it)"
     )
+    max_audio_body_bytes: int = Field(
+        default=16 << 20,
+        ge=1024,
+        description="Largest chat completions body when inline audio makes up the excess "
+        "over max_body_bytes (the hosted platform takes 10 MB of base64 audio)",
+    )
+    max_audio_seconds: float = Field(
+        default=600, gt=0, le=7200,
+        description="Longest audio one request may have heard (all its parts together)",
+    )
 
     fleet_routing: Literal["cache", "least-outstanding"] = Field(
         default="cache",

@@ -41,6 +41,25 @@ class ContentDelta:
 
 
 @dataclass(frozen=True)
+class AudioDelta:
+    """Synthesised speech, already in the requested format (the first piece of a wav
+    carries its header); `transcript` is the text this piece speaks, where known."""
+
+    data: bytes
+    transcript: str = ""
+
+
+@dataclass(frozen=True)
+class HeardSegment:
+    """Where in the audio a stretch of transcript was heard (seconds from the start);
+    its text also comes as a `ContentDelta`. For timed transcripts (srt, vtt)."""
+
+    start: float
+    end: float
+    text: str
+
+
+@dataclass(frozen=True)
 class ToolCallStarted:
     index: int  # 0, 1, ... in the order calls start
     id: str
@@ -81,6 +100,11 @@ class TokenUsage:
     accepted_draft_tokens: int = 0
     accepted_prediction_tokens: int = 0
     rejected_prediction_tokens: int = 0
+    # Speech: prompt tokens that were audio, seconds of audio heard or spoken, and
+    # characters spoken (what speech is priced by).
+    audio_tokens: int = 0
+    audio_seconds: float = 0.0
+    characters: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,7 +139,15 @@ class Finished:
     stop_sequence: str | None = None  # the client's stop sequence that ended the answer
 
 
-OutputEvent = ReasoningDelta | ContentDelta | ToolCallStarted | ToolCallDelta | ToolCallEnded
+OutputEvent = (
+    ReasoningDelta
+    | ContentDelta
+    | AudioDelta
+    | HeardSegment
+    | ToolCallStarted
+    | ToolCallDelta
+    | ToolCallEnded
+)
 GenerationEvent = Started | OutputEvent | Progress | Logprobs | Finished
 
 

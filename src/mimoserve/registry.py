@@ -41,7 +41,8 @@ class ModelEntry(BaseModel):
     weights: str | None = Field(
         default=None, description="A catalog name (see `mimoserve models list`) or a GGUF path"
     )
-    backend: Literal["llamacpp", "upstream"] = "llamacpp"
+    # llamacpp: the embedded language engine; tts / asr: the embedded speech engines.
+    backend: Literal["llamacpp", "upstream", "tts", "asr"] = "llamacpp"
     upstreams: tuple[UpstreamSpec, ...] = ()
     input_modalities: frozenset[Modality] = Field(
         default=frozenset({"text"}), description="Content kinds the upstream engine accepts"
@@ -79,6 +80,20 @@ class ModelEntry(BaseModel):
         description="Reasoning tokens after which the server closes the think block, unless "
         "the request sets thinking.budget_tokens",
     )
+    voices: dict[str, str] = Field(
+        default_factory=dict,
+        description="tts: the voice ids clients send (audio.voice) -> the engine's voices",
+    )
+    voice_source: Literal["builtin", "design", "clone"] = Field(
+        default="builtin",
+        description="tts: where the voice comes from; design (a description) and clone (a "
+        "sample) are refused by the embedded engine",
+    )
+    speech_recognizer: str | None = Field(
+        default=None,
+        description="llamacpp with audio input: the ASR weights that transcribe audio parts "
+        "for the language model (a cascade, not native audio understanding)",
+    )
 
     @model_validator(mode="after")
     def _backend_has_what_it_needs(self) -> ModelEntry:
@@ -86,8 +101,15 @@ class ModelEntry(BaseModel):
             raise ValueError(f"model {self.id!r}: the llamacpp backend needs `weights`")
         if self.backend == "upstream" and not self.upstreams:
             raise ValueError(f"model {self.id!r}: the upstream backend needs `upstreams`")
-        if self.backend == "llamacpp" and self.input_modalities != {"text"}:
-            raise ValueError(f"model {self.id!r}: the embedded engine takes text only")
+        if self.backend in ("tts", "asr") and not self.weights:
+            raise ValueError(f"model {self.id!r}: the {self.backend} backend needs `weights`")
+        if self.backend == "llamacpp":
+            audio = {"text", "audio"} if self.speech_recognizer else {"text"}
+            if self.input_modalities not in ({"text"}, audio):
+                raise ValueError(
+                    f"model {self.id!r}: the embedded engine takes text, and audio only "
+                    "with a `speech_recognizer` to transcribe it"
+                )
         return self
 
 

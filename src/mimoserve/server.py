@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,16 @@ from mimoserve.auth.keys import IssuedKey, KeyStore
 from mimoserve.backends.base import Backend
 from mimoserve.backends.llamacpp.backend import LlamaCppBackend
 from mimoserve.backends.llamacpp.model import EngineConfig
+from mimoserve.backends.speech.asr import AsrBackend, Listener
+from mimoserve.backends.speech.cascade import TranscribingBackend
+from mimoserve.backends.speech.engines import (
+    EngineGate,
+    PiperSynthesizer,
+    WhisperRecognizer,
+)
+from mimoserve.backends.speech.tts import TtsBackend
 from mimoserve.backends.upstream.client import build_upstreams
+from mimoserve.backends.upstream.media import MediaLimits
 from mimoserve.config import Settings
 from mimoserve.limits.limiter import Limiter, RateLimiter
 from mimoserve.limits.redis_limiter import RedisRateLimiter
@@ -35,9 +45,13 @@ def load_registry(settings: Settings) -> ModelRegistry:
 def build_backends(settings: Settings, registry: ModelRegistry) -> dict[str, Backend[Any]]:
     """One engine per distinct weights, shared by every model id that names them."""
     store = WeightsStore(settings.weights_dir)
+    speech = SpeechEngines(settings, store)
     engines: dict[str, Backend[Any]] = {}
     by_model: dict[str, Backend[Any]] = {}
     for entry in registry.entries():
+        if entry.backend in ("tts", "asr") and entry.weights is not None:
+            by_model[entry.id] = speech.backend(entry.backend, entry.weights)
+            continue
         if entry.backend != "llamacpp" or entry.weights is None:
             continue  # served by upstream engines (see build_relay)
         if entry.weights not in engines:
@@ -56,7 +70,44 @@ def build_backends(settings: Settings, registry: ModelRegistry) -> dict[str, Bac
             )
             engines[entry.weights] = LlamaCppBackend(config, weights_name=entry.weights)
         by_model[entry.id] = engines[entry.weights]
+        if entry.speech_recognizer is not None:  # audio parts heard first, then read
+            listener = speech.listener(entry.speech_recognizer)
+            by_model[entry.id] = TranscribingBackend(engines[entry.weights], listener)
     return by_model
+
+
+class SpeechEngines:
+    """Each speech model loaded once, whichever ids and cascades use it."""
+
+    def __init__(self, settings: Settings, store: WeightsStore) -> None:
+        self._settings = settings
+        self._store = store
+        self._threads = settings.n_threads or os.cpu_count() or 1
+        self._limits = MediaLimits.allowing(settings.media_url_allow)
+        self._listeners: dict[str, Listener] = {}
+        self._backends: dict[str, Backend[Any]] = {}
+
+    def listener(self, weights: str) -> Listener:
+        if weights not in self._listeners:
+            path = self._store.resolve(weights)
+            log.info("loading speech recognition %s from %s", weights, path.parent)
+            engine = WhisperRecognizer(path.parent, self._threads)
+            gate = EngineGate(weights, self._settings.max_queue)
+            self._listeners[weights] = Listener(engine, weights, gate, self._limits,
+                                                self._settings.max_audio_seconds)  # fmt: skip
+        return self._listeners[weights]
+
+    def backend(self, kind: str, weights: str) -> Backend[Any]:
+        if weights not in self._backends:
+            if kind == "asr":
+                self._backends[weights] = AsrBackend(self.listener(weights))
+            else:
+                path = self._store.resolve(weights)
+                log.info("loading speech synthesis %s from %s", weights, path)
+                gate = EngineGate(weights, self._settings.max_queue)
+                engine = PiperSynthesizer(path, self._threads)
+                self._backends[weights] = TtsBackend(engine, weights, gate)
+        return self._backends[weights]
 
 
 def open_ledger(settings: Settings, usage: SqlUsageStore) -> UsageLedger:

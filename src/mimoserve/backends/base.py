@@ -175,3 +175,10 @@ class Backend(ServedModel, Protocol[Prepared]):
         ...
 
     async def close(self) -> None: ...
+
+
+def engine_of(backend: Backend[Any]) -> Backend[Any]:
+    """The backend that owns the engine: a wrapper (audio through a cascade) names the
+    backend it wraps as `inner`, so the engine is counted, watched and closed once."""
+    inner = getattr(backend, "inner", None)
+    return engine_of(inner) if inner is not None else backend

@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mimoserve.events import (
+    AudioDelta,
     ContentDelta,
     Finished,
     GenerationEvent,
+    HeardSegment,
     Logprobs,
     ReasoningDelta,
     TokenLogprob,
@@ -39,6 +41,9 @@ class Answer:
     calls: list[AnsweredCall] = field(default_factory=list)
     finished: Finished | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    audio: list[bytes] = field(default_factory=list)  # synthesised speech, in pieces
+    transcript: list[str] = field(default_factory=list)  # what the speech says
+    segments: list[HeardSegment] = field(default_factory=list)  # recognition, timed
 
     def add(self, event: GenerationEvent) -> None:
         if isinstance(event, Logprobs):
@@ -47,6 +52,11 @@ class Answer:
             self.reasoning.append(event.text)
         elif isinstance(event, ContentDelta):
             self.content.append(event.text)
+        elif isinstance(event, AudioDelta):
+            self.audio.append(event.data)
+            self.transcript.append(event.transcript)
+        elif isinstance(event, HeardSegment):
+            self.segments.append(event)
         elif isinstance(event, ToolCallStarted):
             self.calls.append(AnsweredCall(event.id, event.name))
         elif isinstance(event, ToolCallDelta):

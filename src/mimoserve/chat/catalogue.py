@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from mimoserve.backends.base import Backend
+from mimoserve.backends.base import Backend, engine_of
 from mimoserve.errors import ModelNotFoundError
 from mimoserve.events import KvCells
 from mimoserve.protocol.chat import ModelCard, ModelList
@@ -33,8 +33,8 @@ class ModelCatalogue:
         pool once per id (a sum over `model` in Prometheus would be wrong)."""
         seen: dict[int, str] = {}
         for model, backend in self._backends.items():
-            seen.setdefault(id(backend), model)
-        return {model: self._backends[model] for model in seen.values()}
+            seen.setdefault(id(engine_of(backend)), model)
+        return {model: engine_of(self._backends[model]) for model in seen.values()}
 
     def engine_load(self) -> dict[str, tuple[int, int]]:
         return {model: backend.load() for model, backend in self.engines().items()}

@@ -73,6 +73,10 @@ def summed(finished: list[Finished]) -> TokenUsage:
         accepted_draft_tokens=sum(f.usage.accepted_draft_tokens for f in finished),
         accepted_prediction_tokens=sum(f.usage.accepted_prediction_tokens for f in finished),
         rejected_prediction_tokens=sum(f.usage.rejected_prediction_tokens for f in finished),
+        # Audio belongs to the prompt (heard) or to a speech model's one answer (spoken).
+        audio_tokens=first.audio_tokens,
+        audio_seconds=first.audio_seconds,
+        characters=first.characters,
     )
 
 

@@ -77,6 +77,7 @@ class RequestMeter:
         self._prompt_estimate = prompt_estimate
         self._estimated = False  # some counts are the server's estimate, not the engine's
         self._drafts = (0, 0)  # speculation: guessed tokens, accepted ones
+        self._speech = (0.0, 0)  # audio seconds heard or spoken, characters spoken
         self._generated: Callable[[], int] | None = None
         self._api = api
         self._price = price
@@ -119,6 +120,11 @@ class RequestMeter:
         m.child(m.e2e_latency, model).observe(latency)
         self._estimated = usage.estimated
         self._drafts = (usage.draft_tokens, usage.accepted_draft_tokens)
+        self._speech = (usage.audio_seconds, usage.characters)
+        if usage.audio_seconds:
+            m.child(m.audio_seconds, model).inc(usage.audio_seconds)
+        if usage.characters:
+            m.child(m.speech_characters, model).inc(usage.characters)
         if usage.draft_tokens:
             m.child(m.draft_tokens, model).inc(usage.draft_tokens)
             m.child(m.accepted_draft_tokens, model).inc(usage.accepted_draft_tokens)
@@ -148,7 +154,7 @@ class RequestMeter:
         reason: str | None,
     ) -> None:  # fmt: skip
         self._done = True
-        cost = cost_micros(self._price, prompt, cached, completion)
+        cost = cost_micros(self._price, prompt, cached, completion, *self._speech)
         if self.ticket is not None:
             self.ticket.settle(prompt + completion)
         if self.hold is not None:
@@ -175,5 +181,7 @@ class RequestMeter:
                     usage_source="estimate" if self._estimated else "engine",
                     draft_tokens=self._drafts[0],
                     accepted_draft_tokens=self._drafts[1],
+                    audio_seconds=self._speech[0],
+                    characters=self._speech[1],
                 )
             )

@@ -71,6 +71,14 @@ class Metrics:
             "mimoserve:spec_rejected_tokens", "Guessed tokens the sampler did not choose",
             ["model"], registry=r,
         )  # fmt: skip
+        self.audio_seconds = Counter(
+            "mimoserve:audio_seconds", "Seconds of audio heard (recognition) or spoken (synthesis)",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.speech_characters = Counter(
+            "mimoserve:speech_characters", "Characters of text spoken by speech synthesis",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.e2e_latency = Histogram(
             "mimoserve:e2e_request_latency_seconds", "Request latency", ["model"],
             buckets=_LATENCY_BUCKETS, registry=r,

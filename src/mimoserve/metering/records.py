@@ -36,6 +36,9 @@ class UsageRecord:
     # Speculative decoding: tokens guessed and verified, and those the sampler chose.
     draft_tokens: int = 0
     accepted_draft_tokens: int = 0
+    # Speech: seconds of audio heard (recognition) or spoken (synthesis), characters spoken.
+    audio_seconds: float = 0.0
+    characters: int = 0
 
 
 def safe_text(text: str) -> str:

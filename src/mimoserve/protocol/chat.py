@@ -84,6 +84,17 @@ class Prediction(_Strict):
         return self
 
 
+class AudioOutput(_Strict):
+    """Speech synthesis: the answer's audio format and voice (hosted TTS models, OpenAI)."""
+
+    format: Literal["wav", "mp3", "pcm16"] = "wav"
+    voice: str = Field(default="mimo_default", min_length=1, max_length=64)
+
+
+class AsrOptions(_Strict):
+    language: Literal["auto", "zh", "en"] = "auto"
+
+
 ResponseFormat = Annotated[
     TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")
 ]
@@ -119,6 +130,11 @@ class ChatCompletionRequest(WireModel):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
     prediction: Prediction | None = None
+    # Speech: the synthesised answer's format and voice; recognition's language; OpenAI
+    # clients also say which modalities they want back.
+    audio: AudioOutput | None = None
+    asr_options: AsrOptions | None = None
+    modalities: list[Literal["text", "audio"]] | None = Field(default=None, max_length=2)
     # Extensions, named as in vLLM and llama-server:
     # keep generating past end-of-turn tokens, up to max_completion_tokens;
     ignore_eos: bool | None = None
@@ -140,6 +156,11 @@ class CompletionTokensDetails(BaseModel):
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
+    audio_tokens: int | None = None  # prompt tokens that were audio (sent when there was any)
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self))
 
 
 class Usage(BaseModel):
@@ -150,6 +171,11 @@ class Usage(BaseModel):
         default_factory=CompletionTokensDetails
     )
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    seconds: int | None = None  # of audio heard or spoken, as the hosted speech models report
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self))
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
@@ -159,11 +185,21 @@ def _without_none(data: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str,
     return {k: v for k, v in data.items() if v is not None or k in keep}
 
 
+class MessageAudio(BaseModel):
+    """A synthesised answer, as OpenAI's audio outputs and the hosted TTS models send it."""
+
+    id: str
+    data: str  # base64 of the whole file
+    expires_at: int
+    transcript: str
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCall] | None = None
+    audio: MessageAudio | None = None
 
     @model_serializer(mode="wrap")
     def _omit_absent(self, handler: Any) -> dict[str, Any]:
@@ -233,11 +269,26 @@ class DeltaToolCall(BaseModel):
         return _without_none(handler(self))
 
 
+class DeltaAudio(BaseModel):
+    """A piece of a streamed audio answer: the first carries the id, each carries base64
+    data and the transcript of what it speaks, the last the expiry (as OpenAI streams)."""
+
+    id: str | None = None
+    data: str | None = None
+    transcript: str | None = None
+    expires_at: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self))
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+    audio: DeltaAudio | None = None
 
     @model_serializer(mode="wrap")
     def _omit_absent(self, handler: Any) -> dict[str, Any]:

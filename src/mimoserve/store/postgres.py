@@ -106,6 +106,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE usage_records ADD COLUMN draft_tokens INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE usage_records ADD COLUMN accepted_draft_tokens INTEGER NOT NULL DEFAULT 0;
     """,
+    # Speech: seconds of audio heard or spoken, and characters spoken, per request.
+    """
+    ALTER TABLE usage_records ADD COLUMN audio_seconds DOUBLE PRECISION NOT NULL DEFAULT 0;
+    ALTER TABLE usage_records ADD COLUMN characters INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 _MIGRATION_LOCK = 0x6D696D6F  # any constant shared by every replica
 

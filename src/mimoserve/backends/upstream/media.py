@@ -35,6 +35,11 @@ class MediaLimits:
     url_schemes: frozenset[str] = frozenset({"https"})
     url_allow: UrlAllowList = field(default_factory=UrlAllowList)
 
+    @classmethod
+    def allowing(cls, allow_list: str) -> MediaLimits:
+        """The default limits, with the operator's comma-separated internal hosts allowed."""
+        return cls(url_allow=UrlAllowList.parse(allow_list.split(",")))
+
 
 def _decoded_size(data: str, where: str, param: str) -> int:
     try:
@@ -44,7 +49,7 @@ def _decoded_size(data: str, where: str, param: str) -> int:
                                   code="invalid_media") from exc  # fmt: skip
 
 
-def _check_source(
+def check_source(
     value: str, *, kind: str, limit: int, schemes: frozenset[str], where: str, param: str,
     bare_base64: bool = False,
 ) -> str | None:  # fmt: skip
@@ -108,7 +113,7 @@ def check_media(
                     param=param,
                     code="unsupported_content",
                 )
-            host = _check_source(source, kind=kind, limit=limit, schemes=limits.url_schemes,
+            host = check_source(source, kind=kind, limit=limit, schemes=limits.url_schemes,
                                  where=where, param=param, bare_base64=kind == "audio")  # fmt: skip
             if host is not None:
                 urls.append(MediaUrl(host, where, param))
