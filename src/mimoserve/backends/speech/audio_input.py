@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from mimoserve.backends.upstream.media import MediaLimits, check_source
+from mimoserve.backends.upstream.media import MediaLimits, check_source, content_parts
 from mimoserve.backends.upstream.url_guard import MediaUrl, refuse_internal_urls
 from mimoserve.errors import InvalidRequestError
 from mimoserve.protocol.chat import ChatCompletionRequest
@@ -37,19 +37,15 @@ class AudioSource:
 def audio_sources(request: ChatCompletionRequest, limits: MediaLimits) -> tuple[AudioSource, ...]:
     """Every `input_audio` part, in order, checked for form and inline size."""
     found: list[AudioSource] = []
-    for index, message in enumerate(request.messages):
-        content = message.content
-        if content is None or isinstance(content, str):
+    for index, part_index, part in content_parts(request):
+        if not isinstance(part, AudioPart):
             continue
-        for part_index, part in enumerate(content):
-            if not isinstance(part, AudioPart):
-                continue
-            param = f"messages.{index}.content.{part_index}"
-            where = f"messages[{index}].content[{part_index}]"
-            host = check_source(part.input_audio.data, kind="audio", limit=limits.audio_bytes,
-                                schemes=limits.url_schemes, where=where, param=param,
-                                bare_base64=True)  # fmt: skip
-            found.append(AudioSource(part.input_audio.data, where, param, host))
+        param = f"messages.{index}.content.{part_index}"
+        where = f"messages[{index}].content[{part_index}]"
+        host = check_source(part.input_audio.data, kind="audio", limit=limits.audio_bytes,
+                            schemes=limits.url_schemes, where=where, param=param,
+                            bare_base64=True)  # fmt: skip
+        found.append(AudioSource(part.input_audio.data, where, param, host))
     return tuple(found)
 
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from mimoserve.backends.upstream.url_guard import MediaUrl, UrlAllowList
 from mimoserve.errors import InvalidRequestError
 from mimoserve.protocol.chat import ChatCompletionRequest
-from mimoserve.protocol.messages import AudioPart, ImagePart, VideoPart
+from mimoserve.protocol.messages import AudioPart, ContentPart, ImagePart, VideoPart
 
 _DATA_URL = re.compile(
     r"^data:(?P<mime>[a-z]+/[a-z0-9.+-]+)(?:;[a-z0-9=.+-]+)*;base64,(?P<data>.*)$",
@@ -84,37 +84,43 @@ def check_source(
     return None
 
 
+def content_parts(request: ChatCompletionRequest) -> Iterator[tuple[int, int, ContentPart]]:
+    """(message index, part index, part) of every part of every array content."""
+    for index, message in enumerate(request.messages):
+        content = message.content
+        if content is None or isinstance(content, str):
+            continue
+        for part_index, part in enumerate(content):
+            yield index, part_index, part
+
+
 def check_media(
     request: ChatCompletionRequest, modalities: Collection[str], limits: MediaLimits
 ) -> tuple[MediaUrl, ...]:
     """Raises a 400 naming the part and the model for media the model cannot take or
     that is malformed; returns the URLs whose hosts `refuse_internal_urls` must check."""
     urls: list[MediaUrl] = []
-    for index, message in enumerate(request.messages):
-        content = message.content
-        if content is None or isinstance(content, str):
-            continue
-        for part_index, part in enumerate(content):
-            param = f"messages.{index}.content.{part_index}"
-            where = f"messages[{index}].content[{part_index}]"
-            match part:
-                case ImagePart():
-                    kind, source, limit = "image", part.image_url.url, limits.image_bytes
-                case AudioPart():
-                    kind, source, limit = "audio", part.input_audio.data, limits.audio_bytes
-                case VideoPart():
-                    kind, source, limit = "video", part.video_url.url, limits.video_bytes
-                case _:
-                    continue
-            if kind not in modalities:
-                raise InvalidRequestError(
-                    f"{where} is a {part.type} part, but model {request.model!r} does not "
-                    f"accept {kind} input",
-                    param=param,
-                    code="unsupported_content",
-                )
-            host = check_source(source, kind=kind, limit=limit, schemes=limits.url_schemes,
-                                 where=where, param=param, bare_base64=kind == "audio")  # fmt: skip
-            if host is not None:
-                urls.append(MediaUrl(host, where, param))
+    for index, part_index, part in content_parts(request):
+        param = f"messages.{index}.content.{part_index}"
+        where = f"messages[{index}].content[{part_index}]"
+        match part:
+            case ImagePart():
+                kind, source, limit = "image", part.image_url.url, limits.image_bytes
+            case AudioPart():
+                kind, source, limit = "audio", part.input_audio.data, limits.audio_bytes
+            case VideoPart():
+                kind, source, limit = "video", part.video_url.url, limits.video_bytes
+            case _:
+                continue
+        if kind not in modalities:
+            raise InvalidRequestError(
+                f"{where} is a {part.type} part, but model {request.model!r} does not "
+                f"accept {kind} input",
+                param=param,
+                code="unsupported_content",
+            )
+        host = check_source(source, kind=kind, limit=limit, schemes=limits.url_schemes,
+                            where=where, param=param, bare_base64=kind == "audio")  # fmt: skip
+        if host is not None:
+            urls.append(MediaUrl(host, where, param))
     return tuple(urls)
