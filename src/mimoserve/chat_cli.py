@@ -4,16 +4,20 @@ Works against this server, another mimoserve and the hosted MiMo API alike (`--u
 `--key` or `MIMO_API_KEY`). Answers stream as they arrive; reasoning is shown dimmed,
 apart from the answer. Interactive: `/reset` starts over, `/model NAME` switches model,
 Ctrl-C stops the current answer (not the session), Ctrl-D or `/exit` leaves. One-shot:
-`mimoserve chat "question"`, or text piped on stdin.
+`mimoserve chat "question"`, or text piped on stdin. `--speak FILE` also saves each
+answer as speech (wav, mp3, or raw 24 kHz pcm by the file's extension), synthesised by
+the server's speech model (`mimo-v2.5-tts` unless `--speech-model` says otherwise).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,6 +34,9 @@ class ChatSession:
     system: str | None = None
     thinking: str | None = None  # "on", "off", or None for the model's default
     history: list[dict[str, Any]] = field(default_factory=list)
+    speak_to: Path | None = None  # each answer is also saved there as speech
+    speech_model: str = "mimo-v2.5-tts"
+    voice: str = "mimo_default"
 
     def reset(self) -> None:
         self.history = []
@@ -75,6 +82,22 @@ class ChatSession:
                             yield "tool", function["arguments"]
         self.history.append({"role": "assistant", "content": "".join(answer)})
 
+    def speak(self, client: httpx.Client) -> Path | None:
+        """The last answer, synthesised into `speak_to` (the format from its extension)."""
+        if self.speak_to is None or not self.history or not self.history[-1]["content"]:
+            return None
+        suffix = self.speak_to.suffix.lower().lstrip(".")
+        fmt = {"mp3": "mp3", "pcm": "pcm16", "raw": "pcm16"}.get(suffix, "wav")
+        body = {"model": self.speech_model, "audio": {"format": fmt, "voice": self.voice},
+                "messages": [{"role": "assistant", "content": self.history[-1]["content"]}]}
+        response = client.post(f"{self.url}/v1/chat/completions", json=body,
+                               headers={"Authorization": f"Bearer {self.key}"})  # fmt: skip
+        if response.status_code != 200:
+            raise ChatError(f"speaking the answer: {_error_message(response)}")
+        audio = response.json()["choices"][0]["message"]["audio"]
+        self.speak_to.write_bytes(base64.b64decode(audio["data"]))
+        return self.speak_to
+
 
 class ChatError(Exception):
     pass
@@ -94,10 +117,17 @@ def _show(console: Console, pieces: Iterator[tuple[str, str]]) -> None:
     console.print()
 
 
+def _answer(session: ChatSession, client: httpx.Client, question: str, console: Console) -> None:
+    _show(console, session.ask(client, question))
+    spoken = session.speak(client)
+    if spoken is not None:
+        console.print(f"(spoken to {spoken})", style="dim", markup=False, soft_wrap=True)
+
+
 def one_shot(session: ChatSession, question: str, console: Console) -> int:
     with httpx.Client(timeout=None) as client:
         try:
-            _show(console, session.ask(client, question))
+            _answer(session, client, question, console)
         except (ChatError, httpx.HTTPError) as exc:
             console.print(f"error: {exc}", style="red", markup=False)
             return 1
@@ -132,7 +162,7 @@ def interactive(session: ChatSession, console: Console) -> int:
                 console.print(f"(model: {session.model})", style="dim")
                 continue
             try:
-                _show(console, session.ask(client, line))
+                _answer(session, client, line, console)
             except KeyboardInterrupt:  # stops this answer; the session goes on
                 session.history.pop()
                 console.print("\n(stopped)", style="dim")
@@ -141,11 +171,13 @@ def interactive(session: ChatSession, console: Console) -> int:
 
 
 def run(url: str | None, key: str | None, model: str, system: str | None,
-        thinking: str | None, question: str | None) -> int:  # fmt: skip
+        thinking: str | None, question: str | None, speak: Path | None = None,
+        speech_model: str = "mimo-v2.5-tts", voice: str = "mimo_default") -> int:  # fmt: skip
     base = (url or os.environ.get("MIMO_BASE_URL") or "http://127.0.0.1:8000").rstrip("/")
     key = key or os.environ.get("MIMO_API_KEY", "")
     session = ChatSession(url=base.removesuffix("/v1"), key=key, model=model, system=system,
-                          thinking=thinking)  # fmt: skip
+                          thinking=thinking, speak_to=speak, speech_model=speech_model,
+                          voice=voice)  # fmt: skip
     console = Console(highlight=False)
     if question is None and not sys.stdin.isatty():
         question = sys.stdin.read().strip()

@@ -86,7 +86,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from mimoserve.chat_cli import run
 
-    return run(args.url, args.key, args.model, args.system, args.thinking, args.question)
+    return run(args.url, args.key, args.model, args.system, args.thinking, args.question,
+               args.speak, args.speech_model, args.voice)  # fmt: skip
 
 
 def cmd_accounts(args: argparse.Namespace) -> int:
@@ -337,6 +338,10 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", default="mimo-v2-flash")
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument("--thinking", choices=["on", "off"], help="reasoning (default: the model's)")
+    chat.add_argument("--speak", type=Path, metavar="FILE",
+                      help="also save each answer as speech (.wav, .mp3 or .pcm)")
+    chat.add_argument("--speech-model", default="mimo-v2.5-tts", help="the model that speaks")
+    chat.add_argument("--voice", default="mimo_default", help="the voice it speaks with")
     chat.set_defaults(handler=cmd_chat)
 
     keys = commands.add_parser("keys", help="manage API keys")

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import base64
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -118,3 +121,21 @@ def test_malformed_audio_is_a_400_through_the_sdk(sdk: openai.OpenAI) -> None:
         hear(sdk, b"RIFF" + b"\x00" * 100, "wav")
     with pytest.raises(openai.BadRequestError, match="unknown voice"):
         sdk.audio.speech.create(model="mimo-v2.5-tts", voice="nobody", input="hi")
+
+
+def test_chat_cli_saves_the_answer_as_speech(
+    server: RunningServer, sdk: openai.OpenAI, tmp_path: Path
+) -> None:
+    spoken = tmp_path / "answer.mp3"
+    result = subprocess.run(
+        [sys.executable, "-m", "mimoserve.cli", "chat", "--url", server.base_url + "/v1",
+         "--key", server.api_key, "--model", "mimo-v2.5-pro", "--thinking", "off",
+         "--speak", str(spoken), "Write one short sentence about the sea."],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert f"(spoken to {spoken})" in result.stdout
+    answer = result.stdout.split(f"(spoken to {spoken})")[0].strip()
+    head = spoken.read_bytes()[:3]
+    assert answer and (head == b"ID3" or head[:2] in (b"\xff\xf3", b"\xff\xf2", b"\xff\xfb"))
+    assert word_error_rate(answer, hear(sdk, spoken.read_bytes(), "mp3")) <= 0.2
