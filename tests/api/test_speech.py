@@ -17,6 +17,7 @@ import pytest
 
 from mimoserve.app import create_app
 from mimoserve.audio.codec import HEARING_RATE, SPEAKING_RATE, decode_speech, encode_whole
+from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
 from mimoserve.backends.base import Backend
 from mimoserve.backends.speech.asr import AsrBackend, Listener
@@ -27,6 +28,8 @@ from mimoserve.backends.upstream.media import MediaLimits
 from mimoserve.config import Settings
 from mimoserve.metering.ledger import UsageLedger, UsageRecord
 from mimoserve.registry import ModelRegistry
+from mimoserve.store.base import Database
+from mimoserve.store.usage import SqlUsageStore
 from tests.api.sse_client import parse_sse
 from tests.fake_backend import ScriptedBackend
 
@@ -474,3 +477,36 @@ def test_inline_audio_is_estimated_by_its_length_not_as_text() -> None:
     raw = json.dumps(body).encode()
     estimate = estimate_prompt_tokens(ChatCompletionRequest.model_validate(body), raw)
     assert estimate < 1_000 < len(raw) / 3  # ~600 KB of base64 is not 200k tokens
+
+
+async def test_a_money_budget_reserves_speech_at_its_price(
+    settings: Settings, database: Database, keys: KeyStore, api_key: str, admin_token: str,
+) -> None:  # fmt: skip
+    registry = ModelRegistry.from_toml(REGISTRY)
+    tts = TtsBackend(ToneVoice(), "fake-voice", EngineGate("fake-voice", 4))
+    listener = Listener(LengthEar(), "fake-asr", EngineGate("fake-asr", 4), MediaLimits(), 30.0)
+    backends: dict[str, Backend[Any]] = {e.id: tts for e in registry.entries()}
+    backends["asr"] = AsrBackend(listener)
+    usage = SqlUsageStore(database)
+    ledger = UsageLedger(usage, flush_interval_s=0.01)
+    app = create_app(settings, registry=registry, backends=backends, keys=keys, ledger=ledger,
+                     usage=usage, admin=AdminCredential(database))  # fmt: skip
+    ledger.start()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                 headers={"api-key": api_key}) as client:  # fmt: skip
+        # One unit of money per character spoken, half a unit per second heard: 20 units.
+        owner = api_key.split("_")[0].removeprefix("mimo-")
+        put = await client.put(f"/admin/budgets/key/{owner}", headers={
+            "authorization": f"Bearer {admin_token}", "api-key": ""},
+            json={"unit": "money", "amount": 20, "period": "month"})  # fmt: skip
+        assert put.status_code == 200, put.text
+        too_long = await client.post(URL, json=tts_body("x" * 21))  # 21 characters: 21 units
+        assert_error(too_long, 402)
+        assert (await client.post(URL, json=tts_body("Twelve chars"))).status_code == 200
+        # 12 spent, 8 left: 20 s of wav (~880 KB, estimated 220 s) is more than 16 s allow.
+        assert_error(await client.post(URL, json=asr_body(data_url(tone(20.0)))), 402)
+        short = await client.post(URL, json=asr_body(data_url(tone(2.0, "mp3"))))
+        assert short.status_code == 200, short.text
+    await ledger.close()
+    costs = [r.cost_micros for r in usage.records() if r.status == 200]
+    assert costs == [12 * 1_000_000, pytest.approx(0.5 * 2.0 * 1_000_000, abs=60_000)]

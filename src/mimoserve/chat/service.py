@@ -69,6 +69,9 @@ class PreparedChat:
     # context window), and whether the client set it: what budgets must hold.
     output_limit: int = 0
     output_explicit: bool = False
+    # Speech: the most audio seconds and characters the request can be billed for (what
+    # money budgets reserve beside the tokens; the backend's request says, see SpeechClaim).
+    speech_claim: tuple[float, int] = (0.0, 0)
 
 
 class ChatService:
@@ -150,12 +153,13 @@ class ChatService:
         context = backend.capabilities.context_length or _UNKNOWN_CONTEXT
         completion_tokens = n * completion_budget(request, self._policy.completion_reserve, context)
         explicit = requested_output(request)
+        prepared = backend.prepare(ChatRequest(request, entry, raw))
         return PreparedChat(
             completion_id=f"{id_prefix}{uuid.uuid4().hex}",
             created=int(time.time()),
             model=request.model,
             backend=backend,
-            prepared=backend.prepare(ChatRequest(request, entry, raw)),
+            prepared=prepared,
             principal=principal,
             reserve_tokens=prompt_tokens + completion_tokens,
             price=entry.price,
@@ -166,6 +170,7 @@ class ChatService:
             prompt_estimate=prompt_tokens,
             output_limit=min(explicit or context, context),
             output_explicit=explicit is not None,
+            speech_claim=getattr(prepared, "speech_claim", (0.0, 0)),
         )
 
     async def choice_events(self, chat: PreparedChat) -> AsyncGenerator[IndexedEvent, None]:
@@ -275,10 +280,11 @@ def budget_claim(chat: PreparedChat) -> tuple[Usage, Usage]:
     capped to what it got: `capped_to`)."""
     prompt = chat.prompt_estimate
     output = chat.n * chat.output_limit
-    wanted = Usage(prompt + output, cost_micros(chat.price, prompt, 0, output))
+    speech = chat.speech_claim  # billed whatever the output: part of the least it needs
+    wanted = Usage(prompt + output, cost_micros(chat.price, prompt, 0, output, *speech))
     if chat.output_explicit:
         return wanted, wanted
-    return wanted, Usage(prompt + chat.n, cost_micros(chat.price, prompt, 0, chat.n))
+    return wanted, Usage(prompt + chat.n, cost_micros(chat.price, prompt, 0, chat.n, *speech))
 
 
 def affordable_output(chat: PreparedChat, hold: BudgetHold) -> int:
@@ -290,9 +296,8 @@ def affordable_output(chat: PreparedChat, hold: BudgetHold) -> int:
             room = charge.reserved - chat.prompt_estimate
         elif price is not None and price.output > 0:
             # Prices are per million tokens, costs in millionths: `output` micros a token.
-            room = math.floor(
-                (charge.reserved - cost_micros(price, chat.prompt_estimate, 0, 0)) / price.output
-            )
+            fixed = cost_micros(price, chat.prompt_estimate, 0, 0, *chat.speech_claim)
+            room = math.floor((charge.reserved - fixed) / price.output)
         else:
             continue  # output costs nothing under this budget
         per_choice = min(per_choice, room // chat.n)

@@ -36,6 +36,7 @@ from mimoserve.protocol.chat import ChatCompletionRequest
 from mimoserve.protocol.messages import TextPart
 
 _CHARS_PER_TOKEN = 4
+_BYTES_PER_SECOND = 4000
 SPEECH_CONTEXT_TOKENS = 8192
 
 
@@ -46,7 +47,14 @@ class Listening:
     sources: tuple[AudioSource, ...]
     language: str | None  # None: the recogniser finds out
     prompt: str | None
+    claim_seconds: float = 0.0  # the audio's length as estimated before decoding
     max_tokens: int | None = None
+
+    @property
+    def speech_claim(self) -> tuple[float, int]:
+        """(seconds, characters) for budgets: the length is known only once decoded, under
+        the engine's gate, so it is estimated from the size (as prompt tokens are)."""
+        return self.claim_seconds, 0
 
     def capped(self, max_tokens: int) -> Listening:
         mine = self.max_tokens
@@ -82,7 +90,14 @@ class Listener:
             part.text for message in request.messages if not isinstance(message.content, str)
             for part in message.content or () if isinstance(part, TextPart)
         )  # fmt: skip
-        return Listening(sources, language, prompt or None)
+        return Listening(sources, language, prompt or None, self._claim_seconds(sources))
+
+    def _claim_seconds(self, sources: tuple[AudioSource, ...]) -> float:
+        """Compact speech (32 kbit/s: 4,000 bytes a second) as the bound; a URL's size is
+        unknown until fetched: the duration cap."""
+        total = sum(len(s.value) * 3 / 4 / _BYTES_PER_SECOND if s.host is None
+                    else self.max_seconds for s in sources)  # fmt: skip
+        return min(total, self.max_seconds)
 
     async def samples(self, listening: Listening) -> npt.NDArray[np.float32]:
         """Every source decoded (and fetched) in order, as one stretch of 16 kHz audio."""

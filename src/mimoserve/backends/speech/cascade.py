@@ -59,6 +59,10 @@ class Heard:
     max_tokens: int | None = None
     choice: int = 0
 
+    @property
+    def speech_claim(self) -> tuple[float, int]:
+        return self.listening.speech_claim
+
     def capped(self, max_tokens: int) -> Heard:
         mine = self.max_tokens
         return replace(self, max_tokens=max_tokens if mine is None else min(mine, max_tokens))

@@ -56,6 +56,12 @@ class Speech:
     streamed: bool
     max_audio_tokens: int | None = None
 
+    @property
+    def speech_claim(self) -> tuple[float, int]:
+        """(seconds, characters) at most: speech runs slower than five characters a second
+        only with long pauses, which the engine does not make."""
+        return len(self.text) / 5, len(self.text)
+
     def capped(self, max_tokens: int) -> Speech:
         mine = self.max_audio_tokens
         return replace(self, max_audio_tokens=max_tokens if mine is None else min(mine, max_tokens))
