@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from mimoserve.app import create_app
 from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
+from mimoserve.backends.base import Backend
 from mimoserve.config import Settings
 from mimoserve.metering.ledger import UsageLedger, UsageRecord
 from mimoserve.registry import ModelRegistry
@@ -313,3 +315,62 @@ def test_limits_are_editable_and_connect_shows_this_server(
     expect(page.locator("#snippet-claude")).to_contain_text("CLAUDE_STREAM_IDLE_TIMEOUT_MS=")
     expect(page.locator("#snippet-codex")).to_contain_text('wire_api = "responses"')
     rendered(page, tmp_path / "connect.png")
+
+
+@pytest.fixture
+def speech_site(tmp_path: Path) -> Iterator[Site]:
+    from mimoserve.backends.speech.asr import AsrBackend, Listener
+    from mimoserve.backends.speech.engines import EngineGate
+    from mimoserve.backends.speech.tts import TtsBackend
+    from mimoserve.backends.upstream.media import MediaLimits
+    from tests.api.test_speech import REGISTRY as SPEECH_REGISTRY
+    from tests.api.test_speech import LengthEar, ToneVoice
+
+    database = SqliteDatabase(tmp_path / "m.db")
+    keys, usage = KeyStore(database), SqlUsageStore(database)
+    token = AdminCredential(database).rotate()
+    registry = ModelRegistry.from_toml(SPEECH_REGISTRY)
+    backend = ScriptedBackend()
+    listener = Listener(LengthEar(), "fake-asr", EngineGate("fake-asr", 4), MediaLimits(), 30.0)
+    speech: dict[str, Backend[Any]] = {
+        "tts": TtsBackend(ToneVoice(), "fake-voice", EngineGate("fake-voice", 4)),
+        "asr": AsrBackend(listener),
+    }
+    app = create_app(
+        Settings(home=tmp_path), registry=registry, keys=keys, admin=AdminCredential(database),
+        usage=usage, ledger=UsageLedger(usage, flush_interval_s=0.05),
+        backends={entry.id: speech.get(entry.id, backend) for entry in registry.entries()},
+    )  # fmt: skip
+    with uvicorn_in_thread(app) as url:
+        yield Site(url, token, keys, backend)
+
+
+def test_playground_speaks_the_answer_and_transcribes_a_file(
+    speech_site: Site, browser: Browser, tmp_path: Path
+) -> None:
+    from tests.api.test_speech import tone
+
+    speech_site.backend.enqueue(["One two three. Four five."])
+    page = browser.new_page()
+    sign_in(page, speech_site)
+    page.fill("#key-form input[name=name]", "speech")
+    page.click("#key-form button[type=submit]")
+    expect(page.locator("#new-key")).to_be_visible()
+    page.click("#tabs [data-tab=playground]")
+    expect(page.locator("#speech-model option")).to_have_count(1)  # tts; not tts-voicedesign
+    page.select_option("#chat-model", "text")
+    page.click("#chat-send")
+    expect(page.locator("#out-content")).to_have_text("One two three. Four five.")
+    page.click("#speak")
+    expect(page.locator("#speech-status")).to_have_text("Spoken: 2 s of audio.")
+    player = page.locator("#speech-audio")
+    expect(player).to_have_js_property("readyState", 4)  # the page's policy lets it play
+    duration = player.evaluate("audio => audio.duration")
+    assert abs(duration - 5 * 0.25) < 0.05  # five words of the scripted voice
+    recording = tmp_path / "question.wav"
+    recording.write_bytes(tone(3.0))
+    page.set_input_files("#asr-file", str(recording))
+    page.click("#transcribe")
+    expect(page.locator("#speech-status")).to_have_text("Transcribed 3 s of audio.")
+    expect(page.locator("#chat-input")).to_have_value("tick0 tick1 tick2")
+    rendered(page, tmp_path / "speech.png")

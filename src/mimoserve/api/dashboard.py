@@ -12,7 +12,8 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 # The page handles an admin token: only its own scripts, styles and API calls, never framed.
 _SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; media-src 'self' blob:; "
+    "frame-ancestors 'none'",  # media: the playground plays speech it fetched
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",

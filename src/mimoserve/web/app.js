@@ -502,16 +502,80 @@ env_key = "MIMO_API_KEY"`;
 
 // ---- playground ---------------------------------------------------------------------------
 
+// Speech ids speak or listen; the rest chat. Design and clone ids are refused here anyway.
+const isSpeaker = (id) => /(^|-)tts$/.test(id);
+const isListener = (id) => /(^|-)asr$/.test(id);
+
+function fillModels(ids) {
+  const chat = ids.filter((id) => !/(^|-)(tts|asr)(-|$)/.test(id));
+  $("#chat-model").replaceChildren(...chat.map((id) => new Option(id, id)));
+  $("#speech-model").replaceChildren(...ids.filter(isSpeaker).map((id) => new Option(id, id)));
+  $("#asr-model").replaceChildren(...ids.filter(isListener).map((id) => new Option(id, id)));
+}
+
 async function loadModels() {
-  const select = $("#chat-model");
-  if (select.options.length) return;
+  if ($("#chat-model").options.length) return;
   // Model ids are public within the server; the key field may still be empty here.
-  for (const id of ["mimo-v2-flash", "mimo-v2-pro", "mimo-v2-omni"]) select.add(new Option(id, id));
+  fillModels(["mimo-v2-flash", "mimo-v2-pro", "mimo-v2-omni", "mimo-v2.5-tts", "mimo-v2.5-asr"]);
   const key = $("#chat-key").value;
   if (!key) return;
   const response = await fetch("/v1/models", { headers: { "api-key": key } });
   if (!response.ok) return;
-  select.replaceChildren(...(await response.json()).data.map((m) => new Option(m.id, m.id)));
+  fillModels((await response.json()).data.map((m) => m.id));
+}
+
+async function apiError(response) {
+  const error = await response.json().catch(() => ({}));
+  return new ApiError(error.error ? error.error.message : `HTTP ${response.status}`);
+}
+
+// The answer (or, before one, the question) spoken by the speech model, played here.
+async function speak() {
+  const status = $("#speech-status");
+  const text = $("#out-content").textContent.trim() || $("#chat-input").value.trim();
+  status.textContent = "Synthesising…";
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: { "content-type": "application/json", "api-key": $("#chat-key").value },
+      body: JSON.stringify({
+        model: $("#speech-model").value,
+        messages: [{ role: "assistant", content: text }],
+        audio: { format: "wav", voice: "mimo_default" },
+      }),
+    });
+    if (!response.ok) throw await apiError(response);
+    const answer = await response.json();
+    const bytes = Uint8Array.from(atob(answer.choices[0].message.audio.data), (c) => c.charCodeAt(0));
+    const audio = $("#speech-audio");
+    audio.src = URL.createObjectURL(new Blob([bytes], { type: "audio/wav" }));
+    audio.hidden = false;
+    status.textContent = `Spoken: ${answer.usage.seconds} s of audio.`;
+  } catch (error) {
+    status.textContent = `Error: ${error.message}`;
+  }
+}
+
+// An audio file written down by the recognition model, into the question box.
+async function transcribe() {
+  const status = $("#speech-status");
+  const file = $("#asr-file").files[0];
+  if (!file) { status.textContent = "Choose an audio file first."; return; }
+  const form = new FormData();
+  form.append("model", $("#asr-model").value);
+  form.append("file", file);
+  status.textContent = "Transcribing…";
+  try {
+    const response = await fetch("/v1/audio/transcriptions", {
+      method: "POST", headers: { "api-key": $("#chat-key").value }, body: form,
+    });
+    if (!response.ok) throw await apiError(response);
+    const heard = await response.json();
+    $("#chat-input").value = heard.text;
+    status.textContent = `Transcribed ${heard.usage.seconds} s of audio.`;
+  } catch (error) {
+    status.textContent = `Error: ${error.message}`;
+  }
 }
 
 const WEATHER_TOOL = {
@@ -568,10 +632,7 @@ async function sendChat(event) {
       body: JSON.stringify(body),
       signal: state.chat.signal,
     });
-    if (!response.ok) {
-      const error = await response.json().catch(() => ({}));
-      throw new ApiError(error.error ? error.error.message : `HTTP ${response.status}`);
-    }
+    if (!response.ok) throw await apiError(response);
     status.textContent = "Streaming…";
     for await (const data of sseEvents(response)) {
       if (data === "[DONE]") break;
@@ -623,6 +684,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#usage-form").addEventListener("submit", loadUsage);
   $("#chat-form").addEventListener("submit", sendChat);
   $("#chat-stop").addEventListener("click", () => state.chat && state.chat.abort());
+  $("#speak").addEventListener("click", speak);
+  $("#transcribe").addEventListener("click", transcribe);
   if (state.token) signIn(state.token);
 });
 
