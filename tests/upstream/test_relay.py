@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import threading
@@ -401,3 +402,42 @@ def test_a_client_that_leaves_mid_stream_is_billed_the_estimated_prompt(tmp_path
     assert record.status == 499
     assert record.prompt_tokens >= 600  # ~2,400 characters of prompt, estimated
     assert record.usage_source == "estimate"
+
+
+def test_speech_from_an_upstream_engine_is_relayed_as_it_came(tmp_path: Path) -> None:
+    """A speech model served by an engine that speaks the platform's shape: its audio,
+    whole or in pieces, and its seconds reach the client unchanged; recognition's
+    audio tokens and seconds too."""
+    extra = 'input_modalities = ["text", "audio"]'
+    tts = {"model": "mimo-v2-flash", "audio": {"format": "wav", "voice": "mimo_default"},
+           "messages": [{"role": "assistant", "content": "Hello from upstream."}]}  # fmt: skip
+    wav = b"RIFF" + bytes(range(40)) + b"upstream speech"
+    engine = Canned(mode="replay", replay="mimo_tts.json")
+    with serve_in_thread(engine) as url, \
+            running_gateway(tmp_path, registry_for(url, extra=extra)) as gw, \
+            gw.client() as client:  # fmt: skip
+        whole = client.post("/v1/chat/completions", json=tts)
+        assert whole.status_code == 200, whole.text
+        assert engine.requests[-1]["audio"] == tts["audio"]  # the request as sent
+        message = whole.json()["choices"][0]["message"]
+        assert base64.b64decode(message["audio"]["data"]) == wav and message["content"] is None
+        assert message["audio"]["transcript"] == "Hello from upstream."
+        assert whole.json()["usage"]["seconds"] == 2
+        engine.replay = "mimo_tts_stream.sse"
+        with client.stream("POST", "/v1/chat/completions", json={**tts, "stream": True}) as r:
+            events, done = sse(r)
+        pieces = [e["choices"][0]["delta"]["audio"] for e in events
+                  if e["choices"] and "audio" in e["choices"][0]["delta"]]  # fmt: skip
+        assert done and len(pieces) == 2
+        assert b"".join(base64.b64decode(p["data"]) for p in pieces) == wav
+        engine.replay = "mimo_asr.json"
+        part = {"type": "input_audio", "input_audio": {"data": "data:audio/wav;base64,UklGRg=="}}
+        heard = client.post("/v1/chat/completions", json={
+            "model": "mimo-v2-flash", "messages": [{"role": "user", "content": [part]}],
+            "asr_options": {"language": "auto"}}).json()  # fmt: skip
+        assert engine.requests[-1]["asr_options"] == {"language": "auto"}
+        assert heard["choices"][0]["message"]["content"] == "Good morning."
+        assert heard["usage"]["prompt_tokens_details"]["audio_tokens"] == 25
+        assert heard["usage"]["seconds"] == 4
+        records = wait_for_records(gw, 3)
+        assert [r.audio_seconds for r in records] == [2.0, 2.0, 4.0]

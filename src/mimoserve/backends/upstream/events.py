@@ -8,6 +8,8 @@ Calls get our numbering (in the order they start) and keep the engine's id.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -16,6 +18,7 @@ from typing import Any
 from mimoserve.backends.structured import new_call_id
 from mimoserve.backends.upstream.wire import UpstreamFailure, error_message
 from mimoserve.events import (
+    AudioDelta,
     ContentDelta,
     Finished,
     FinishReason,
@@ -47,6 +50,9 @@ def usage_of(raw: Any) -> TokenUsage | None:
         reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
         accepted_prediction_tokens=_count(completion_details, "accepted_prediction_tokens"),
         rejected_prediction_tokens=_count(completion_details, "rejected_prediction_tokens"),
+        # Speech models (the hosted platform's): audio heard, and seconds heard or spoken.
+        audio_tokens=_count(prompt_details, "audio_tokens"),
+        audio_seconds=float(_count(raw, "seconds")),
     )
 
 
@@ -159,6 +165,14 @@ class AnswerMapper:
         content = raw.get("content")
         if isinstance(content, str) and content:
             events.append(ContentDelta(content))
+        audio = raw.get("audio")
+        if isinstance(audio, Mapping) and isinstance(audio.get("data"), str) and audio["data"]:
+            try:
+                data = base64.b64decode(audio["data"], validate=True)
+            except binascii.Error as exc:
+                raise ValueError("audio data is not base64") from exc
+            transcript = audio.get("transcript")
+            events.append(AudioDelta(data, transcript if isinstance(transcript, str) else ""))
         calls = raw.get("tool_calls") or []
         if not isinstance(calls, list):
             raise ValueError("tool_calls is not a list")
