@@ -99,9 +99,12 @@ class ScriptedBackend:
         self.closed = True
 
 
-def fake_app(settings: Settings, database: Database, backend: ScriptedBackend) -> FastAPI:
+def fake_app(
+    settings: Settings, database: Database, backend: ScriptedBackend, *, speech: bool = False
+) -> FastAPI:
     """The real app, with its ledger, admin API and usage store on `database`, and every
-    model of the test registry served by `backend`."""
+    model of the test registry served by `backend` (with `speech`, also the `tts` and
+    `asr` ids on scripted speech engines)."""
     from mimoserve.app import create_app
     from mimoserve.auth.admin import AdminCredential
     from mimoserve.auth.keys import KeyStore
@@ -109,13 +112,15 @@ def fake_app(settings: Settings, database: Database, backend: ScriptedBackend) -
     from mimoserve.registry import ModelRegistry
     from mimoserve.store.usage import SqlUsageStore
     from tests.conftest import REGISTRY
+    from tests.fake_speech import SPEECH_REGISTRY, speech_backends
 
-    registry = ModelRegistry.from_toml(REGISTRY)
+    registry = ModelRegistry.from_toml(REGISTRY + (SPEECH_REGISTRY if speech else ""))
     usage = SqlUsageStore(database)
+    voices = speech_backends() if speech else {}
     return create_app(
         settings,
         registry=registry,
-        backends={entry.id: backend for entry in registry.entries()},
+        backends={entry.id: voices.get(entry.id, backend) for entry in registry.entries()},
         keys=KeyStore(database),
         ledger=UsageLedger(usage),
         admin=AdminCredential(database),

@@ -7,12 +7,11 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
 import numpy as np
-import numpy.typing as npt
 import pytest
 
 from mimoserve.app import create_app
@@ -22,7 +21,7 @@ from mimoserve.auth.keys import KeyStore
 from mimoserve.backends.base import Backend
 from mimoserve.backends.speech.asr import AsrBackend, Listener
 from mimoserve.backends.speech.cascade import TranscribingBackend
-from mimoserve.backends.speech.engines import EngineGate, Heard
+from mimoserve.backends.speech.engines import EngineGate
 from mimoserve.backends.speech.tts import TtsBackend
 from mimoserve.backends.upstream.media import MediaLimits
 from mimoserve.config import Settings
@@ -32,10 +31,9 @@ from mimoserve.store.base import Database
 from mimoserve.store.usage import SqlUsageStore
 from tests.api.sse_client import parse_sse
 from tests.fake_backend import ScriptedBackend
+from tests.fake_speech import WORD_S, LengthEar, ToneVoice, speech_backends
 
 URL = "/v1/chat/completions"
-RATE = 16_000  # the scripted voice's own rate (the server sends 24 kHz)
-WORD_S = 0.25  # the scripted voice says each word as a quarter second of tone
 
 REGISTRY = """
 [models.text]
@@ -58,36 +56,6 @@ backend = "asr"
 weights = "fake-asr"
 price = { input = 0, output = 0, audio_second = 0.5 }
 """
-
-
-class ToneVoice:
-    """Speaks a sentence as a tone a quarter second long per word."""
-
-    sample_rate = RATE
-    voices = frozenset({"joe"})
-
-    def synthesize(self, text: str, voice: str) -> Iterator[npt.NDArray[np.int16]]:
-        for sentence in filter(None, (s.strip() for s in text.split("."))):
-            samples = int(len(sentence.split()) * WORD_S * RATE)
-            t = np.arange(samples) / RATE
-            yield (np.sin(2 * np.pi * 440 * t) * 8000).astype(np.int16)
-
-
-class LengthEar:
-    """Hears how long the audio is (in whole seconds), one segment per second."""
-
-    languages = frozenset({"en"})
-
-    def __init__(self) -> None:
-        self.prompts: list[str | None] = []
-
-    def transcribe(
-        self, samples: npt.NDArray[np.float32], language: str | None, prompt: str | None
-    ) -> Iterator[Heard]:
-        self.prompts.append(prompt)
-        seconds = round(samples.size / HEARING_RATE)
-        for second in range(seconds):
-            yield Heard(f" tick{second}", 2, float(second), float(second + 1))
 
 
 class MemoryStore:
@@ -134,8 +102,10 @@ async def speech(
     registry = ModelRegistry.from_toml(REGISTRY)
     listener = Listener(ear, "fake-asr", EngineGate("fake-asr", 4), MediaLimits(), 30.0)
     tts = TtsBackend(ToneVoice(), "fake-voice", EngineGate("fake-voice", 4))
-    backends: dict[str, Backend[Any]] = {"text": backend, "omni": TranscribingBackend(backend, listener), "tts": tts,
-                "tts-voicedesign": tts, "asr": AsrBackend(listener)}  # fmt: skip
+    backends: dict[str, Backend[Any]] = {
+        "text": backend, "omni": TranscribingBackend(backend, listener), "tts": tts,
+        "tts-voicedesign": tts, "asr": AsrBackend(listener),
+    }  # fmt: skip
     ledger = UsageLedger(store, flush_interval_s=0.01)
     app = create_app(settings, registry=registry, backends=backends, keys=keys, ledger=ledger)
     ledger.start()
@@ -483,10 +453,8 @@ async def test_a_money_budget_reserves_speech_at_its_price(
     settings: Settings, database: Database, keys: KeyStore, api_key: str, admin_token: str,
 ) -> None:  # fmt: skip
     registry = ModelRegistry.from_toml(REGISTRY)
-    tts = TtsBackend(ToneVoice(), "fake-voice", EngineGate("fake-voice", 4))
-    listener = Listener(LengthEar(), "fake-asr", EngineGate("fake-asr", 4), MediaLimits(), 30.0)
-    backends: dict[str, Backend[Any]] = {e.id: tts for e in registry.entries()}
-    backends["asr"] = AsrBackend(listener)
+    speech = speech_backends()
+    backends = {e.id: speech["asr" if e.id == "asr" else "tts"] for e in registry.entries()}
     usage = SqlUsageStore(database)
     ledger = UsageLedger(usage, flush_interval_s=0.01)
     app = create_app(settings, registry=registry, backends=backends, keys=keys, ledger=ledger,

@@ -22,7 +22,7 @@ def main() -> None:
     keys = KeyStore(database)
     print(keys.create("fuzz").secret, flush=True)
     print(AdminCredential(database).ensure(), flush=True)
-    app = fake_app(settings, database, ScriptedBackend())
+    app = fake_app(settings, database, ScriptedBackend(), speech=True)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 

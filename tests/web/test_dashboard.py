@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -21,7 +20,6 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from mimoserve.app import create_app
 from mimoserve.auth.admin import AdminCredential
 from mimoserve.auth.keys import KeyStore
-from mimoserve.backends.base import Backend
 from mimoserve.config import Settings
 from mimoserve.metering.ledger import UsageLedger, UsageRecord
 from mimoserve.registry import ModelRegistry
@@ -319,23 +317,15 @@ def test_limits_are_editable_and_connect_shows_this_server(
 
 @pytest.fixture
 def speech_site(tmp_path: Path) -> Iterator[Site]:
-    from mimoserve.backends.speech.asr import AsrBackend, Listener
-    from mimoserve.backends.speech.engines import EngineGate
-    from mimoserve.backends.speech.tts import TtsBackend
-    from mimoserve.backends.upstream.media import MediaLimits
     from tests.api.test_speech import REGISTRY as SPEECH_REGISTRY
-    from tests.api.test_speech import LengthEar, ToneVoice
+    from tests.fake_speech import speech_backends
 
     database = SqliteDatabase(tmp_path / "m.db")
     keys, usage = KeyStore(database), SqlUsageStore(database)
     token = AdminCredential(database).rotate()
     registry = ModelRegistry.from_toml(SPEECH_REGISTRY)
     backend = ScriptedBackend()
-    listener = Listener(LengthEar(), "fake-asr", EngineGate("fake-asr", 4), MediaLimits(), 30.0)
-    speech: dict[str, Backend[Any]] = {
-        "tts": TtsBackend(ToneVoice(), "fake-voice", EngineGate("fake-voice", 4)),
-        "asr": AsrBackend(listener),
-    }
+    speech = speech_backends()
     app = create_app(
         Settings(home=tmp_path), registry=registry, keys=keys, admin=AdminCredential(database),
         usage=usage, ledger=UsageLedger(usage, flush_interval_s=0.05),

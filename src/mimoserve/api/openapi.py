@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from mimoserve.protocol.anthropic import CountTokensRequest, MessagesRequest
+from mimoserve.protocol.audio import SpeechRequest
 from mimoserve.protocol.chat import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -147,6 +148,44 @@ def _other_doors(paths: dict[str, Any]) -> None:
     }
 
 
+_BYTES = {"type": "string", "format": "binary"}
+
+
+def _audio_doors(paths: dict[str, Any], model_ids: Sequence[str]) -> None:
+    """OpenAI's speech endpoints: JSON in and audio bytes out; a multipart form in and a
+    transcript (JSON or text) out."""
+    security: list[dict[str, list[str]]] = [{"ApiKey": []}, {"Bearer": []}]
+    paths["/v1/audio/speech"] = {"post": {
+        "summary": "Synthesise speech (OpenAI's shape); the bytes stream as they are made",
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/SpeechRequest"}}}},
+        "responses": {"200": {"description": "The audio", "content": {
+            kind: {"schema": _BYTES} for kind in ("audio/mpeg", "audio/wav", "audio/pcm")}}},
+        "security": security,
+    }}  # fmt: skip
+    model: dict[str, Any] = {"type": "string", **({"enum": list(model_ids)} if model_ids else {})}
+    form = {
+        "type": "object",
+        "required": ["file", "model"],
+        "properties": {
+            "file": _BYTES, "model": model, "language": {"type": "string"},
+            "prompt": {"type": "string"}, "temperature": {"type": "number"},
+            "response_format": {"type": "string",
+                                "enum": ["json", "text", "srt", "verbose_json", "vtt"]},
+        },
+    }  # fmt: skip
+    transcript = {"type": "object", "required": ["text"],
+                  "properties": {"text": {"type": "string"}}}  # fmt: skip
+    paths["/v1/audio/transcriptions"] = {"post": {
+        "summary": "Transcribe an audio file (OpenAI's shape)",
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}},
+        "responses": {"200": {"description": "The transcript", "content": {
+            "application/json": {"schema": transcript},
+            "text/plain": {"schema": {"type": "string"}}}}},
+        "security": security,
+    }}  # fmt: skip
+
+
 def _error(code: str, schema: dict[str, Any] = _ERROR_REF) -> dict[str, Any]:
     return {"description": _ERRORS[code], "content": {"application/json": {"schema": schema}}}
 
@@ -177,7 +216,8 @@ def install_openapi(app: FastAPI, model_ids: Sequence[str] = ()) -> None:
         document = build()
         components = document.setdefault("components", {})
         schemas = components.setdefault("schemas", {})
-        for wire in (ChatCompletionRequest, MessagesRequest, CountTokensRequest, ResponsesRequest):
+        for wire in (ChatCompletionRequest, MessagesRequest, CountTokensRequest, ResponsesRequest,
+                     SpeechRequest):  # fmt: skip
             _register(schemas, wire, request=True)
             if model_ids:
                 schemas[wire.__name__]["properties"]["model"]["enum"] = list(model_ids)
@@ -200,6 +240,7 @@ def install_openapi(app: FastAPI, model_ids: Sequence[str] = ()) -> None:
         )
         paths["/v1/chat/completions"] = {"post": {**chat, "operationId": "create_chat_completion"}}
         _other_doors(paths)
+        _audio_doors(paths, model_ids)
         _document_errors(paths)
         metrics = paths.get("/metrics", {}).get("get", {}).get("responses", {}).get("200")
         if metrics is not None:  # Prometheus text format, not JSON
