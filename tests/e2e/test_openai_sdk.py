@@ -137,8 +137,13 @@ def test_unknown_model_is_not_found(sdk: openai.OpenAI) -> None:
 
 def test_models_list_names_the_real_weights(sdk: openai.OpenAI) -> None:
     models = {m.id: m for m in sdk.models.list()}
-    assert set(models) == {"mimo-v2-flash", "mimo-v2-pro", "mimo-v2-omni"}
-    assert all(
-        m.model_extra and m.model_extra["root"] == "smollm2-135m-instruct" for m in models.values()
-    )
+    text = {"mimo-v2-flash", "mimo-v2-pro", "mimo-v2-omni", "mimo-v2.5-pro", "mimo-v2.5"}
+    speech = {"mimo-v2.5-tts": "piper-en-us-joe-medium",
+              "mimo-v2.5-tts-voicedesign": "piper-en-us-joe-medium",
+              "mimo-v2.5-tts-voiceclone": "piper-en-us-joe-medium",
+              "mimo-v2.5-asr": "whisper-tiny-en"}  # fmt: skip
+    assert set(models) == text | set(speech)
+    roots = {name: (m.model_extra or {}).get("root") for name, m in models.items()}
+    assert roots == {**dict.fromkeys(text, "smollm2-135m-instruct"), **speech}
     assert sdk.models.retrieve("mimo-v2-omni").id == "mimo-v2-omni"
+    assert sdk.models.retrieve("mimo-v2.5-asr").id == "mimo-v2.5-asr"
