@@ -220,4 +220,6 @@ def test_metrics_show_the_kv_pool_once_per_engine(server: RunningServer) -> None
     assert sum(cells[model, state] for state in ("used", "cached", "free")) == 16_384
     assert cells[model, "cached"] > 0
     running = re.findall(r'^mimoserve:num_requests_running\{model="([^"]+)"\}', text, re.MULTILINE)
-    assert running == [model]
+    # One series per engine: the language model once, whichever ids (and the omni id's
+    # cascade) it serves; the speech engines each once.
+    assert sorted(running) == sorted([model, "mimo-v2.5-tts", "mimo-v2.5-asr"])

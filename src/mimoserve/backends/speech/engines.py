@@ -102,6 +102,9 @@ class PiperSynthesizer:
         # Beside a decoding language model: no more threads than the server was given.
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Idle threads sleep instead of spinning: between sentences and after an answer
+        # the cores belong to the language model's decoding.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = onnxruntime.InferenceSession(
             str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
         )
