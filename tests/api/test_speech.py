@@ -478,3 +478,40 @@ async def test_a_money_budget_reserves_speech_at_its_price(
     await ledger.close()
     costs = [r.cost_micros for r in usage.records() if r.status == 200]
     assert costs == [12 * 1_000_000, pytest.approx(0.5 * 2.0 * 1_000_000, abs=60_000)]
+
+
+def test_audio_urls_are_fetched_within_the_rules(
+    settings: Settings, keys: KeyStore, api_key: str, tmp_path: Any
+) -> None:
+    """An allowed host's audio is fetched and heard; a redirect, an error status and a
+    file over the size cap are 400s naming the part (nothing followed, nothing kept)."""
+    from starlette.applications import Starlette
+    from starlette.responses import RedirectResponse, Response
+    from starlette.routing import Route
+
+    from mimoserve.backends.upstream.url_guard import UrlAllowList
+    from tests.services import uvicorn_in_thread
+
+    wav = tone(2.0)
+    files = Starlette(routes=[
+        Route("/speech.wav", lambda _: Response(wav, media_type="audio/wav")),
+        Route("/elsewhere", lambda _: RedirectResponse("http://169.254.169.254/latest")),
+        Route("/missing", lambda _: Response(b"", status_code=404)),
+        Route("/huge", lambda _: Response(b"\0" * 300_000, media_type="audio/wav")),
+    ])  # fmt: skip
+    limits = MediaLimits(audio_bytes=200_000, url_schemes=frozenset({"http", "https"}),
+                         url_allow=UrlAllowList.parse(["127.0.0.1"]))  # fmt: skip
+    listener = Listener(LengthEar(), "fake-asr", EngineGate("fake-asr", 4), limits, 30.0)
+    registry = ModelRegistry.from_toml(REGISTRY)
+    backends: dict[str, Backend[Any]] = {e.id: AsrBackend(listener) for e in registry.entries()}
+    app = create_app(settings, registry=registry, backends=backends, keys=keys)
+    with uvicorn_in_thread(files) as files_url, uvicorn_in_thread(app) as url, \
+            httpx.Client(base_url=url, headers={"api-key": api_key}) as client:  # fmt: skip
+        heard = client.post(URL, json=asr_body(f"{files_url}/speech.wav"))
+        assert heard.status_code == 200, heard.text
+        assert heard.json()["choices"][0]["message"]["content"] == "tick0 tick1"
+        for path, why in [("/elsewhere", "HTTP 307"), ("/missing", "HTTP 404"),
+                          ("/huge", "over the limit of 200000 bytes")]:  # fmt: skip
+            refused = client.post(URL, json=asr_body(f"{files_url}{path}"))
+            error = assert_error(refused, 400, "messages.0.content.0")
+            assert why in error["message"], error
