@@ -8,7 +8,6 @@ a time when asked; usage counts the audio as prompt tokens and reports its secon
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, replace
@@ -106,7 +105,7 @@ class Listener:
         for source in listening.sources:
             data = await audio_bytes(source, self.limits)
             try:
-                samples = await asyncio.to_thread(decode_speech, data, left)
+                samples = await self.gate.run(decode_speech, data, left)
             except AudioDecodeError as exc:
                 raise source.refuse(str(exc)) from None
             left -= samples.size / HEARING_RATE
@@ -117,7 +116,7 @@ class Listener:
         self, samples: npt.NDArray[np.float32], listening: Listening
     ) -> AsyncIterator[Heard]:
         segments = iter(self.engine.transcribe(samples, listening.language, listening.prompt))
-        while (segment := await asyncio.to_thread(next, segments, None)) is not None:
+        while (segment := await self.gate.run(next, segments, None)) is not None:
             yield segment
 
 

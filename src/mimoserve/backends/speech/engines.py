@@ -11,16 +11,19 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from mimoserve.errors import OverloadedError
+
+T = TypeVar("T")
 
 # The hosted platform's usage shows 25 audio tokens for 4 seconds of speech; its audio
 # tokenizer runs at 6.25 tokens a second, and audio is counted at that rate here.
@@ -32,14 +35,21 @@ def audio_tokens(seconds: float) -> int:
 
 
 class EngineGate:
-    """One request on the engine at a time; at most `max_waiting` in line behind it."""
+    """One request on the engine at a time; at most `max_waiting` in line behind it. The
+    engine's work runs on one thread of its own (`run`): CTranslate2 and ONNX Runtime
+    keep a team of worker threads per calling thread, and a pool that hands the calls
+    to different threads leaves several teams competing for two cores."""
 
     def __init__(self, name: str, max_waiting: int) -> None:
         self._name = name
         self._lock = asyncio.Lock()
         self._max_waiting = max_waiting
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"speech-{name}")
         self.waiting = 0
         self.running = 0
+
+    async def run(self, work: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
 
     async def __aenter__(self) -> None:
         if self._lock.locked() and self.waiting >= self._max_waiting:

@@ -8,7 +8,6 @@ A streamed answer sends each sentence's audio as it is synthesised.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 from collections.abc import AsyncGenerator, Mapping
@@ -151,7 +150,7 @@ class TtsBackend:
             pieces = iter(self._engine.synthesize(speech.text, speech.voice))
             body: list[bytes] = []
             samples, counted, reason = 0, 0, "stop"
-            while (pcm := await asyncio.to_thread(next, pieces, None)) is not None:
+            while (pcm := await self._gate.run(next, pieces, None)) is not None:
                 samples += pcm.size
                 data = encoder.encode(pcm)
                 tokens = audio_tokens(samples / rate)
