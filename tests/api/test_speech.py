@@ -515,3 +515,17 @@ def test_audio_urls_are_fetched_within_the_rules(
             refused = client.post(URL, json=asr_body(f"{files_url}{path}"))
             error = assert_error(refused, 400, "messages.0.content.0")
             assert why in error["message"], error
+
+
+@pytest.mark.parametrize(
+    ("url", "body"),
+    [("/v1/messages", {"model": "tts", "max_tokens": 50, "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Say this."}]}),
+     ("/v1/responses", {"model": "tts", "input": "Say this."})],
+)  # fmt: skip
+async def test_doors_without_audio_refuse_speech_models(
+    speech: httpx.AsyncClient, url: str, body: dict[str, Any]
+) -> None:
+    response = await speech.post(url, json=body)
+    assert response.status_code == 400, response.text
+    assert "answers with speech" in response.text

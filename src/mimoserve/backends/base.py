@@ -110,6 +110,7 @@ class Capabilities:
     constrained_output: bool = False
     logprobs: bool = False  # can report each sampled token's log-probability
     choices: bool = False  # can serve n > 1 (several generations of one prompt)
+    audio_output: bool = False  # answers with speech (only doors that carry audio serve it)
 
 
 class ServedModel(Protocol):

@@ -47,6 +47,9 @@ from mimoserve.streams import OwnedStream
 
 log = logging.getLogger(__name__)
 
+# The doors whose answers can carry audio (the others have no place for it).
+AUDIO_DOORS = frozenset({"chat.completions", "audio.speech"})
+
 
 @dataclass(frozen=True)
 class PreparedChat:
@@ -134,6 +137,11 @@ class ChatService:
             raise InvalidRequestError(
                 "top_logprobs needs logprobs set to true.", param="top_logprobs"
             )
+        if backend.capabilities.audio_output and api not in AUDIO_DOORS:
+            raise InvalidRequestError(
+                f"{request.model!r} answers with speech, which this API cannot carry; use "
+                "/v1/chat/completions or /v1/audio/speech.", param="model",
+            )  # fmt: skip
         n = request.n or 1
         if n > 1 and not backend.capabilities.choices:
             raise InvalidRequestError(

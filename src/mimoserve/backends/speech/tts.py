@@ -80,7 +80,7 @@ class TtsBackend:
         self._engine = engine
         self._weights_name = weights_name
         self._gate = gate
-        self._capabilities = Capabilities(context_length=SPEECH_CONTEXT_TOKENS)
+        self._capabilities = Capabilities(context_length=SPEECH_CONTEXT_TOKENS, audio_output=True)
 
     @property
     def capabilities(self) -> Capabilities:
