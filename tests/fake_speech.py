@@ -37,9 +37,11 @@ class ToneVoice:
     sample_rate = RATE
     voices = frozenset({"joe"})
 
-    def synthesize(self, text: str, voice: str) -> Iterator[npt.NDArray[np.int16]]:
+    def synthesize(
+        self, text: str, voice: str, speed: float = 1.0
+    ) -> Iterator[npt.NDArray[np.int16]]:
         for sentence in filter(None, (s.strip() for s in text.split("."))):
-            samples = int(len(sentence.split()) * WORD_S * RATE)
+            samples = int(len(sentence.split()) * WORD_S / speed * RATE)
             t = np.arange(samples) / RATE
             yield (np.sin(2 * np.pi * 440 * t) * 8000).astype(np.int16)
 

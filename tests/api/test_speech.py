@@ -210,12 +210,33 @@ async def test_openai_speech_endpoint_answers_the_audio_bytes(speech: httpx.Asyn
     assert decode_speech(response.content, 60).size / HEARING_RATE == pytest.approx(1.0, abs=0.06)
     wav = await speech.post("/v1/audio/speech", json={**body, "response_format": "wav"})
     assert wav.headers["content-type"] == "audio/wav" and wav.content[:4] == b"RIFF"
+    fast = await speech.post("/v1/audio/speech", json={**body, "speed": 2.0})
+    assert decode_speech(fast.content, 60).size / HEARING_RATE == pytest.approx(0.5, abs=0.06)
+
+
+async def test_openai_speech_events_carry_the_audio_and_the_usage(
+    speech: httpx.AsyncClient,
+) -> None:
+    body = {"model": "tts", "input": "One two. Three four.", "voice": "mimo_default",
+            "response_format": "pcm", "stream_format": "sse"}  # fmt: skip
+    response = await speech.post("/v1/audio/speech", json=body)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in response.text.splitlines()
+              if line.startswith("data: ")]  # fmt: skip
+    deltas = [e for e in events if e["type"] == "speech.audio.delta"]
+    assert len(deltas) >= 2 and events[-1]["type"] == "speech.audio.done"
+    pcm = b"".join(base64.b64decode(e["audio"]) for e in deltas)
+    assert len(pcm) == pytest.approx(4 * WORD_S * SPEAKING_RATE * 2, rel=0.01)
+    usage = events[-1]["usage"]
+    assert usage["output_tokens"] == math.ceil(4 * WORD_S * 6.25)
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
 
 
 @pytest.mark.parametrize(
     ("change", "param"),
-    [({"response_format": "opus"}, "response_format"), ({"speed": 2.0}, "speed"),
-     ({"voice": "nobody"}, "audio.voice"), ({"input": ""}, "input")],
+    [({"response_format": "opus"}, "response_format"), ({"speed": 5.0}, "speed"),
+     ({"voice": "nobody"}, "audio.voice"), ({"input": ""}, "input"),
+     ({"stream_format": "json"}, "stream_format")],
 )  # fmt: skip
 async def test_openai_speech_endpoint_refusals(
     speech: httpx.AsyncClient, change: dict[str, Any], param: str

@@ -139,3 +139,15 @@ def test_chat_cli_saves_the_answer_as_speech(
     head = spoken.read_bytes()[:3]
     assert answer and (head == b"ID3" or head[:2] in (b"\xff\xf3", b"\xff\xf2", b"\xff\xfb"))
     assert word_error_rate(answer, hear(sdk, spoken.read_bytes(), "mp3")) <= 0.2
+
+
+def test_speed_shortens_the_real_voice(sdk: openai.OpenAI) -> None:
+    from mimoserve.audio.codec import HEARING_RATE, decode_speech
+
+    def seconds(speed: float) -> float:
+        audio = sdk.audio.speech.create(model="mimo-v2.5-tts", voice="mimo_default",
+                                        input=SENTENCE, response_format="wav", speed=speed)
+        return decode_speech(audio.content, 60).size / HEARING_RATE
+
+    normal, fast = seconds(1.0), seconds(2.0)
+    assert 0.4 * normal < fast < 0.65 * normal

@@ -10,24 +10,26 @@ verbose_json, srt or vtt. Keys, limits, budgets and the ledger apply as to any r
 from __future__ import annotations
 
 import base64
+import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from mimoserve.api.auth import require_principal
 from mimoserve.api.body import read_body, validation_message
 from mimoserve.api.disconnect import until_disconnect
 from mimoserve.api.door import Door, Translated, bound, handler, prepared
+from mimoserve.api.sse import EventStreamResponse, frame, write_timeout
 from mimoserve.chat.answer import Answer
 from mimoserve.chat.service import ChatService, PreparedChat
 from mimoserve.errors import InvalidRequestError
-from mimoserve.events import AudioDelta, HeardSegment
+from mimoserve.events import AudioDelta, Finished, HeardSegment
 from mimoserve.protocol.audio import (
     SpeechRequest,
     TranscriptFormat,
@@ -37,36 +39,31 @@ from mimoserve.protocol.audio import (
     VerboseTranscription,
 )
 from mimoserve.protocol.chat import ChatCompletionRequest
+from mimoserve.streams import OwnedStream
 
 _MEDIA_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "pcm16": "audio/pcm"}
 _SPEECH_FORMATS = {"mp3": "mp3", "wav": "wav", "pcm": "pcm16"}
 
 
-def _speech_request(body: SpeechRequest) -> Translated[str]:
+def _speech_request(body: SpeechRequest) -> Translated[tuple[str, str]]:
     fmt = _SPEECH_FORMATS.get(body.response_format)
     if fmt is None:
         raise InvalidRequestError(
             f"response_format: {body.response_format!r} is not produced here; use mp3, wav "
             "or pcm (16-bit mono at 24 kHz).", param="response_format",
         )  # fmt: skip
-    if body.stream_format != "audio":
-        raise InvalidRequestError("stream_format: only 'audio' (the bytes as they are made) "
-                                  "is served.", param="stream_format")  # fmt: skip
-    if body.speed != 1.0:
-        raise InvalidRequestError("speed: the embedded voice speaks at speed 1.0 only.",
-                                  param="speed")  # fmt: skip
     messages: list[dict[str, Any]] = []
     if body.instructions:
         messages.append({"role": "user", "content": body.instructions})
     messages.append({"role": "assistant", "content": body.input})
     canonical = ChatCompletionRequest.model_validate({
         "model": body.model, "messages": messages, "stream": True,
-        "audio": {"format": fmt, "voice": body.voice},
+        "audio": {"format": fmt, "voice": body.voice, "speed": body.speed},
     })  # fmt: skip
-    return Translated(canonical, fmt)
+    return Translated(canonical, (fmt, body.stream_format))
 
 
-SPEECH_DOOR: Door[SpeechRequest, str] = Door(
+SPEECH_DOOR: Door[SpeechRequest, tuple[str, str]] = Door(
     api="audio.speech",
     id_prefix="speech-",
     body=SpeechRequest,
@@ -80,16 +77,36 @@ async def _speak(request: Request) -> Response:
     service: ChatService = request.app.state.chat
     chat, translated, _ = await prepared(SPEECH_DOOR, request)
     events = await until_disconnect(request, service.open_choices(chat))
+    fmt, stream_format = translated.context
+    sse = stream_format == "sse"
 
-    async def audio() -> AsyncIterator[bytes]:
+    async def audio() -> AsyncGenerator[bytes, None]:
         try:
             async for _, event in events:
-                if isinstance(event, AudioDelta):
+                if isinstance(event, AudioDelta) and sse:
+                    yield frame(json.dumps({"type": "speech.audio.delta",
+                                            "audio": base64.b64encode(event.data).decode()}))
+                elif isinstance(event, AudioDelta):
                     yield event.data
+                elif isinstance(event, Finished) and sse:
+                    usage = event.usage
+                    yield frame(json.dumps({"type": "speech.audio.done", "usage": {
+                        "input_tokens": usage.prompt_tokens,
+                        "output_tokens": usage.completion_tokens,
+                        "total_tokens": usage.prompt_tokens + usage.completion_tokens}}))
         finally:
             await events.aclose()
 
-    return StreamingResponse(audio(), media_type=_MEDIA_TYPES[translated.context])
+    # The event stream's response: a client that leaves, or stops reading, gives back
+    # its place on the engine (an HTTP byte stream otherwise, or OpenAI's speech events).
+    media_type = "text/event-stream" if sse else _MEDIA_TYPES[fmt]
+    return _AudioResponse(OwnedStream(audio(), events.aclose), write_timeout(request), media_type)
+
+
+class _AudioResponse(EventStreamResponse):
+    def __init__(self, frames: OwnedStream[bytes], write_timeout_s: float, media_type: str) -> None:
+        self.media_type = media_type
+        super().__init__(frames, write_timeout_s)
 
 
 TRANSCRIPTION_DOOR: Door[Any, Any] = Door(

@@ -89,6 +89,8 @@ class AudioOutput(_Strict):
 
     format: Literal["wav", "mp3", "pcm16"] = "wav"
     voice: str = Field(default="mimo_default", min_length=1, max_length=64)
+    # An extension (OpenAI's speech endpoint has it): 2.0 speaks twice as fast.
+    speed: float = Field(default=1.0, ge=0.25, le=4.0)
 
 
 class AsrOptions(_Strict):

@@ -77,7 +77,9 @@ class Synthesizer(Protocol):
     @property
     def voices(self) -> frozenset[str]: ...
 
-    def synthesize(self, text: str, voice: str) -> Iterator[npt.NDArray[np.int16]]: ...
+    def synthesize(
+        self, text: str, voice: str, speed: float = 1.0
+    ) -> Iterator[npt.NDArray[np.int16]]: ...
 
 
 @dataclass(frozen=True)
@@ -135,10 +137,14 @@ class PiperSynthesizer:
     def voices(self) -> frozenset[str]:
         return frozenset(self._speakers)
 
-    def synthesize(self, text: str, voice: str) -> Iterator[npt.NDArray[np.int16]]:
+    def synthesize(
+        self, text: str, voice: str, speed: float = 1.0
+    ) -> Iterator[npt.NDArray[np.int16]]:
         from piper.config import SynthesisConfig
 
-        config = SynthesisConfig(speaker_id=self._speakers[voice])
+        # Piper's length scale stretches each phoneme: its inverse is the speed.
+        length = (self._voice.config.length_scale or 1.0) / speed
+        config = SynthesisConfig(speaker_id=self._speakers[voice], length_scale=length)
         for chunk in self._voice.synthesize(text, syn_config=config):
             yield chunk.audio_int16_array
 

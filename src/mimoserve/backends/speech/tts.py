@@ -53,13 +53,14 @@ class Speech:
     voice: str  # the engine's voice
     format: AudioFormat
     streamed: bool
+    speed: float = 1.0
     max_audio_tokens: int | None = None
 
     @property
     def speech_claim(self) -> tuple[float, int]:
         """(seconds, characters) at most: speech runs slower than five characters a second
         only with long pauses, which the engine does not make."""
-        return len(self.text) / 5, len(self.text)
+        return len(self.text) / 5 / self.speed, len(self.text)
 
     def capped(self, max_tokens: int) -> Speech:
         mine = self.max_audio_tokens
@@ -125,7 +126,8 @@ class TtsBackend:
         audio = request.audio
         voice = audio.voice if audio is not None else "mimo_default"
         fmt: AudioFormat = audio.format if audio is not None else "wav"
-        return Speech(text, self._engine_voice(voice, entry.voices), fmt, request.stream)
+        speed = audio.speed if audio is not None else 1.0
+        return Speech(text, self._engine_voice(voice, entry.voices), fmt, request.stream, speed)
 
     def _engine_voice(self, voice: str, voices: Mapping[str, str]) -> str:
         engine_voice = voices.get(voice)
@@ -147,7 +149,7 @@ class TtsBackend:
             yield Started(prompt_tokens=prompt_tokens)
             rate = self._engine.sample_rate
             encoder = SpeechEncoder(speech.format, rate)
-            pieces = iter(self._engine.synthesize(speech.text, speech.voice))
+            pieces = iter(self._engine.synthesize(speech.text, speech.voice, speech.speed))
             body: list[bytes] = []
             samples, counted, reason = 0, 0, "stop"
             while (pcm := await self._gate.run(next, pieces, None)) is not None:
