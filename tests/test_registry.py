@@ -80,3 +80,15 @@ def test_registry_refuses_half_configured_entries() -> None:
         ModelRegistry.from_toml("[models.x]\n")
     with pytest.raises(RegistryError, match="takes text, and audio only"):
         ModelRegistry.from_toml('[models.x]\nweights = "w"\ninput_modalities = ["image"]\n')
+
+
+def test_no_speech_leaves_out_the_speech_models() -> None:
+    from mimoserve.config import Settings
+    from mimoserve.server import load_registry
+
+    registry = load_registry(Settings(speech=False))
+    ids = {e.id for e in registry.entries()}
+    assert ids == {"mimo-v2-flash", "mimo-v2-pro", "mimo-v2-omni", "mimo-v2.5-pro", "mimo-v2.5"}
+    omni = registry.get("mimo-v2.5")
+    assert omni is not None and omni.input_modalities == {"text"} and not omni.speech_recognizer
+    assert len(load_registry(Settings()).entries()) == 9

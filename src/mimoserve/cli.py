@@ -303,6 +303,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--registry-file", type=Path, help="model registry TOML")
     serve.add_argument("--weights", help="serve every model id from these weights (name or path)")
+    serve.add_argument("--no-speech", dest="speech", action="store_false", default=None,
+                       help="leave out the speech models (about 330 MiB less memory)")
     serve.add_argument("--n-ctx", type=int, help="longest request, prompt and completion, in "
                        "tokens (default: the model's trained context)")  # fmt: skip
     serve.add_argument("--kv-cells", type=int, help="KV pool shared by all requests, in tokens "

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
         default=None,
         description="Serve every registry model from these weights (catalog name or GGUF path)",
     )
+    speech: bool = Field(
+        default=True,
+        description="Serve the registry's speech models (synthesis, recognition, audio on "
+        "omni ids); off: about 330 MiB less memory, and those ids are not served",
+    )
     n_ctx: int | None = Field(
         default=None,
         ge=256,

@@ -136,6 +136,16 @@ class ModelRegistry:
             for e in self._entries.values()
         ], self.currency)  # fmt: skip
 
+    def without_speech(self) -> ModelRegistry:
+        """The same ids less the speech models; ids that heard audio through a
+        recogniser take text only."""
+        text_only = {"speech_recognizer": None, "input_modalities": frozenset({"text"})}
+        kept = [
+            e.model_copy(update=text_only) if e.speech_recognizer else e
+            for e in self._entries.values() if e.backend not in ("tts", "asr")
+        ]  # fmt: skip
+        return ModelRegistry(kept, self.currency)
+
     @classmethod
     def from_toml(cls, text: str, source: str = "registry") -> ModelRegistry:
         try:

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 def load_registry(settings: Settings) -> ModelRegistry:
     registry = ModelRegistry.load(settings.registry_file)
+    if not settings.speech:
+        registry = registry.without_speech()
     return registry.with_weights(settings.weights) if settings.weights else registry
 
 
