@@ -550,3 +550,21 @@ async def test_doors_without_audio_refuse_speech_models(
     response = await speech.post(url, json=body)
     assert response.status_code == 400, response.text
     assert "answers with speech" in response.text
+
+
+async def test_a_capped_synthesis_stops_at_its_audio_tokens() -> None:
+    """A budget caps a request's output: speech stops after the sentence that reaches the
+    cap, with finish_reason length and the audio made so far."""
+    from mimoserve.backends.speech.tts import Speech
+    from mimoserve.events import AudioDelta, Finished
+
+    tts = speech_backends()["tts"]
+    speech = Speech("One two three four. Five six seven eight. Nine ten.", "joe", "pcm16", True)
+    events = [e async for e in tts.generate(speech.capped(math.ceil(4 * WORD_S * 6.25)))]
+    finished = events[-1]
+    assert isinstance(finished, Finished) and finished.reason == "length"
+    assert finished.usage.audio_seconds == pytest.approx(4 * WORD_S, abs=0.01)  # one sentence
+    audio = b"".join(e.data for e in events if isinstance(e, AudioDelta))
+    assert len(audio) == pytest.approx(4 * WORD_S * SPEAKING_RATE * 2, rel=0.02)
+    whole = [e async for e in tts.generate(speech)]
+    assert whole[-1].reason == "stop" and whole[-1].usage.audio_seconds == pytest.approx(2.5)  # type: ignore[union-attr]

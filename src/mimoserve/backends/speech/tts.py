@@ -150,17 +150,17 @@ class TtsBackend:
             rate = self._engine.sample_rate
             encoder = SpeechEncoder(speech.format, rate)
             pieces = iter(self._engine.synthesize(speech.text, speech.voice, speech.speed))
-            body: list[bytes] = []
+            body: list[bytes] = []  # the whole answer's audio, when it is not streamed
             samples, counted, reason = 0, 0, "stop"
             while (pcm := await self._gate.run(next, pieces, None)) is not None:
+                first = samples == 0
                 samples += pcm.size
-                data = encoder.encode(pcm)
+                # Resampling and encoding off the event loop too, on the engine's thread.
+                data = await self._gate.run(encoder.encode, pcm)
                 tokens = audio_tokens(samples / rate)
                 yield Progress(tokens - counted)
                 counted = tokens
                 if speech.streamed:
-                    first = not body
-                    body.append(data)
                     header = wav_header(None) if first and speech.format == "wav" else b""
                     yield AudioDelta(header + data, speech.text if first else "")
                 else:
@@ -168,7 +168,7 @@ class TtsBackend:
                 if speech.max_audio_tokens is not None and tokens >= speech.max_audio_tokens:
                     reason = "length"
                     break
-            tail = encoder.finish()
+            tail = await self._gate.run(encoder.finish)
             if speech.streamed:
                 if tail:
                     yield AudioDelta(tail)
