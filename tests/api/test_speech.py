@@ -568,3 +568,14 @@ async def test_a_capped_synthesis_stops_at_its_audio_tokens() -> None:
     assert len(audio) == pytest.approx(4 * WORD_S * SPEAKING_RATE * 2, rel=0.02)
     whole = [e async for e in tts.generate(speech)]
     assert whole[-1].reason == "stop" and whole[-1].usage.audio_seconds == pytest.approx(2.5)  # type: ignore[union-attr]
+
+
+async def test_the_duration_cap_counts_every_part_together(speech: httpx.AsyncClient) -> None:
+    part = {"type": "input_audio", "input_audio": {"data": data_url(tone(20.0))}}
+    body = {"model": "asr", "messages": [{"role": "user", "content": [part, part]}]}
+    error = assert_error(await speech.post(URL, json=body), 400, "messages.0.content.1")
+    assert "longer than 10 seconds" in error["message"]  # the 10 s left of 30 after the first
+    three = {"model": "asr", "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": data_url(tone(15.0))}}] * 3}]}
+    error = assert_error(await speech.post(URL, json=three), 400, "messages.0.content.2")
+    assert "together are longer than 30 seconds" in error["message"]

@@ -103,6 +103,9 @@ class Listener:
         pieces: list[npt.NDArray[np.float32]] = []
         left = self.max_seconds
         for source in listening.sources:
+            if left <= 0:
+                raise source.refuse(f"the audio parts together are longer than "
+                                    f"{self.max_seconds:g} seconds")  # fmt: skip
             data = await audio_bytes(source, self.limits)
             try:
                 samples = await self.gate.run(decode_speech, data, left)
