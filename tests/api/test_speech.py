@@ -579,3 +579,24 @@ async def test_the_duration_cap_counts_every_part_together(speech: httpx.AsyncCl
         {"type": "input_audio", "input_audio": {"data": data_url(tone(15.0))}}] * 3}]}
     error = assert_error(await speech.post(URL, json=three), 400, "messages.0.content.2")
     assert "together are longer than 30 seconds" in error["message"]
+
+
+async def test_omni_hears_each_part_within_one_duration_cap(
+    speech: httpx.AsyncClient, backend: ScriptedBackend
+) -> None:
+    backend.enqueue(["Two clips."])
+    clip = {"type": "input_audio", "input_audio": {"data": data_url(tone(2.0))}}
+    body = {"model": "omni", "asr_options": {"language": "en"},
+            "messages": [{"role": "user", "content": [clip, {"type": "text", "text": "and"},
+                                                      clip]}]}  # fmt: skip
+    answer = (await speech.post(URL, json=body)).json()
+    assert answer["usage"]["prompt_tokens_details"]["audio_tokens"] == math.ceil(4 * 6.25)
+    prompt = backend.requests[-1].messages[-1].content or ""
+    assert prompt.count("tick0 tick1") == 2 and "and" in prompt
+    long = {**clip, "input_audio": {"data": data_url(tone(20.0))}}
+    over = {"model": "omni", "messages": [{"role": "user", "content": [long, long]}]}
+    assert_error(await speech.post(URL, json=over), 400, "messages.0.content.1")
+    backend.enqueue(["text only"])
+    plain = {"model": "omni", "asr_options": {"language": "zh"},
+             "messages": [{"role": "user", "content": "hi"}]}  # nothing to hear: no 400
+    assert (await speech.post(URL, json=plain)).status_code == 200

@@ -74,6 +74,8 @@ class Listener:
 
     def check(self, request: ChatCompletionRequest, model: str) -> Listening:
         sources = audio_sources(request, self.limits)
+        if not sources:  # nothing to hear: the options do not matter
+            return Listening((), None, None)
         options = request.asr_options
         language = None if options is None or options.language == "auto" else options.language
         if language is not None and language not in self.engine.languages:
@@ -100,6 +102,11 @@ class Listener:
 
     async def samples(self, listening: Listening) -> npt.NDArray[np.float32]:
         """Every source decoded (and fetched) in order, as one stretch of 16 kHz audio."""
+        pieces = await self.decoded(listening)
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+
+    async def decoded(self, listening: Listening) -> list[npt.NDArray[np.float32]]:
+        """Each source decoded (and fetched), in order; the duration cap counts them all."""
         pieces: list[npt.NDArray[np.float32]] = []
         left = self.max_seconds
         for source in listening.sources:
@@ -113,7 +120,7 @@ class Listener:
                 raise source.refuse(str(exc)) from None
             left -= samples.size / HEARING_RATE
             pieces.append(samples)
-        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+        return pieces
 
     async def heard(
         self, samples: npt.NDArray[np.float32], listening: Listening

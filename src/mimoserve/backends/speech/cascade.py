@@ -123,12 +123,11 @@ class TranscribingBackend:
         listener = self._listener
         texts: list[str] = []
         seconds = 0.0
+        unprompted = replace(listening, prompt=None)  # the conversation is for the model
         async with listener.gate:
-            for source in listening.sources:
-                one = replace(listening, sources=(source,), prompt=None)
-                samples = await listener.samples(one)
+            for samples in await listener.decoded(listening):
                 seconds += samples.size / HEARING_RATE
-                texts.append("".join([s.text async for s in listener.heard(samples, one)]))
+                texts.append("".join([s.text async for s in listener.heard(samples, unprompted)]))
         return texts, seconds
 
     async def generate(self, prepared: Any) -> AsyncGenerator[GenerationEvent, None]:
