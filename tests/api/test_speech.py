@@ -600,3 +600,10 @@ async def test_omni_hears_each_part_within_one_duration_cap(
     plain = {"model": "omni", "asr_options": {"language": "zh"},
              "messages": [{"role": "user", "content": "hi"}]}  # nothing to hear: no 400
     assert (await speech.post(URL, json=plain)).status_code == 200
+
+
+async def test_a_transcription_body_over_the_limit_is_413(
+    speech: httpx.AsyncClient, settings: Settings
+) -> None:
+    huge = b"\0" * (settings.max_audio_body_bytes + 1)
+    assert_error(await speech.post("/v1/audio/transcriptions", **_form(huge)), 413)

@@ -28,7 +28,7 @@ from mimoserve.api.door import Door, Translated, bound, handler, prepared
 from mimoserve.api.sse import EventStreamResponse, frame, write_timeout
 from mimoserve.chat.answer import Answer
 from mimoserve.chat.service import ChatService, PreparedChat
-from mimoserve.errors import InvalidRequestError
+from mimoserve.errors import InvalidRequestError, MimoError
 from mimoserve.events import AudioDelta, Finished, HeardSegment
 from mimoserve.protocol.audio import (
     SpeechRequest,
@@ -133,12 +133,15 @@ async def _form(request: Request) -> tuple[dict[str, str], bytes, str]:
         form = await request.form(max_files=1, max_fields=16)
     except Exception as exc:  # the multipart parser's own errors, on malformed bodies
         raise InvalidRequestError(f"The multipart body cannot be read: {exc}") from None
-    upload = form.get("file")
-    if not isinstance(upload, UploadFile):
-        raise InvalidRequestError("file: the audio file part is missing.", param="file",
-                                  code="missing_required_parameter")  # fmt: skip
-    fields = {k: v for k, v in form.items() if isinstance(v, str) and k in _FORM_FIELDS}
-    return fields, await upload.read(), upload.filename or "audio"
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequestError("file: the audio file part is missing.", param="file",
+                                      code="missing_required_parameter")  # fmt: skip
+        fields = {k: v for k, v in form.items() if isinstance(v, str) and k in _FORM_FIELDS}
+        return fields, await upload.read(), upload.filename or "audio"
+    finally:
+        await form.close()  # the parser's spooled files
 
 
 def _transcription_request(fields: dict[str, str], data: bytes) -> ChatCompletionRequest:
@@ -172,7 +175,7 @@ async def _transcribe(request: Request) -> Response:
                 param="response_format",
             )  # fmt: skip
         canonical = _transcription_request(fields, data)
-    except InvalidRequestError as exc:
+    except MimoError as exc:  # a bad form, a body over the limit
         service.record_refusal(principal, None, exc.status_code, TRANSCRIPTION_DOOR.api)
         raise
     chat = bound(TRANSCRIPTION_DOOR, request, principal, canonical)
