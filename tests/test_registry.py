@@ -63,7 +63,8 @@ def test_the_fleet_example_registry_loads() -> None:
 
     fleet = ModelRegistry.load(Path(__file__).parent.parent / "deploy" / "fleet.toml")
     entries = {e.id: e for e in fleet.entries()}
-    assert set(entries) == {"mimo-v2-flash", "mimo-v2-pro", "mimo-v2-omni"}
+    assert set(entries) == {"mimo-v2-flash", "mimo-v2-pro", "mimo-v2-omni", "mimo-v2.5",
+                            "mimo-v2.5-asr"}  # fmt: skip
     assert all(e.backend == "upstream" for e in entries.values())
     assert [u.kind for u in entries["mimo-v2-flash"].upstreams] == ["vllm", "vllm", "sglang"]
     assert "video" in entries["mimo-v2-omni"].input_modalities
