@@ -86,6 +86,17 @@ def sign_in(page: Page, site: Site) -> None:
     expect(page.locator("#tabs")).to_be_visible()
 
 
+def in_the_playground(browser: Browser, site: Site, key_name: str) -> Page:
+    """Signed in, a new key made (the playground takes it), the playground open."""
+    page = browser.new_page()
+    sign_in(page, site)
+    page.fill("#key-form input[name=name]", key_name)
+    page.click("#key-form button[type=submit]")
+    expect(page.locator("#new-key")).to_be_visible()
+    page.click("#tabs [data-tab=playground]")
+    return page
+
+
 def rendered(page: Page, path: Path) -> None:
     """A screenshot that shows a real page: big enough and far from one flat colour."""
     png = page.screenshot(path=path, full_page=True)
@@ -169,12 +180,7 @@ def test_playground_streams_reasoning_content_and_tool_calls(
             '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>')  # fmt: skip
     pieces = [text[i : i + 6] for i in range(0, len(text), 6)]
     site.backend.enqueue(pieces, delay_s=0.15)
-    page = browser.new_page()
-    sign_in(page, site)
-    page.fill("#key-form input[name=name]", "playground")
-    page.click("#key-form button[type=submit]")
-    expect(page.locator("#new-key")).to_be_visible()
-    page.click("#tabs [data-tab=playground]")
+    page = in_the_playground(browser, site, "playground")
     page.select_option("#chat-model", "mimo-v2-pro")
     page.check("#chat-thinking")
     page.check("#chat-tools")
@@ -341,12 +347,7 @@ def test_playground_speaks_the_answer_and_transcribes_a_file(
     from tests.api.test_speech import tone
 
     speech_site.backend.enqueue(["One two three. Four five."])
-    page = browser.new_page()
-    sign_in(page, speech_site)
-    page.fill("#key-form input[name=name]", "speech")
-    page.click("#key-form button[type=submit]")
-    expect(page.locator("#new-key")).to_be_visible()
-    page.click("#tabs [data-tab=playground]")
+    page = in_the_playground(browser, speech_site, "speech")
     expect(page.locator("#speech-model option")).to_have_count(1)  # tts; not tts-voicedesign
     page.select_option("#chat-model", "text")
     page.click("#chat-send")
