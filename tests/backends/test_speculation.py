@@ -106,6 +106,41 @@ def test_the_guess_length_maximises_expected_tokens_per_cost() -> None:
     assert CPU_SHAPE.cost(1) == 1 and CPU_SHAPE.cost(64) > CPU_SHAPE.cost(32)
 
 
+# Measured on this machine (Qwen2.5-Coder-0.5B, 2 threads): seconds of a step of n tokens
+# of one sequence over 0 and 8,192 cells of context.
+EMPTY = {1: 0.0146, 2: 0.0346, 4: 0.0458, 8: 0.0624, 16: 0.0780, 32: 0.1540, 64: 0.2677}
+AT_8K = {1: 0.0335, 2: 0.0733, 4: 0.1162, 8: 0.1969, 16: 0.3402, 32: 0.6750, 64: 0.7728}
+
+
+def test_the_step_shape_learns_what_a_long_context_adds_to_each_token() -> None:
+    shape = StepShape(EMPTY)
+    assert shape.cost(16, span=8192) == pytest.approx(shape.cost(16))  # nothing learnt yet
+    for _ in range(3):  # steps the engine ran at 8,192 cells
+        for n, seconds in AT_8K.items():
+            if n < 64:  # llama.cpp takes another path at 64 here; the rest are linear
+                shape.learn(n, 8192, seconds)
+    shape.learn(512, 8192, 9.9)  # a prompt chunk: beyond the measured sizes, ignored
+    shape.learn(8, 100, 9.9)  # a short span: noise, ignored
+    assert shape.per_token_cell == pytest.approx(2.1e-6, rel=0.1)  # ~2.1 ms per 1,000 cells
+    for n in (2, 4, 8, 16, 32):
+        measured = AT_8K[n] / AT_8K[1]
+        assert shape.cost(n, span=8192) == pytest.approx(measured, rel=0.2), n
+    assert shape.cost(16) == pytest.approx(EMPTY[16] / EMPTY[1])  # an empty context as before
+
+
+def test_a_long_context_shortens_or_drops_the_guess() -> None:
+    """The Codex replay's case: at 8k cells a guess costs about twice what the empty
+    context's measure says; guesses the empty shape would take no longer pay."""
+    shape = StepShape(EMPTY)
+    for n, seconds in AT_8K.items():
+        if n < 64:
+            shape.learn(n, 8192, seconds)
+    near, far = (draft_length(0.9, shape, tokens=1, yielded=1, limit=32, span=s)
+                 for s in (0, 8192))  # fmt: skip
+    assert near.length > 0 and far.length < near.length
+    assert far.value < near.value
+
+
 def test_the_table_learns_from_verifications() -> None:
     table = AcceptanceTable()
     before = table.rate("shared", 2)
