@@ -580,7 +580,10 @@ class Scheduler:
         if code == 0:
             seconds = time.perf_counter() - began
             self._step_cost.add(self._batch.size, seconds)
-            if self._shape is not None:
+            # One sequence's steps only: what the shape measured at start, and what a
+            # guess is added to (a step of several sequences costs more for other
+            # reasons, which would read as attention and price guesses out).
+            if self._shape is not None and len(added) == 1:
                 self._shape.learn(self._batch.size, self._span + self._batch.size, seconds)
         if code == _NO_KV_SLOT:
             self._undo(added)
