@@ -19,6 +19,11 @@ from mimoserve.protocol.chat import ChatCompletionRequest
 from mimoserve.registry import ModelEntry
 
 
+def lower_cap(current: int | None, cap: int) -> int:
+    """A request's output cap after a budget's `cap`: the lower of the two."""
+    return cap if current is None else min(current, cap)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0
@@ -89,8 +94,7 @@ class GenerationRequest:
 
     def capped(self, max_tokens: int) -> GenerationRequest:
         """Stops after `max_tokens` completion tokens, or the client's cap if lower."""
-        mine = self.sampling.max_tokens
-        limit = max_tokens if mine is None else min(mine, max_tokens)
+        limit = lower_cap(self.sampling.max_tokens, max_tokens)
         return replace(self, sampling=replace(self.sampling, max_tokens=limit))
 
     def for_choice(self, index: int) -> GenerationRequest:

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mimoserve.audio.codec import HEARING_RATE, AudioDecodeError, decode_speech
-from mimoserve.backends.base import Capabilities, ChatRequest
+from mimoserve.backends.base import Capabilities, ChatRequest, lower_cap
 from mimoserve.backends.speech.audio_input import AudioSource, audio_bytes, audio_sources
 from mimoserve.backends.speech.engines import EngineGate, Heard, Recognizer, audio_tokens
 from mimoserve.backends.upstream.media import MediaLimits
@@ -56,8 +56,7 @@ class Listening:
         return self.claim_seconds, 0
 
     def capped(self, max_tokens: int) -> Listening:
-        mine = self.max_tokens
-        return replace(self, max_tokens=max_tokens if mine is None else min(mine, max_tokens))
+        return replace(self, max_tokens=lower_cap(self.max_tokens, max_tokens))
 
 
 class Listener:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mimoserve.audio.codec import HEARING_RATE
-from mimoserve.backends.base import Backend, Capabilities, ChatRequest
+from mimoserve.backends.base import Backend, Capabilities, ChatRequest, lower_cap
 from mimoserve.backends.speech.asr import Listener, Listening
 from mimoserve.backends.speech.engines import audio_tokens
 from mimoserve.events import Finished, GenerationEvent, KvCells
@@ -64,8 +64,7 @@ class Heard:
         return self.listening.speech_claim
 
     def capped(self, max_tokens: int) -> Heard:
-        mine = self.max_tokens
-        return replace(self, max_tokens=max_tokens if mine is None else min(mine, max_tokens))
+        return replace(self, max_tokens=lower_cap(self.max_tokens, max_tokens))
 
     def for_choice(self, index: int) -> Heard:
         return replace(self, choice=index)

@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, replace
 
 from mimoserve.audio.codec import AudioFormat, SpeechEncoder, wav_header
-from mimoserve.backends.base import Capabilities, ChatRequest
+from mimoserve.backends.base import Capabilities, ChatRequest, lower_cap
 from mimoserve.backends.speech.engines import EngineGate, Synthesizer, audio_tokens
 from mimoserve.errors import InvalidRequestError
 from mimoserve.events import (
@@ -63,8 +63,7 @@ class Speech:
         return len(self.text) / 5 / self.speed, len(self.text)
 
     def capped(self, max_tokens: int) -> Speech:
-        mine = self.max_audio_tokens
-        return replace(self, max_audio_tokens=max_tokens if mine is None else min(mine, max_tokens))
+        return replace(self, max_audio_tokens=lower_cap(self.max_audio_tokens, max_tokens))
 
 
 def _text_of(message: AssistantMessage) -> str:
