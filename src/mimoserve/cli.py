@@ -311,6 +311,11 @@ def _parser() -> argparse.ArgumentParser:
                        "(default: max(n-ctx, 16384))")  # fmt: skip
     serve.add_argument("--kv-type", choices=["f16", "q8_0"],
                        help="KV cache precision (default f16; q8_0 halves its memory)")  # fmt: skip
+    serve.add_argument("--kv-disk-bytes", type=int, help="cap on prompts' KV cells kept on "
+                       "disk under <home>/kv-cache, reloaded instead of recomputed, across "
+                       "restarts too (default 8 GiB; 0: no disk or host tier)")  # fmt: skip
+    serve.add_argument("--kv-host-bytes", type=int, help="of those, the most recently used "
+                       "kept in memory as well (default 1 GiB)")  # fmt: skip
     serve.add_argument("--n-threads", type=int, help="llama.cpp threads (default: all cores)")
     serve.add_argument("--n-parallel", type=int, help="requests decoded together (default 4)")
     serve.add_argument("--n-batch", type=int, help="tokens decoded per step (default 512)")

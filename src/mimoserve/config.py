@@ -56,6 +56,17 @@ class Settings(BaseSettings):
     kv_type: Literal["f16", "q8_0"] = Field(
         default="f16", description="KV cache precision; q8_0 roughly halves its memory"
     )
+    kv_disk_bytes: int = Field(
+        default=8 << 30,
+        ge=0,
+        description="Prompts' KV cells kept on disk (<home>/kv-cache), loaded instead of "
+        "recomputed, across restarts too; least recently used dropped past this (0: off)",
+    )
+    kv_host_bytes: int = Field(
+        default=1 << 30,
+        ge=0,
+        description="Of the disk tier, the most recently used payloads also kept in memory",
+    )
     n_parallel: int = Field(
         default=4, ge=1, le=64, description="Requests decoded together (continuous batching)"
     )

@@ -164,6 +164,29 @@ class ReplicaRoutingCounts:
 
 
 @dataclass(frozen=True)
+class KvTierStats:
+    """Where prompt tokens that were not computed came from, counted since start: the
+    pool itself, host memory or disk (the tiers under it), and the disk tier's state."""
+
+    pool_hits: int = 0
+    pool_tokens: int = 0
+    host_hits: int = 0
+    host_tokens: int = 0
+    disk_hits: int = 0
+    disk_tokens: int = 0
+    disk_bytes: int = 0
+    disk_entries: int = 0
+    host_bytes: int = 0
+    stores: int = 0
+    store_failures: int = 0
+    store_seconds: float = 0.0  # writing (the writer thread)
+    capture_seconds: float = 0.0  # copying cells out of the pool (the scheduler thread)
+    load_failures: int = 0
+    load_seconds: float = 0.0  # reading and putting cells back (the scheduler thread)
+    spilled_cells: int = 0  # idle cached cells that left the pool for a lower tier
+
+
+@dataclass(frozen=True)
 class KvCells:
     """An engine's KV pool, in tokens: held by running sequences (`used`), kept for
     prefixes nobody attends to now (`cached`, evicted on demand), and free."""
@@ -175,6 +198,7 @@ class KvCells:
     # for room, and sequences ended because one constrained token took too long.
     preemptions: int = 0
     constraint_timeouts: int = 0
+    tiers: KvTierStats | None = None  # the host and disk tiers, when the engine has them
 
     @property
     def free(self) -> int:

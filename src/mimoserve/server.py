@@ -32,6 +32,7 @@ from mimoserve.metering.journal import UsageJournal, adopt_orphans
 from mimoserve.metering.ledger import UsageLedger
 from mimoserve.registry import ModelRegistry
 from mimoserve.store.usage import SqlUsageStore
+from mimoserve.weights.catalog import CATALOG
 from mimoserve.weights.store import WeightsStore
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,10 @@ def build_backends(settings: Settings, registry: ModelRegistry) -> dict[str, Bac
                 n_batch=settings.n_batch,
                 max_queue=settings.max_queue,
                 spec_max_draft=settings.spec_max_draft,
+                kv_store_dir=settings.home / "kv-cache",
+                kv_disk_bytes=settings.kv_disk_bytes,
+                kv_host_bytes=settings.kv_host_bytes,
+                weights_sha256=CATALOG[entry.weights].sha256 if entry.weights in CATALOG else None,
             )
             engines[entry.weights] = LlamaCppBackend(config, weights_name=entry.weights)
         by_model[entry.id] = engines[entry.weights]

@@ -9,6 +9,7 @@ step sizing are tested in milliseconds, without weights.
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from mimoserve.backends.base import SamplingParams
+from mimoserve.backends.llamacpp.kv_tiers import KvTiers
 from mimoserve.backends.llamacpp.scheduler import Scheduler
 from mimoserve.backends.llamacpp.sequence import DecodeJob, EngineEvent, Generated
 from mimoserve.backends.llamacpp.speculation import StepShape
@@ -94,6 +96,7 @@ class FakeContext:
         self.n_seq_max = n_seq_max
         self.batches: list[list[tuple[int, int, int, bool]]] = []  # every decoded batch
         self.computed = 0  # tokens computed, over all batches
+        self.loads = 0  # sequences put back from a lower tier
         self._last: list[tuple[int, int, int, bool]] = []
 
     def decode(self, batch: Any) -> int:
@@ -117,6 +120,24 @@ class FakeContext:
 
     def logits(self, batch_index: int) -> Any:
         return np.zeros(VOCAB, dtype=np.float32)
+
+    def save(self, seq: int) -> bytearray:
+        """The sequence's cells as (position, token) pairs: what llama.cpp's state holds
+        (the computed values) stands in for by the tokens they were computed from."""
+        return bytearray(json.dumps(self.kv.view(seq)).encode())
+
+    def load(self, seq: int, payload: bytearray) -> bool:
+        try:
+            cells = [(int(pos), int(token)) for pos, token in json.loads(payload)]
+        except (ValueError, TypeError):
+            return False
+        if len(self.kv.cells) + len(cells) > self.capacity:
+            return False
+        self.kv.remove(seq)
+        for pos, token in cells:
+            self.kv.compute(seq, [token], pos)
+        self.loads += 1
+        return True
 
     def ban_tokens(self, batch_index: int, tokens: list[int]) -> None:
         pass
@@ -161,13 +182,14 @@ def fake_scheduler(
     seq_ctx: int = 256,
     max_draft: int = 0,
     step_shape: StepShape | None = None,
+    tiers: KvTiers | None = None,
 ) -> tuple[Scheduler, FakeContext]:
     context = FakeContext(pool_cells, n_seq_max=lanes + 8)
     scheduler = Scheduler(
         new_sampler, context, lanes=lanes, pool_cells=pool_cells, seq_ctx=seq_ctx,
         n_batch=n_batch, token_bytes=lambda t: f"<{t}>".encode(), is_end=lambda t: t == END,
         end_tokens=[END], forced_close=[VOCAB - 1], new_batch=FakeBatch, max_draft=max_draft,
-        step_shape=step_shape,
+        step_shape=step_shape, tiers=tiers,
     )  # fmt: skip
     return scheduler, context
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from mimoserve.backends.base import Capabilities, ChatRequest, GenerationRequest
 from mimoserve.backends.llamacpp.grammar import build_grammar
+from mimoserve.backends.llamacpp.kv_store import KvStore, StoreIdentity, weights_sha256
+from mimoserve.backends.llamacpp.kv_tiers import KvTiers
 from mimoserve.backends.llamacpp.model import PREFIX_HOLDERS, EngineConfig, LoadedModel
 from mimoserve.backends.llamacpp.native import (
     STEP_SIZES,
@@ -98,6 +100,19 @@ def _measured_shape(weights: NativeModel, config: EngineConfig) -> StepShape:
     return StepShape(found[0])
 
 
+def _lower_tiers(config: EngineConfig) -> KvTiers | None:
+    """The host and disk tiers under the pool, when a folder and a disk cap are set."""
+    if config.kv_store_dir is None or config.kv_disk_bytes <= 0:
+        return None
+    identity = StoreIdentity(
+        weights_sha256(config.model_path, config.weights_sha256, config.kv_store_dir),
+        config.kv_type,
+    )
+    store = KvStore(config.kv_store_dir, identity, disk_bytes=config.kv_disk_bytes,
+                    host_bytes=config.kv_host_bytes)  # fmt: skip
+    return KvTiers(store)
+
+
 class LlamaCppBackend:
     def __init__(self, config: EngineConfig, weights_name: str) -> None:
         self._model = LoadedModel(config)
@@ -107,7 +122,10 @@ class LlamaCppBackend:
         # ids may not outnumber the batch (it aborts the process otherwise).
         if config.n_batch < config.n_parallel:
             raise ValueError(f"n_batch ({config.n_batch}) must be at least n_parallel")
-        n_seq = min(config.n_parallel + PREFIX_HOLDERS, MAX_SEQUENCES, config.n_batch)
+        tiers = _lower_tiers(config)
+        # One more id with lower tiers: the one stored cells are loaded under.
+        n_seq = min(config.n_parallel + PREFIX_HOLDERS + (1 if tiers else 0), MAX_SEQUENCES,
+                    config.n_batch)  # fmt: skip
         self._context = NativeContext(
             self._model.weights,
             n_ctx=pool,
@@ -133,6 +151,7 @@ class LlamaCppBackend:
             new_batch=Batch,
             max_draft=config.spec_max_draft,
             step_shape=shape,
+            tiers=tiers,
         )
         self._mailbox: Mailbox | None = None
         # Admitted requests (running or waiting): `n_parallel` run, `max_queue` may wait.

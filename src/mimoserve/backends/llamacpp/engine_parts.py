@@ -45,6 +45,14 @@ class KvContext(Protocol):
 
     def logits(self, batch_index: int) -> Any: ...
 
+    def save(self, seq: int) -> bytearray:
+        """The cells `seq` holds, serialised (to keep them in a lower tier)."""
+        ...
+
+    def load(self, seq: int, payload: bytearray) -> bool:
+        """Saved cells back under `seq`; False when they cannot be."""
+        ...
+
     def ban_tokens(self, batch_index: int, tokens: list[int]) -> None: ...
 
 

@@ -28,6 +28,11 @@ class EngineConfig:
     kv_cells: int | None = None
     kv_type: str = "f16"
     spec_max_draft: int = 0  # speculative decoding: most guessed tokens per step (0: off)
+    # The tiers under the pool (kv_store.py): where, how much, and whose weights (sha256).
+    kv_store_dir: Path | None = None
+    kv_disk_bytes: int = 0
+    kv_host_bytes: int = 0
+    weights_sha256: str | None = None
 
     @property
     def threads(self) -> int:

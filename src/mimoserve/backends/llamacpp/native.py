@@ -102,6 +102,23 @@ class NativeContext:
         cells are shared, not copied."""
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, start, end)
 
+    def save(self, seq: int) -> bytearray:
+        """llama.cpp's serialisation of the cells `seq` holds (positions, K and V)."""
+        size = int(llama_cpp.llama_state_seq_get_size(self.ptr, seq))
+        buffer = bytearray(size)
+        view = (ctypes.c_uint8 * size).from_buffer(buffer)
+        written = int(llama_cpp.llama_state_seq_get_data(self.ptr, view, size, seq))
+        del view  # a live ctypes view would pin the buffer's size
+        return buffer if written == size else buffer[:written]
+
+    def load(self, seq: int, payload: bytearray) -> bool:
+        """Puts saved cells back under `seq` (wherever the pool has free cells); False
+        when llama.cpp refuses them (other weights or KV type, torn data, no room)."""
+        view = (ctypes.c_uint8 * len(payload)).from_buffer(payload)
+        read = int(llama_cpp.llama_state_seq_set_data(self.ptr, view, len(payload), seq))
+        del view
+        return read == len(payload)
+
     def logits(self, batch_index: int) -> Any:
         """A copy of the row of logits (numpy), before anything changes it."""
         row = llama_cpp.llama_get_logits_ith(self.ptr, batch_index)

@@ -57,6 +57,15 @@ class Node:
     def end(self) -> int:
         return self.start + len(self.tokens)
 
+    def path_tokens(self) -> list[int]:
+        """The tokens of every position up to this node's end (from the root down)."""
+        edges: list[list[int]] = []
+        node: Node | None = self
+        while node is not None:
+            edges.append(node.tokens)
+            node = node.parent
+        return [token for edge in reversed(edges) for token in edge]
+
 
 @dataclass(frozen=True)
 class Match:
@@ -235,6 +244,22 @@ class PrefixCache:
             else:
                 freed += self._drop(leaf)
         return freed
+
+    def idle_leaves(self) -> list[Node]:
+        """Leaves no running sequence attends to."""
+        found: list[Node] = []
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            if node.children:
+                stack.extend(node.children.values())
+            elif node.refs == 0:
+                found.append(node)
+        return found
+
+    def drop(self, leaf: Node) -> int:
+        """Frees an idle leaf's cells; returns how many."""
+        return self._drop(leaf)
 
     def clear(self) -> None:
         """Forgets everything (after an engine failure, cells are in an unknown state)."""

@@ -42,6 +42,7 @@ from mimoserve.backends.llamacpp.engine_parts import (
     SamplerFactory,
     TokenSampler,
 )
+from mimoserve.backends.llamacpp.kv_tiers import KvTiers
 from mimoserve.backends.llamacpp.logprobs import log_softmax, token_logprob
 from mimoserve.backends.llamacpp.prefix_cache import Node, PrefixCache, common_prefix
 from mimoserve.backends.llamacpp.sequence import (
@@ -126,6 +127,7 @@ class Running:
     holding: Node | None = None  # deepest tree node it attends to (locked)
     cached_once: bool = False  # its prompt went into the tree (when it was read)
     reused: int = 0  # prompt tokens it did not compute (reported as cached)
+    loaded: tuple[int, str] = (0, "")  # of those, how many came from a lower tier, and which
     batch_index: int = -1  # where this sequence's logits are in the current batch
     reported: int = 0  # completion tokens already accounted for in emitted deltas
     drafts: SequenceDrafts | None = None  # its draft sources (speculation on)
@@ -162,12 +164,19 @@ class Scheduler:
         new_batch: BatchFactory,
         max_draft: int = 0,
         step_shape: StepShape | None = None,
+        tiers: KvTiers | None = None,
     ) -> None:
         self._new_sampler = new_sampler
         self._ctx = context
         self._lanes: list[Running | None] = [None] * lanes
         self._pool_cells = pool_cells
-        self._cache = PrefixCache(context, holder_ids=range(lanes, context.n_seq_max))
+        # With lower tiers, the last sequence id is theirs: cells are loaded under it, then
+        # handed to the prefix tree.
+        holders = context.n_seq_max - (1 if tiers is not None else 0)
+        self._cache = PrefixCache(context, holder_ids=range(lanes, holders))
+        self._tiers = tiers
+        if tiers is not None:
+            tiers.attach(context, self._cache, scratch_seq=holders)
         self._seq_ctx = seq_ctx
         self._batch = new_batch(n_batch)
         self._n_batch = n_batch
@@ -224,6 +233,7 @@ class Scheduler:
             cached=cache.cells - cache.locked_cells,
             preemptions=self.preemptions,
             constraint_timeouts=self.constraint_timeouts,
+            tiers=self._tiers.stats() if self._tiers is not None else None,
         )
 
     def stop(self) -> None:
@@ -232,6 +242,8 @@ class Scheduler:
             self._lock.notify()
         self._thread.join()
         self._batch.close()
+        if self._tiers is not None:
+            self._tiers.close()
 
     # ---- the scheduler thread --------------------------------------------------------
 
@@ -336,6 +348,10 @@ class Scheduler:
         """Puts a request on a lane, sharing its longest cached prefix. False when the
         pool has no room for the rest of its tokens yet."""
         tokens = running.tokens
+        if self._tiers is not None and running.sampler is None:
+            # Cells a lower tier holds beyond what the pool has come back first (into the
+            # tree), so the match below finds them.
+            running.loaded = self._tiers.bring_back(tokens, self._make_room)
         match = self._cache.match(tokens)
         # At least one token is decoded again so the sequence has fresh logits.
         reuse = min(match.length, len(tokens) - 1)
@@ -358,6 +374,8 @@ class Scheduler:
         running.lane, running.holding, running.shared = lane, deepest, reuse
         running.fed, running.pending = tokens[:reuse], tokens[reuse:]
         self._lanes[lane] = running
+        if self._tiers is not None:
+            self._tiers.spill_idle()  # before this request's steps pay for idle cells
         return True
 
     def _first_start(self, running: Running, reuse: int) -> Exception | None:
@@ -374,6 +392,8 @@ class Scheduler:
             job, limit, self._token_bytes, self._is_end, self._forced_close
         )
         running.reused = reuse
+        if self._tiers is not None:
+            self._tiers.count_reuse(reuse, *running.loaded)
         if self._max_draft > 0:
             running.drafts = SequenceDrafts.start(
                 job.prompt, job.prediction, self._shared, self._acceptance, self._max_draft
@@ -437,6 +457,8 @@ class Scheduler:
     def _release(self, running: Running) -> None:
         if running.lane is not None:
             self._leave_lane(running)
+            if self._tiers is not None and self._active():
+                self._tiers.spill_idle()  # what it leaves must not tax those still running
         self._close(running)
 
     def _close(self, running: Running) -> None:
@@ -676,10 +698,12 @@ class Scheduler:
         running.cached_once = True
         assert running.lane is not None
         guessed = len(running.guess.tokens) if running.guess is not None else 0
+        prompt = running.fed[: len(running.fed) - guessed]
         running.holding, running.shared = self._cache.insert(
-            running.lane, running.fed[: len(running.fed) - guessed], running.shared,
-            running.holding,
-        )  # fmt: skip
+            running.lane, prompt, running.shared, running.holding
+        )
+        if self._tiers is not None:
+            self._tiers.keep(running.lane, prompt)
 
     def _distribution(self, running: Running) -> Any:
         """The model's log-probabilities at this step, when the request asked for them."""
@@ -739,6 +763,9 @@ class Scheduler:
             )
             if self._shared is not None:
                 self._shared.add(drafts.output())
+        if self._tiers is not None and running.lane is not None:
+            # Prompt and answer: the start of the conversation's next prompt.
+            self._tiers.keep(running.lane, running.fed)
         # Released first: a client that has its answer finds the engine's state already
         # without it (its lane free, its cells cached).
         self._release(running)
