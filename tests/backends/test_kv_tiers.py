@@ -16,6 +16,7 @@ from mimoserve.backends.llamacpp import kv_store
 from mimoserve.backends.llamacpp.kv_store import KvStore, StoreIdentity
 from mimoserve.backends.llamacpp.kv_tiers import KvTiers
 from mimoserve.backends.llamacpp.scheduler import Scheduler
+from mimoserve.metering.metrics import Metrics
 from tests.backends.fake_engine import FakeContext, fake_scheduler, job
 
 IDENTITY = StoreIdentity("ab" * 32, "f16")
@@ -238,3 +239,30 @@ def test_cells_llama_cpp_refuses_are_removed_and_the_prompt_computed(
     assert cached == 0 and context.loads == 0
     assert tiers.store.counters.load_failures == 1
     assert text == run(fake_scheduler(pool_cells=512, seq_ctx=512)[0], prompt)[0]
+
+
+def test_metrics_show_hits_tokens_bytes_and_times_per_tier(
+    tiered: tuple[Scheduler, FakeContext, KvTiers],
+) -> None:
+    scheduler, _, tiers = tiered
+    prompt = [int(t) for t in tokens(300)]
+    run(scheduler, prompt)
+    assert tiers.store.flush(timeout=10)
+    run(scheduler, [int(t) for t in tokens(100, start=30)])  # spills the first
+    run(scheduler, prompt)  # back from host memory
+    run(scheduler, prompt)  # now from the pool
+    metrics = Metrics(memory_probe=lambda: {"m": scheduler.kv_cells()})
+    text = metrics.render().decode()
+
+    def value(line: str) -> float:
+        found = [row for row in text.splitlines() if row.startswith(line + " ")]
+        assert found, line
+        return float(found[0].rsplit(" ", 1)[1])
+
+    assert value('mimoserve:kv_tier_hits_total{model="m",tier="host"}') == 1
+    assert value('mimoserve:kv_tier_tokens_total{model="m",tier="host"}') == 299
+    assert value('mimoserve:kv_tier_hits_total{model="m",tier="pool"}') == 1
+    assert value('mimoserve:kv_tier_tokens_total{model="m",tier="disk"}') == 0
+    assert value('mimoserve:kv_tier_bytes{model="m",tier="disk"}') == tiers.store.bytes_on_disk > 0
+    assert value('mimoserve:kv_tier_seconds_total{model="m",operation="load"}') > 0
+    assert value('mimoserve:kv_tier_spilled_cells_total{model="m"}') >= 300

@@ -53,7 +53,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
     usage.insert_usage([  # some history for the charts
         UsageRecord("k-one", "mimo-v2-flash", 200, 40, 20, created_at=now - 7200),
         UsageRecord("k-one", "mimo-v2-pro", 200, 10, 90, created_at=now - 3600,
-                    draft_tokens=80, accepted_draft_tokens=60),
+                    cached_tokens=8, draft_tokens=80, accepted_draft_tokens=60),
         UsageRecord("k-two", "mimo-v2-flash", 200, 5, 5, created_at=now - 60),
     ])  # fmt: skip
     registry = ModelRegistry.from_toml(REGISTRY)
@@ -167,6 +167,8 @@ def test_usage_charts_per_model_and_key(site: Site, browser: Browser, tmp_path: 
     # Speculative decoding's acceptance rate, where the engine guessed.
     pro = page.locator("#usage-table tbody tr", has_text="mimo-v2-pro")
     expect(pro).to_contain_text("75% of 80")
+    # The prefix cache's hit rate (any tier): 8 of its 10 prompt tokens.
+    expect(pro.locator("td").nth(7)).to_have_text("80%")
     box = page.locator("#chart-models svg").bounding_box()
     assert box is not None and box["width"] > 300 and box["height"] > 100
     rendered(page, tmp_path / "usage.png")

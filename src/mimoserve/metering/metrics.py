@@ -8,7 +8,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from mimoserve.events import KvCells, ReplicaRoutingCounts
+from mimoserve.events import KvCells, KvTierStats, ReplicaRoutingCounts
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
@@ -132,7 +132,33 @@ class Metrics:
             "Sequences ended because their grammar took too long for one token", ["model"],
             registry=r,
         )  # fmt: skip
-        self._engine_counts: dict[tuple[tuple[str, ...], str], int] = {}
+        # The tiers under the pool (host memory, disk): where uncomputed prompt tokens
+        # came from, and what the tiers cost.
+        self.kv_tier_hits = Counter(
+            "mimoserve:kv_tier_hits", "Requests that reused cached prompt cells, by tier",
+            ["model", "tier"], registry=r,
+        )  # fmt: skip
+        self.kv_tier_tokens = Counter(
+            "mimoserve:kv_tier_tokens", "Prompt tokens served from a cache tier instead of "
+            "computed", ["model", "tier"], registry=r,
+        )  # fmt: skip
+        self.kv_tier_bytes = Gauge(
+            "mimoserve:kv_tier_bytes", "Bytes of KV cells held by the host and disk tiers",
+            ["model", "tier"], registry=r,
+        )  # fmt: skip
+        self.kv_tier_seconds = Counter(
+            "mimoserve:kv_tier_seconds", "Time spent moving cells: capture (out of the pool), "
+            "store (writing), load (back into the pool)", ["model", "operation"], registry=r,
+        )  # fmt: skip
+        self.kv_tier_failures = Counter(
+            "mimoserve:kv_tier_failures", "Stores that failed (full disk, queue full) and "
+            "stored cells refused at load (torn, foreign)", ["model", "operation"], registry=r,
+        )  # fmt: skip
+        self.kv_tier_spilled = Counter(
+            "mimoserve:kv_tier_spilled_cells", "Idle cached cells moved out of the pool "
+            "while requests ran", ["model"], registry=r,
+        )  # fmt: skip
+        self._engine_counts: dict[tuple[tuple[str, ...], str], float] = {}
         # Fleet routing (upstream replicas), as counted by this gateway.
         self.fleet_routed = Counter(
             "mimoserve:fleet_routed",
@@ -182,7 +208,7 @@ class Metrics:
         self.child(self.budgets_over_soft, scope).set(len(owners))
 
     def _count_up(
-        self, counter: Counter, labels: str | tuple[str, ...], name: str, total: int
+        self, counter: Counter, labels: str | tuple[str, ...], name: str, total: float
     ) -> None:
         """Moves a counter to an engine's own running total (engines count, we export)."""
         key = (labels,) if isinstance(labels, str) else labels
@@ -205,6 +231,30 @@ class Metrics:
                                counts.cached_tokens)  # fmt: skip
                 self.fleet_reliability.labels(model, replica).set(counts.reliability)
 
+    def _render_tiers(self, model: str, tiers: KvTierStats) -> None:
+        for tier, hits, tokens in (
+            ("pool", tiers.pool_hits, tiers.pool_tokens),
+            ("host", tiers.host_hits, tiers.host_tokens),
+            ("disk", tiers.disk_hits, tiers.disk_tokens),
+        ):
+            # Every tier's series exists from the start (at 0), so a rate is defined.
+            self.child(self.kv_tier_hits, model, tier)
+            self.child(self.kv_tier_tokens, model, tier)
+            self._count_up(self.kv_tier_hits, (model, tier), "hits", hits)
+            self._count_up(self.kv_tier_tokens, (model, tier), "tokens", tokens)
+        self.kv_tier_bytes.labels(model, "disk").set(tiers.disk_bytes)
+        self.kv_tier_bytes.labels(model, "host").set(tiers.host_bytes)
+        for operation, seconds in (
+            ("capture", tiers.capture_seconds),
+            ("store", tiers.store_seconds),
+            ("load", tiers.load_seconds),
+        ):
+            self._count_up(self.kv_tier_seconds, (model, operation), "seconds", seconds)
+        self._count_up(self.kv_tier_failures, (model, "store"), "failures",
+                       tiers.store_failures)  # fmt: skip
+        self._count_up(self.kv_tier_failures, (model, "load"), "failures", tiers.load_failures)
+        self._count_up(self.kv_tier_spilled, model, "spilled", tiers.spilled_cells)
+
     def render(self) -> bytes:
         if self._load_probe is not None:
             for model, (running, waiting) in self._load_probe().items():
@@ -220,6 +270,8 @@ class Metrics:
                 self._count_up(
                     self.constraint_timeouts, model, "constraint", cells.constraint_timeouts
                 )
+                if cells.tiers is not None:
+                    self._render_tiers(model, cells.tiers)
         if self._routing_probe is not None:
             self._render_routing(self._routing_probe())
         if self._ledger_probe is not None:

@@ -318,10 +318,16 @@ async function loadUsage(event) {
   for (const t of totals) {
     const row = document.createElement("tr");
     for (const value of [t.key_id, modelName(t.model), t.requests, t.prompt_tokens, t.completion_tokens,
-                         t.reasoning_tokens, t.cached_tokens, acceptance(t),
+                         t.reasoning_tokens, t.cached_tokens, hitRate(t), acceptance(t),
                          money(t.cost, t.currency)]) cell(row, value);
     body.appendChild(row);
   }
+}
+
+// The prefix cache's hit rate: the share of prompt tokens served from any cache tier.
+function hitRate(total) {
+  if (!total.prompt_tokens) return "-";
+  return `${Math.round((100 * total.cached_tokens) / total.prompt_tokens)}%`;
 }
 
 // Speculative decoding's acceptance rate: of the tokens guessed and verified, the share
