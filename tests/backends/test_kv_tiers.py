@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from mimoserve.backends.llamacpp import kv_store
-from mimoserve.backends.llamacpp.kv_store import KvStore, StoreIdentity
+from mimoserve.backends.llamacpp.kv_store import KvStore, StoredPrefix, StoreIdentity
 from mimoserve.backends.llamacpp.kv_tiers import KvTiers
 from mimoserve.backends.llamacpp.scheduler import Scheduler
 from mimoserve.metering.metrics import Metrics
@@ -266,3 +267,32 @@ def test_metrics_show_hits_tokens_bytes_and_times_per_tier(
     assert value('mimoserve:kv_tier_bytes{model="m",tier="disk"}') == tiers.store.bytes_on_disk > 0
     assert value('mimoserve:kv_tier_seconds_total{model="m",operation="load"}') > 0
     assert value('mimoserve:kv_tier_spilled_cells_total{model="m"}') >= 300
+
+
+def test_cells_still_being_written_are_served_from_memory_and_may_leave_the_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    write = KvStore._write
+
+    def slow_disk(self: KvStore, entry: StoredPrefix, payload: bytearray) -> None:
+        assert gate.wait(30)
+        write(self, entry, payload)
+
+    monkeypatch.setattr(KvStore, "_write", slow_disk)
+    tiers = KvTiers(open_store(tmp_path, host_bytes=0), min_kept=16)
+    scheduler, context = fake_scheduler(pool_cells=512, seq_ctx=512, tiers=tiers)
+    try:
+        prompt = [int(t) for t in tokens(300)]
+        run(scheduler, prompt)
+        run(scheduler, [int(t) for t in tokens(100, start=30)])  # spills the first...
+        assert not list((tmp_path / IDENTITY.folder_name).glob("*.kv"))  # ...not yet on disk
+        _, cached = run(scheduler, prompt)
+        assert cached == len(prompt) - 1 and context.loads == 1  # from memory
+        gate.set()
+        assert tiers.store.flush(timeout=10)
+        assert list((tmp_path / IDENTITY.folder_name).glob("*.kv"))
+        assert tiers.store.host_bytes_used == 0  # written: the memory copy gave way (cap 0)
+    finally:
+        gate.set()
+        scheduler.stop()

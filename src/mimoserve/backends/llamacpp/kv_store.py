@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 MAGIC = b"MSKV"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<4sII")  # magic, version, length of the JSON header
+_HEADER_JSON_MAX = 256  # the JSON header is ~170 bytes: room reserved before it is written
 SUFFIX = ".kv"
 
 
@@ -63,6 +64,7 @@ class StoredPrefix:
     size: int  # bytes on disk
     payload_bytes: int
     checksum: int
+    pending: bool = False  # taken, not yet on disk (then only in memory)
     last_used: float = field(default_factory=time.time)  # wall clock: kept across restarts (mtime)
 
     @property
@@ -115,7 +117,7 @@ class KvStore:
         self._host: OrderedDict[Path, bytearray] = OrderedDict()
         self._host_used = 0
         self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[np.ndarray, bytearray] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[StoredPrefix, bytearray] | None] = queue.Queue()
         self._queued_bytes = 0
         self._queue_cap = queue_bytes
         self._idle = threading.Condition(self._lock)
@@ -187,11 +189,13 @@ class KvStore:
 
     def best(self, tokens: np.ndarray) -> tuple[StoredPrefix | None, int]:
         """The stored prefix sharing the most leading tokens with `tokens`, and how many."""
+        with self._lock:
+            return self._best_locked(tokens)
+
+    def _best_locked(self, tokens: np.ndarray) -> tuple[StoredPrefix | None, int]:
         best: StoredPrefix | None = None
         length = 0
-        with self._lock:
-            entries = list(self._entries.values())
-        for entry in entries:
+        for entry in self._entries.values():
             shared = common_length(entry.tokens, tokens)
             if shared > length:
                 best, length = entry, shared
@@ -212,6 +216,8 @@ class KvStore:
                 self._host.move_to_end(entry.path)
                 entry.last_used = time.time()
                 return payload, "host"
+            if entry.pending:
+                return None  # dropped from memory before it was written: gone
         offset = entry.size - entry.payload_bytes
         payload = bytearray(entry.payload_bytes)
         try:
@@ -231,7 +237,8 @@ class KvStore:
         with contextlib.suppress(OSError):  # the LRU order survives a restart
             os.utime(entry.path)
         with self._lock:
-            self._keep_in_host(entry.path, payload)
+            if self._entries.get(entry.path) is entry:
+                self._keep_in_host(entry.path, payload)
         return payload, "disk"
 
     def discard(self, entry: StoredPrefix) -> None:
@@ -242,21 +249,38 @@ class KvStore:
     # ---- writing ------------------------------------------------------------------------
 
     def store(self, tokens: np.ndarray, payload: bytearray) -> bool:
-        """Queues the cells of `tokens` for writing; False when the queue is full (the
-        prefix is then recomputed if it is needed again, as without this tier)."""
+        """Takes the cells of `tokens`: held in memory at once (found by `best`, served by
+        `read`), written to disk by the writer thread. False when the writer is too far
+        behind (the prefix is then recomputed if it is needed again, as without tiers)."""
         if self.disk_bytes <= 0:
             return False
+        tokens = tokens.astype(np.int32, copy=True)
+        name = hashlib.sha256(tokens.astype("<i4").tobytes()).hexdigest()[:32] + SUFFIX
+        # The header's exact length is known once the checksum is (on the writer).
+        estimate = _HEADER.size + _HEADER_JSON_MAX + 4 * tokens.shape[0] + len(payload)
+        entry = StoredPrefix(tokens, self.folder / name, estimate, len(payload), 0,
+                             pending=True)  # fmt: skip
         with self._lock:
-            if self._queued_bytes + len(payload) > self._queue_cap:
+            if self._best_locked(tokens)[1] >= tokens.shape[0]:
+                return True  # held already
+            if estimate > self.disk_bytes or self._queued_bytes + len(payload) > self._queue_cap:
                 self.counters.store_failures += 1
                 return False
+            # A conversation grows turn by turn: its earlier prompts are prefixes of this
+            # one, and this entry serves every request they served.
+            for older in list(self._entries.values()):
+                if common_length(older.tokens, tokens) == older.n_tokens:
+                    self._forget(older)
+            self._make_room(estimate)
+            self._entries[entry.path] = entry
+            self._keep_in_host(entry.path, payload, pinned=True)
             self._queued_bytes += len(payload)
             self._writing += 1
-        self._queue.put((tokens.astype(np.int32, copy=True), payload))
+        self._queue.put((entry, payload))
         return True
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Waits until everything queued is written (tests, shutdown)."""
+        """Waits until everything taken is on disk (tests, shutdown)."""
         with self._idle:
             return bool(self._idle.wait_for(lambda: self._writing == 0, timeout=timeout))
 
@@ -270,59 +294,56 @@ class KvStore:
             item = self._queue.get()
             if item is None:
                 return
-            tokens, payload = item
+            entry, payload = item
             try:
-                self._write(tokens, payload)
+                self._write(entry, payload)
             except Exception:  # a bug here must not stop later writes
                 log.exception("writing a KV prefix failed")
                 self.counters.store_failures += 1
+                with self._lock:
+                    self._forget(entry)
             finally:
                 with self._idle:
                     self._queued_bytes -= len(payload)
                     self._writing -= 1
                     self._idle.notify_all()
 
-    def _write(self, tokens: np.ndarray, payload: bytearray) -> None:
-        if self.covers(tokens):
-            return
+    def _write(self, entry: StoredPrefix, payload: bytearray) -> None:
+        with self._lock:
+            if self._entries.get(entry.path) is not entry:
+                return  # replaced by a longer prompt or evicted before its turn
         began = time.perf_counter()
-        name = hashlib.sha256(tokens.astype("<i4").tobytes()).hexdigest()[:32] + SUFFIX
-        path = self.folder / name
+        checksum = zlib.crc32(payload)
         header = json.dumps({
             "weights_sha256": self.identity.weights_sha256,
             "kv_type": self.identity.kv_type,
-            "n_tokens": int(tokens.shape[0]),
+            "n_tokens": entry.n_tokens,
             "payload_bytes": len(payload),
-            "checksum": zlib.crc32(payload),
+            "checksum": checksum,
         }).encode()  # fmt: skip
-        size = _HEADER.size + len(header) + 4 * tokens.shape[0] + len(payload)
-        if size > self.disk_bytes:
-            return  # larger than the whole tier
-        with self._lock:
-            self._make_room(size)
-        temporary = path.with_suffix(".tmp")
+        temporary = entry.path.with_suffix(".tmp")
         try:
             with temporary.open("wb") as file:
                 file.write(_HEADER.pack(MAGIC, FORMAT_VERSION, len(header)))
                 file.write(header)
-                file.write(tokens.astype("<i4").tobytes())
+                file.write(entry.tokens.astype("<i4").tobytes())
                 file.write(payload)
-            os.replace(temporary, path)
+            os.replace(temporary, entry.path)
         except OSError as exc:
             # A full disk or a folder gone: this prefix is recomputed when needed again.
             log.warning("KV disk tier: could not write a prefix (%s); serving goes on", exc)
             _remove(temporary)
             self.counters.store_failures += 1
+            with self._lock:
+                self._forget(entry)
             return
-        entry = StoredPrefix(tokens, path, size, len(payload), zlib.crc32(payload))
         with self._lock:
-            # A conversation grows turn by turn: its earlier prompts are prefixes of this
-            # one, and this file serves every request they served.
-            for older in list(self._entries.values()):
-                if common_length(older.tokens, tokens) == older.n_tokens:
-                    self._forget(older)
-            self._entries[path] = entry
-            self._keep_in_host(path, payload)
+            if self._entries.get(entry.path) is not entry:
+                _remove(entry.path)  # evicted while it was being written
+                return
+            entry.size = _HEADER.size + len(header) + 4 * entry.n_tokens + len(payload)
+            entry.checksum, entry.pending = checksum, False
+            self._trim_host()  # written: its memory copy may now give way to newer ones
         self.counters.stores += 1
         self.counters.store_seconds += time.perf_counter() - began
 
@@ -336,23 +357,33 @@ class KvStore:
         self._make_room(0)
 
     def _forget(self, entry: StoredPrefix) -> None:
-        self._entries.pop(entry.path, None)
-        payload = self._host.pop(entry.path, None)
-        if payload is not None:
-            self._host_used -= len(payload)
+        if self._entries.get(entry.path) is entry:
+            del self._entries[entry.path]
+            payload = self._host.pop(entry.path, None)
+            if payload is not None:
+                self._host_used -= len(payload)
         _remove(entry.path)
 
-    def _keep_in_host(self, path: Path, payload: bytearray) -> None:
-        if len(payload) > self.host_bytes:
+    def _keep_in_host(self, path: Path, payload: bytearray, *, pinned: bool = False) -> None:
+        """Keeps a payload in memory; `pinned` (not yet on disk) ones are over the cap
+        until written, as the writer's queue is."""
+        if len(payload) > self.host_bytes and not pinned:
             return
         old = self._host.pop(path, None)
         if old is not None:
             self._host_used -= len(old)
         self._host[path] = payload
         self._host_used += len(payload)
-        while self._host_used > self.host_bytes:
-            _, dropped = self._host.popitem(last=False)
-            self._host_used -= len(dropped)
+        self._trim_host()
+
+    def _trim_host(self) -> None:
+        for path in list(self._host):
+            if self._host_used <= self.host_bytes:
+                return
+            entry = self._entries.get(path)
+            if entry is not None and entry.pending:
+                continue  # its only copy
+            self._host_used -= len(self._host.pop(path))
 
 
 def _remove(path: Path) -> None:
