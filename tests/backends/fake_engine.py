@@ -97,6 +97,7 @@ class FakeContext:
         self.batches: list[list[tuple[int, int, int, bool]]] = []  # every decoded batch
         self.computed = 0  # tokens computed, over all batches
         self.loads = 0  # sequences put back from a lower tier
+        self.saves = 0  # sequences copied out for a lower tier
         self._last: list[tuple[int, int, int, bool]] = []
 
     def decode(self, batch: Any) -> int:
@@ -124,6 +125,7 @@ class FakeContext:
     def save(self, seq: int) -> bytearray:
         """The sequence's cells as (position, token) pairs: what llama.cpp's state holds
         (the computed values) stands in for by the tokens they were computed from."""
+        self.saves += 1
         return bytearray(json.dumps(self.kv.view(seq)).encode())
 
     def load(self, seq: int, payload: bytearray) -> bool:

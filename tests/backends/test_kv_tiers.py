@@ -296,3 +296,16 @@ def test_cells_still_being_written_are_served_from_memory_and_may_leave_the_pool
     finally:
         gate.set()
         scheduler.stop()
+
+
+def test_an_answer_is_kept_only_when_it_adds_enough_to_the_prompt(
+    tiered: tuple[Scheduler, FakeContext, KvTiers],
+) -> None:
+    scheduler, context, tiers = tiered
+    run(scheduler, [int(t) for t in tokens(300)], max_tokens=6)
+    assert context.saves == 1  # the prompt; six more tokens are not worth a second copy
+    run(scheduler, [int(t) for t in tokens(200, start=9)], max_tokens=60)
+    assert context.saves == 3  # the prompt, then prompt and answer (it replaces the first)
+    assert tiers.store.flush(timeout=10)
+    entry, shared = tiers.store.best(tokens(200, start=9))
+    assert entry is not None and shared == 200 and entry.n_tokens > 250

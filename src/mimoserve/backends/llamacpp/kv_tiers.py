@@ -66,8 +66,8 @@ class KvTiers:
         if len(prompt) < self._min_kept or self.store.disk_bytes <= 0:
             return
         tokens = np.asarray(prompt, dtype=np.int32)
-        if self.store.covers(tokens):
-            return
+        if len(prompt) - self.store.best(tokens)[1] < MIN_LOAD_GAIN:
+            return  # held already, but for a few tokens (an answer's end: recomputed)
         context, _ = self._parts()
         began = time.perf_counter()
         # Through the scratch id: `seq` may hold cells past the prompt (a guess).
@@ -134,16 +134,17 @@ class KvTiers:
     # ---- spill ----------------------------------------------------------------------------
 
     def spill_idle(self) -> int:
-        """Frees the pool cells of idle prefixes that a lower tier holds whole; returns
-        how many left. Prefixes no tier holds (short prompts, generated text, a write
-        still queued) stay: dropping them would cost a recompute."""
+        """Frees the pool cells of idle prefixes that a lower tier holds (all but fewer
+        than `MIN_LOAD_GAIN` tokens, which are recomputed); returns how many left.
+        Prefixes no tier holds (short prompts, long answers not kept) stay: dropping
+        them would cost a recompute."""
         _, cache = self._parts()
         freed = 0
         leaves = cache.idle_leaves()
         while leaves:
             leaf = leaves.pop()
             tokens = np.asarray(leaf.path_tokens(), dtype=np.int32)
-            if not self.store.covers(tokens):
+            if tokens.shape[0] - self.store.best(tokens)[1] >= MIN_LOAD_GAIN:
                 continue
             parent = leaf.parent
             freed += cache.drop(leaf)
