@@ -309,3 +309,30 @@ def test_an_answer_is_kept_only_when_it_adds_enough_to_the_prompt(
     assert tiers.store.flush(timeout=10)
     entry, shared = tiers.store.best(tokens(200, start=9))
     assert entry is not None and shared == 200 and entry.n_tokens > 250
+
+
+def test_a_preempted_sequence_gets_its_prompt_back_from_a_tier_when_it_resumes(
+    tmp_path: Path,
+) -> None:
+    tiers = KvTiers(open_store(tmp_path), min_kept=16)
+    scheduler, context = fake_scheduler(pool_cells=400, seq_ctx=400, n_batch=64, tiers=tiers)
+    try:
+        first, first_out = job([int(t) for t in tokens(150)], 230)
+        second_prompt = [int(t) for t in tokens(150, start=31)]
+        second, second_out = job(second_prompt, 200, seed=1)
+        scheduler.submit(first)
+        scheduler.submit(second)
+        first_out.wait()
+        second_out.wait()
+        assert scheduler.preemptions >= 1
+        assert context.loads >= 1  # a prompt came back from a tier instead of recomputed
+        fresh, _ = fake_scheduler(pool_cells=400, seq_ctx=400, n_batch=64)
+        try:
+            decode, alone = job(second_prompt, 200, seed=1)
+            fresh.submit(decode)
+            alone.wait()
+            assert second_out.text == alone.text
+        finally:
+            fresh.stop()
+    finally:
+        scheduler.stop()

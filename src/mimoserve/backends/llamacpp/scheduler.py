@@ -348,10 +348,13 @@ class Scheduler:
         """Puts a request on a lane, sharing its longest cached prefix. False when the
         pool has no room for the rest of its tokens yet."""
         tokens = running.tokens
-        if self._tiers is not None and running.sampler is None:
+        if self._tiers is not None:
             # Cells a lower tier holds beyond what the pool has come back first (into the
-            # tree), so the match below finds them.
-            running.loaded = self._tiers.bring_back(tokens, self._make_room)
+            # tree), so the match below finds them; for a pre-empted sequence too (its
+            # prompt may have left the pool while it waited).
+            loaded = self._tiers.bring_back(tokens, self._make_room)
+            if running.sampler is None:
+                running.loaded = loaded
         match = self._cache.match(tokens)
         # At least one token is decoded again so the sequence has fresh logits.
         reuse = min(match.length, len(tokens) - 1)
