@@ -129,8 +129,11 @@ def part_restart(gguf: Path, work: Path) -> dict[str, float]:
                  key_from_log=True) as server:  # fmt: skip
         cold = asyncio.run(claude_code_first_token(server))
         capture = tier_seconds(server, "capture")
-    with started("mimoserve", mimoserve(gguf, port, home), port, work / "restart-2.log",
-                 key_from_log=True) as server:  # fmt: skip
+        key = server.headers
+    # The same home: the key printed at the first start is the key (none printed again).
+    with started("mimoserve", mimoserve(gguf, port, home), port,
+                 work / "restart-2.log") as server:  # fmt: skip
+        server.headers = key
         warm = asyncio.run(claude_code_first_token(server))
         load = tier_seconds(server, "load")
     return {"cold_s": cold["seconds"], "restarted_s": warm["seconds"],
