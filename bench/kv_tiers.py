@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -51,7 +52,8 @@ ROOT = Path(__file__).parent.parent
 CLAUDE_CODE = ROOT / "tests" / "api" / "fixtures" / "claude_code_request.json"
 TIMEOUT = httpx.Timeout(3600)
 CYCLE_PROMPTS = 12
-CYCLE_POOL = 13_000  # four ~3,100-token prompts and their answers
+CYCLE_POOL = 13_000
+KEY_PATTERN = re.compile(r"mimo-[0-9a-f]{12}_[A-Za-z0-9_-]{43}")  # four ~3,100-token prompts and their answers
 
 
 def long_text(tokens: int, salt: str) -> str:
@@ -197,6 +199,15 @@ async def full_then_target(server: Server, salt: str, fill: bool) -> dict[str, f
                       ignore_eos=True)  # fmt: skip
 
 
+KEYS: dict[Path, dict[str, str]] = {}  # a kept home's key (printed at its first start only)
+
+
+def _key_in(log: Path) -> dict[str, str]:
+    """The key a server printed at its first start, from a log an earlier bench kept."""
+    found = KEY_PATTERN.search(log.read_text()) if log.exists() else None
+    return {"api-key": found.group(0)} if found else {}
+
+
 def part_full(gguf: Path, work: Path, run: int, peer_too: bool) -> dict[str, float]:
     port = free_port()
     flags = ("--kv-cells", "32768", "--n-ctx", "8192")
@@ -206,8 +217,11 @@ def part_full(gguf: Path, work: Path, run: int, peer_too: bool) -> dict[str, flo
         # The fill prompts stay on disk between runs (the tiers' home is kept): only the
         # first run computes them.
         home = work / f"full-{name}"
+        known = KEYS.get(home) or _key_in(work / f"full-{name}.log")
         with started("mimoserve", mimoserve(gguf, port, home, *flags, *extra), port,
-                     work / f"full-{name}.log", key_from_log=True) as server:  # fmt: skip
+                     work / f"full-{name}.log", key_from_log=not known) as server:  # fmt: skip
+            server.headers = known or server.headers
+            KEYS[home] = server.headers
             full = asyncio.run(full_then_target(server, f"target {run} full", True))
         empty_home = work / f"empty-{name}"
         shutil.rmtree(empty_home, ignore_errors=True)
@@ -262,13 +276,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--parts", default="restart,cycle,full,streams")
     parser.add_argument("--work", type=Path, default=None, help="kept between runs")
+    parser.add_argument("--first-run", type=int, default=1,
+                        help="number of the first run (to go on with a kept --work)")  # fmt: skip
     args = parser.parse_args()
     gguf = WeightsStore(MODELS_DIR).resolve(args.model)
     work = args.work or Path(tempfile.mkdtemp(prefix="kv-tiers-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
     runs = []
-    for run in range(args.runs):
+    for run in range(args.first_run - 1, args.first_run - 1 + args.runs):
         result: dict[str, dict[str, float]] = {}
         for part in parts:
             if part == "restart":
