@@ -17,8 +17,10 @@ Default model (Qwen2.5-Coder 0.5B), all cores, one server up at a time:
   every request misses (LRU, cycled), so that peer's one cycle is its steady state.
 - full: a 6,000-token prompt and a 200-token decode (ignore_eos), with 24,000 cells of
   other prompts sent just before (they would sit in the pool), against the same on an
-  empty pool (a fresh server): time to first token and decode tok/s, ratio full / empty.
-  The peer: the same with the tiers off (`--kv-disk-bytes 0`: idle prefixes stay).
+  empty pool (a fresh server, up at the same time; which target goes first alternates
+  between runs): time to first token and decode time per token, ratio full / empty.
+  The peer: the same with the tiers off (`--kv-disk-bytes 0`: idle prefixes stay),
+  first run only (its fills are computed every time: four minutes).
 - streams: 8 streams at once (200 tokens each, short prompts): aggregate tok/s with the
   tiers against without (paired, alternating which goes first).
 Prints each run's figures, then medians and ranges.
@@ -209,25 +211,34 @@ def _key_in(log: Path) -> dict[str, str]:
 
 
 def part_full(gguf: Path, work: Path, run: int, peer_too: bool) -> dict[str, float]:
-    port = free_port()
     flags = ("--kv-cells", "32768", "--n-ctx", "8192")
     found: dict[str, float] = {}
     configs = [("tiers", ())] + ([("pool_only", ("--kv-disk-bytes", "0"))] if peer_too else [])
     for name, extra in configs:
-        # The fill prompts stay on disk between runs (the tiers' home is kept): only the
-        # first run computes them.
+        # Both servers up together, the targets timed one after the other, in an order
+        # that alternates between runs (the shared machine drifts). The fill prompts
+        # stay on disk between runs (the tiers' home is kept): only the first run
+        # computes them.
         home = work / f"full-{name}"
         known = KEYS.get(home) or _key_in(work / f"full-{name}.log")
-        with started("mimoserve", mimoserve(gguf, port, home, *flags, *extra), port,
-                     work / f"full-{name}.log", key_from_log=not known) as server:  # fmt: skip
-            server.headers = known or server.headers
-            KEYS[home] = server.headers
-            full = asyncio.run(full_then_target(server, f"target {run} full", True))
         empty_home = work / f"empty-{name}"
         shutil.rmtree(empty_home, ignore_errors=True)
-        with started("mimoserve", mimoserve(gguf, port, empty_home, *flags, *extra), port,
-                     work / f"empty-{name}.log", key_from_log=True) as server:  # fmt: skip
-            empty = asyncio.run(full_then_target(server, f"target {run} empty", False))
+        port, empty_port = free_port(), free_port()
+        with started("mimoserve", mimoserve(gguf, port, home, *flags, *extra), port,
+                     work / f"full-{name}.log", key_from_log=not known) as server, \
+             started("mimoserve", mimoserve(gguf, empty_port, empty_home, *flags, *extra),
+                     empty_port, work / f"empty-{name}.log", key_from_log=True) as fresh:  # fmt: skip
+            server.headers = known or server.headers
+            KEYS[home] = server.headers
+            for i in range(4):  # 24,000 cells of other prompts
+                asyncio.run(chat(server, [{"role": "user",
+                                           "content": long_text(6000, f"fill {i}")}], 1))  # fmt: skip
+            timed = {}
+            order = [("full", server), ("empty", fresh)]
+            for label, target in order if run % 2 == 0 else order[::-1]:
+                timed[label] = asyncio.run(full_then_target(target, f"target {run} {label}",
+                                                            False))  # fmt: skip
+        full, empty = timed["full"], timed["empty"]
         found[f"{name}_ttft_ratio"] = full["ttft"] / empty["ttft"]
         found[f"{name}_decode_ratio"] = empty["tok_s"] / full["tok_s"]  # time per token
         found[f"{name}_ttft_empty"] = empty["ttft"]
