@@ -201,6 +201,7 @@ async def full_then_target(server: Server, salt: str, fill: bool) -> dict[str, f
                       ignore_eos=True)  # fmt: skip
 
 
+STAMP = int(time.time())
 KEYS: dict[Path, dict[str, str]] = {}  # a kept home's key (printed at its first start only)
 
 
@@ -236,8 +237,9 @@ def part_full(gguf: Path, work: Path, run: int, peer_too: bool) -> dict[str, flo
             timed = {}
             order = [("full", server), ("empty", fresh)]
             for label, target in order if run % 2 == 0 else order[::-1]:
-                timed[label] = asyncio.run(full_then_target(target, f"target {run} {label}",
-                                                            False))  # fmt: skip
+                # A salt of this invocation's own: a kept home must not hold the target.
+                salt = f"target {run} {label} {STAMP}"
+                timed[label] = asyncio.run(full_then_target(target, salt, False))
         full, empty = timed["full"], timed["empty"]
         found[f"{name}_ttft_ratio"] = full["ttft"] / empty["ttft"]
         found[f"{name}_decode_ratio"] = empty["tok_s"] / full["tok_s"]  # time per token

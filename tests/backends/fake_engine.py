@@ -98,6 +98,7 @@ class FakeContext:
         self.computed = 0  # tokens computed, over all batches
         self.loads = 0  # sequences put back from a lower tier
         self.saves = 0  # sequences copied out for a lower tier
+        self.cells_at_load: list[int] = []  # cells in use as each load began
         self._last: list[tuple[int, int, int, bool]] = []
 
     def decode(self, batch: Any) -> int:
@@ -135,6 +136,7 @@ class FakeContext:
             return False
         if len(self.kv.cells) + len(cells) > self.capacity:
             return False
+        self.cells_at_load.append(len(self.kv.cells))
         self.kv.remove(seq)
         for pos, token in cells:
             self.kv.compute(seq, [token], pos)

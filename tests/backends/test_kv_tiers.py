@@ -336,3 +336,17 @@ def test_a_preempted_sequence_gets_its_prompt_back_from_a_tier_when_it_resumes(
             fresh.stop()
     finally:
         scheduler.stop()
+
+
+def test_idle_prefixes_leave_before_a_prompt_is_loaded_so_it_takes_their_cells(
+    tiered: tuple[Scheduler, FakeContext, KvTiers],
+) -> None:
+    # llama.cpp attends over every cell up to the highest in use: cells loaded while idle
+    # prefixes still held the low ones would sit above them for the whole request.
+    scheduler, context, _ = tiered
+    first = [int(t) for t in tokens(300)]
+    run(scheduler, first)
+    run(scheduler, [int(t) for t in tokens(300, start=30)])  # the first leaves the pool
+    run(scheduler, first)  # comes back: the second, idle now, must have left before
+    assert context.loads == 1
+    assert context.cells_at_load == [0]

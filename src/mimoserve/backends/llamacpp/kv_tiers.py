@@ -81,11 +81,23 @@ class KvTiers:
 
     # ---- bring back -----------------------------------------------------------------------
 
-    def bring_back(self, tokens: list[int], make_room: MakeRoom) -> tuple[int, str]:
+    def bring_back(
+        self, tokens: list[int], make_room: MakeRoom, *, spill_first: bool = False
+    ) -> tuple[int, str]:
         """Loads the lower tiers' longest match for `tokens` into the prefix tree when it
-        beats the pool's. Returns how many tokens the tree gained and from which tier."""
+        beats the pool's. Returns how many tokens the tree gained and from which tier.
+        With `spill_first`, idle prefixes other than the pool's match for `tokens` leave
+        the pool before anything is loaded."""
         context, cache = self._parts()
         pool = cache.match(tokens)
+        if spill_first:
+            held = pool.nodes[-1] if pool.length else None
+            cache.lock(held)  # its own prefix stays
+            try:
+                self.spill_idle()
+            finally:
+                cache.unlock(held)
+            pool = cache.match(tokens)
         wanted = np.asarray(tokens, dtype=np.int32)
         entry, shared = self.store.best(wanted)
         # The request decodes its last token again anyway (fresh logits).
