@@ -193,12 +193,13 @@ def part_cycle(gguf: Path, work: Path) -> dict[str, float]:
     return found
 
 
-async def full_then_target(server: Server, salt: str, fill: bool) -> dict[str, float]:
+async def full_then_target(server: Server, salt: str, fill: bool, stamp: int = 0
+                           ) -> dict[str, float]:  # fmt: skip
     if fill:
         for i in range(4):  # 24,000 cells of other prompts
             await chat(server, [{"role": "user", "content": long_text(6000, f"fill {i}")}], 1)
-    return await chat(server, [{"role": "user", "content": long_text(6000, salt)}], 200,
-                      ignore_eos=True)  # fmt: skip
+    text = f"Request {stamp}.\n" + long_text(6000, salt)
+    return await chat(server, [{"role": "user", "content": text}], 200, ignore_eos=True)
 
 
 STAMP = int(time.time())
@@ -238,8 +239,8 @@ def part_full(gguf: Path, work: Path, run: int, peer_too: bool) -> dict[str, flo
             order = [("full", server), ("empty", fresh)]
             for label, target in order if run % 2 == 0 else order[::-1]:
                 # A salt of this invocation's own: a kept home must not hold the target.
-                salt = f"target {run} {label} {STAMP}"
-                timed[label] = asyncio.run(full_then_target(target, salt, False))
+                salt = f"target {run} {label}"
+                timed[label] = asyncio.run(full_then_target(target, salt, False, STAMP))
         full, empty = timed["full"], timed["empty"]
         found[f"{name}_ttft_ratio"] = full["ttft"] / empty["ttft"]
         found[f"{name}_decode_ratio"] = empty["tok_s"] / full["tok_s"]  # time per token
