@@ -21,8 +21,7 @@ from mimoserve.backends.llamacpp.backend import LlamaCppBackend
 from mimoserve.backends.llamacpp.model import EngineConfig
 from mimoserve.backends.llamacpp.native import NativeContext
 from mimoserve.backends.llamacpp.scheduler import Running, Scheduler
-from mimoserve.events import ContentDelta, Started
-from tests.backends.test_kv_pool import assert_same_computation
+from tests.backends.test_kv_pool import answer, assert_same_computation
 from tests.e2e.server import pull_test_weights, running_server
 from tests.waiting import until_sync
 
@@ -71,13 +70,7 @@ async def answers(config: EngineConfig, questions: list[str]) -> list[tuple[str,
     found = []
     try:
         for question in questions:
-            text, started = "", None
-            async for event in backend.generate(ask(question)):
-                if isinstance(event, Started):
-                    started = event
-                elif isinstance(event, ContentDelta):
-                    text += event.text
-            assert started is not None
+            text, started = await answer(backend, ask(question))
             found.append((text, started.prompt_tokens, started.cached_tokens))
         tiers = backend._scheduler._tiers
         assert tiers is not None and tiers.store.flush(timeout=60)

@@ -74,18 +74,12 @@ class StoredPrefix:
 
 @dataclass
 class TierCounters:
-    """Counted since start; exported by /metrics."""
+    """The store's own counts since start (hits per tier are the scheduler side's)."""
 
     stores: int = 0
     store_failures: int = 0  # full disk, unwritable folder, writer queue full
     store_seconds: float = 0.0
-    loads: int = 0
     load_failures: int = 0  # removed as torn or foreign, or refused by llama.cpp
-    load_seconds: float = 0.0
-    host_hits: int = 0
-    disk_hits: int = 0
-    host_tokens: int = 0  # prompt tokens served from host memory
-    disk_tokens: int = 0  # prompt tokens served from disk
 
 
 def common_length(a: np.ndarray, b: np.ndarray) -> int:
@@ -147,7 +141,7 @@ class KvStore:
                 _remove(path)
                 continue
             self._entries[path] = entry
-        self._evict_over_cap()
+        self._make_room(0)  # a cap lowered since the last start
         if self._entries:
             log.info("KV disk tier: %d prefixes (%d MB) in %s", len(self._entries),
                      self.bytes_on_disk // 1_000_000, self.folder)  # fmt: skip
@@ -200,10 +194,6 @@ class KvStore:
             if shared > length:
                 best, length = entry, shared
         return best, length
-
-    def covers(self, tokens: np.ndarray) -> bool:
-        """Whether a stored prefix already holds all of `tokens` (no need to store them)."""
-        return self.best(tokens)[1] >= int(tokens.shape[0])
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -353,9 +343,6 @@ class KvStore:
         while self._entries and self.bytes_on_disk + size > self.disk_bytes:
             self._forget(min(self._entries.values(), key=lambda e: e.last_used))
 
-    def _evict_over_cap(self) -> None:
-        self._make_room(0)
-
     def _forget(self, entry: StoredPrefix) -> None:
         if self._entries.get(entry.path) is entry:
             del self._entries[entry.path]
@@ -407,11 +394,8 @@ def weights_sha256(path: Path, known: str | None, cache_dir: Path) -> str:
             return text
     except OSError:
         pass
-    digest = hashlib.sha256()
     with path.open("rb") as file:
-        while chunk := file.read(1 << 22):
-            digest.update(chunk)
-    value = digest.hexdigest()
+        value = hashlib.file_digest(file, "sha256").hexdigest()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         memo.write_text(value)

@@ -37,6 +37,7 @@ MIN_KEPT_TOKENS = 128
 MIN_LOAD_GAIN = 32
 
 MakeRoom = Callable[[int, None], bool]
+TIERS = ("pool", "host", "disk")
 
 
 class KvTiers:
@@ -46,7 +47,9 @@ class KvTiers:
         self._ctx: KvContext | None = None
         self._cache: PrefixCache | None = None
         self._scratch = -1
-        self._pool_hits = self._pool_tokens = 0
+        # Requests that reused cells, and tokens reused, by where they came from.
+        self._hits = dict.fromkeys(TIERS, 0)
+        self._tokens = dict.fromkeys(TIERS, 0)
         self._spilled = 0
         self._capture_s = 0.0
         self._load_s = 0.0
@@ -81,23 +84,11 @@ class KvTiers:
 
     # ---- bring back -----------------------------------------------------------------------
 
-    def bring_back(
-        self, tokens: list[int], make_room: MakeRoom, *, spill_first: bool = False
-    ) -> tuple[int, str]:
+    def bring_back(self, tokens: list[int], make_room: MakeRoom) -> tuple[int, str]:
         """Loads the lower tiers' longest match for `tokens` into the prefix tree when it
-        beats the pool's. Returns how many tokens the tree gained and from which tier.
-        With `spill_first`, idle prefixes other than the pool's match for `tokens` leave
-        the pool before anything is loaded."""
+        beats the pool's. Returns how many tokens the tree gained and from which tier."""
         context, cache = self._parts()
         pool = cache.match(tokens)
-        if spill_first:
-            held = pool.nodes[-1] if pool.length else None
-            cache.lock(held)  # its own prefix stays
-            try:
-                self.spill_idle()
-            finally:
-                cache.unlock(held)
-            pool = cache.match(tokens)
         wanted = np.asarray(tokens, dtype=np.int32)
         entry, shared = self.store.best(wanted)
         # The request decodes its last token again anyway (fresh logits).
@@ -132,25 +123,31 @@ class KvTiers:
         """A request started with `reused` prompt tokens not computed, `loaded` of them
         brought back from `tier` for it."""
         loaded = min(loaded, reused)
-        counters = self.store.counters
-        if reused - loaded > 0:
-            self._pool_hits += 1
-            self._pool_tokens += reused - loaded
-        if loaded and tier == "host":
-            counters.host_hits += 1
-            counters.host_tokens += loaded
-        elif loaded:
-            counters.disk_hits += 1
-            counters.disk_tokens += loaded
+        for source, tokens in (("pool", reused - loaded), (tier, loaded)):
+            if tokens > 0:
+                self._hits[source] += 1
+                self._tokens[source] += tokens
 
     # ---- spill ----------------------------------------------------------------------------
 
-    def spill_idle(self) -> int:
+    def spill_idle(self, sparing: list[int] | None = None) -> int:
         """Frees the pool cells of idle prefixes that a lower tier holds (all but fewer
         than `MIN_LOAD_GAIN` tokens, which are recomputed); returns how many left.
         Prefixes no tier holds (short prompts, long answers not kept) stay: dropping
-        them would cost a recompute."""
+        them would cost a recompute. The pool's match for `sparing` (a request about to
+        start) stays too."""
         _, cache = self._parts()
+        match = cache.match(sparing) if sparing else None
+        spared = match.nodes[-1] if match is not None and match.length else None
+        cache.lock(spared)
+        try:
+            freed = self._spill(cache)
+        finally:
+            cache.unlock(spared)
+        self._spilled += freed
+        return freed
+
+    def _spill(self, cache: PrefixCache) -> int:
         freed = 0
         leaves = cache.idle_leaves()
         while leaves:
@@ -163,7 +160,6 @@ class KvTiers:
             if parent is not None and parent is not cache.root and not parent.children \
                     and parent.refs == 0:  # fmt: skip
                 leaves.append(parent)
-        self._spilled += freed
         return freed
 
     # ---- reporting ------------------------------------------------------------------------
@@ -171,12 +167,12 @@ class KvTiers:
     def stats(self) -> KvTierStats:
         store, counters = self.store, self.store.counters
         return KvTierStats(
-            pool_hits=self._pool_hits,
-            pool_tokens=self._pool_tokens,
-            host_hits=counters.host_hits,
-            host_tokens=counters.host_tokens,
-            disk_hits=counters.disk_hits,
-            disk_tokens=counters.disk_tokens,
+            pool_hits=self._hits["pool"],
+            pool_tokens=self._tokens["pool"],
+            host_hits=self._hits["host"],
+            host_tokens=self._tokens["host"],
+            disk_hits=self._hits["disk"],
+            disk_tokens=self._tokens["disk"],
             disk_bytes=store.bytes_on_disk,
             disk_entries=store.entries,
             host_bytes=store.host_bytes_used,

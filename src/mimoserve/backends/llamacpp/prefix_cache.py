@@ -278,19 +278,8 @@ class PrefixCache:
             self._drop(leaf)
 
     def _lru_leaf(self, keep: list[Node]) -> Node | None:
-        best: Node | None = None
-        stack = list(self.root.children.values())
-        while stack:
-            node = stack.pop()
-            if node.children:
-                stack.extend(node.children.values())
-            elif (
-                node.refs == 0
-                and node not in keep
-                and (best is None or node.last_used < best.last_used)
-            ):
-                best = node
-        return best
+        idle = (leaf for leaf in self.idle_leaves() if leaf not in keep)
+        return min(idle, key=lambda leaf: leaf.last_used, default=None)
 
     def _drop(self, leaf: Node) -> int:
         assert leaf.refs == 0 and not leaf.children and leaf.parent is not None

@@ -355,7 +355,8 @@ class Scheduler:
             # Then cells a lower tier holds beyond what the pool has come back (into the
             # tree), so the match below finds them; for a pre-empted sequence too (its
             # prompt may have left the pool while it waited).
-            loaded = self._tiers.bring_back(tokens, self._make_room, spill_first=True)
+            self._tiers.spill_idle(sparing=tokens)
+            loaded = self._tiers.bring_back(tokens, self._make_room)
             if running.sampler is None:
                 running.loaded = loaded
         match = self._cache.match(tokens)
