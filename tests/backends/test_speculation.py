@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from mimoserve.backends.base import SamplingParams
+from mimoserve.backends.llamacpp.native import step_sizes
 from mimoserve.backends.llamacpp.scheduler import MAX_GUESSING_STREAMS
 from mimoserve.backends.llamacpp.sequence import DecodeJob, Generated
 from mimoserve.backends.llamacpp.speculation import (
@@ -139,6 +140,92 @@ def test_a_long_context_shortens_or_drops_the_guess() -> None:
                  for s in (0, 8192))  # fmt: skip
     assert near.length > 0 and far.length < near.length
     assert far.value < near.value
+
+
+# Measured here with flash attention, llama.cpp's CPU default (Qwen2.5-Coder-0.5B, 2
+# threads, seconds by step size): over an empty context and after 2,000 cells. From 64
+# query rows llama.cpp's kernel is tiled: a step of 64 costs less than a step of 63.
+FA_EMPTY = {1: 0.0142, 2: 0.0334, 16: 0.0729, 32: 0.1449, 48: 0.2022, 63: 0.2755,
+            64: 0.2502, 65: 0.2887}  # fmt: skip
+FA_AT_2000 = {1: 0.0190, 2: 0.0450, 16: 0.1340, 32: 0.2650, 48: 0.3700, 63: 0.4960,
+              64: 0.3420, 65: 0.4110}  # fmt: skip
+
+
+def test_the_step_shape_measured_at_a_span_keeps_the_tile_edge() -> None:
+    shape = StepShape(FA_EMPTY, FA_AT_2000, span=2000)
+    for n, seconds in FA_AT_2000.items():
+        assert shape.cost(n, span=2000) == pytest.approx(seconds / FA_AT_2000[1], rel=1e-6)
+    assert shape.cost(64, span=2000) < shape.cost(63, span=2000)
+    # Twice the span: the attention part of each size doubles, the rest stays.
+    for n in (32, 64):
+        extra = FA_AT_2000[n] - FA_EMPTY[n]
+        expected = (FA_EMPTY[n] + 2 * extra) / (FA_EMPTY[1] + 2 * (FA_AT_2000[1] - FA_EMPTY[1]))
+        assert shape.cost(n, span=4000) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_likely_copy_is_guessed_up_to_a_whole_tile() -> None:
+    """A long copy at 2,000 cells: one decoding token and 63 guessed fill the tile; the
+    shape learnt as one cost per cell (the same steps, the edge averaged away) stops
+    at about half of that, where the row-by-row kernel is still cheaper per step."""
+    measured = StepShape(FA_EMPTY, FA_AT_2000, span=2000)
+    averaged = StepShape(FA_EMPTY)
+    for _ in range(3):
+        for n, seconds in FA_AT_2000.items():
+            averaged.learn(n, 2000, seconds)
+    tiled = draft_length(0.98, measured, tokens=1, yielded=1, limit=64, span=2000)
+    assert tiled.length == 63
+    assert draft_length(0.98, averaged, tokens=1, yielded=1, limit=64, span=2000).length < 48
+    # Just past the tile the step costs more again: never 64 guessed of 64 allowed.
+    assert draft_length(0.999, measured, tokens=1, yielded=1, limit=64, span=2000).length == 63
+
+
+def test_the_engines_steps_scale_the_measured_attention_term() -> None:
+    shape = StepShape(FA_EMPTY, FA_AT_2000, span=2000)
+    assert shape.scale == 1.0
+    # The machine got busier: every step's attention takes twice what was measured.
+    for _ in range(3):
+        for n in (1, 16, 32, 64):
+            shape.learn(n, 3000, FA_EMPTY[n] + 2 * 1.5 * (FA_AT_2000[n] - FA_EMPTY[n]))
+    assert shape.scale == pytest.approx(2.0, rel=0.01)
+    assert shape.cost(64, span=3000) < shape.cost(63, span=3000)  # the shape holds
+
+
+def test_the_sizes_measured_reach_the_longest_step_the_limit_allows() -> None:
+    assert step_sizes(64) == (1, 2, 4, 8, 16, 32, 48, 63, 64, 65)
+    assert step_sizes(8) == (1, 2, 4, 8, 9)
+    assert step_sizes(100)[-3:] == (65, 96, 101)
+
+
+def test_a_guess_is_priced_at_the_cells_its_sequence_sees(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """llama.cpp's flash attention skips other sequences' cells: a short sequence beside
+    a long one is priced at its own length, not at the pool's cells in use."""
+    spans: dict[int, list[int]] = {}
+    original = SequenceDrafts.propose
+
+    def propose(self: SequenceDrafts, *args: Any) -> Any:
+        spans.setdefault(self.prompt_length, []).append(args[-1])
+        return original(self, *args)
+
+    monkeypatch.setattr(SequenceDrafts, "propose", propose)
+    scheduler, _ = fake_engine.fake_scheduler(max_draft=8, step_shape=CPU_SHAPE,
+                                              pool_cells=1024, seq_ctx=512)  # fmt: skip
+    try:
+        outs = []
+        for prompt in ([1 + i % 8 for i in range(300)], [1, 2, 3, 4, 5, 6, 7, 8, 1, 2]):
+            out = Collected()
+            job = DecodeJob(prompt=prompt, sampling=SamplingParams(temperature=0, max_tokens=40,
+                            seed=1), emit=out)  # fmt: skip
+            out.job = job
+            outs.append(out)
+            scheduler.submit(job)
+        for out in outs:
+            out.wait()
+    finally:
+        scheduler.stop()
+    assert spans[10] and max(spans[10]) < 10 + 40
+    assert spans[300] and min(spans[300]) >= 299  # the cells before its next token
 
 
 def test_the_table_learns_from_verifications() -> None:

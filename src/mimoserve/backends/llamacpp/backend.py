@@ -19,12 +19,14 @@ from mimoserve.backends.llamacpp.kv_store import KvStore, StoreIdentity, weights
 from mimoserve.backends.llamacpp.kv_tiers import KvTiers
 from mimoserve.backends.llamacpp.model import PREFIX_HOLDERS, EngineConfig, LoadedModel
 from mimoserve.backends.llamacpp.native import (
-    STEP_SIZES,
+    SHAPE_SPAN,
     Batch,
+    MeasuredShape,
     NativeContext,
     NativeModel,
     Sampler,
     measure_step_shape,
+    step_sizes,
 )
 from mimoserve.backends.llamacpp.scheduler import Scheduler, engine_down
 from mimoserve.backends.llamacpp.sequence import (
@@ -80,24 +82,37 @@ def _measured_shape(weights: NativeModel, config: EngineConfig) -> StepShape:
     """Step costs measured on a scratch context, on a thread that then ends. Measured on
     the loading thread, every later decode ran 30 % slower (Qwen2.5-Coder-0.5B here):
     llama.cpp's OpenMP workers belong to the thread that decodes, and the loading
-    thread's team stayed behind, competing with the scheduler's for the two cores."""
-    found: list[dict[int, float]] = []
+    thread's team stayed behind, competing with the scheduler's for the two cores.
+    Measured once per process for a model file, thread count and KV type (several
+    seconds for the default model)."""
+    file = config.model_path.stat()
+    key = (str(config.model_path), file.st_size, file.st_mtime_ns, config.threads,
+           config.kv_type, config.spec_max_draft)  # fmt: skip
+    measured = _SHAPES.get(key)
+    if measured is None:
+        found: list[MeasuredShape] = []
 
-    def measure() -> None:
-        size = max(STEP_SIZES)
-        scratch = NativeContext(weights, n_ctx=4 * size, n_seq=1, n_batch=size,
-                                n_threads=config.threads, kv_type=config.kv_type)  # fmt: skip
-        batch = Batch(size)
-        try:
-            found.append(measure_step_shape(scratch, batch))
-        finally:
-            batch.close()
-            scratch.close()
+        def measure() -> None:
+            sizes = step_sizes(config.spec_max_draft)
+            fill = max(SHAPE_SPAN, max(sizes))  # the span in one step
+            scratch = NativeContext(weights, n_ctx=SHAPE_SPAN + 2 * max(sizes), n_seq=1,
+                                    n_batch=fill, n_threads=config.threads,
+                                    kv_type=config.kv_type)  # fmt: skip
+            batch = Batch(fill)
+            try:
+                found.append(measure_step_shape(scratch, batch, sizes))
+            finally:
+                batch.close()
+                scratch.close()
 
-    worker = threading.Thread(target=measure, name="llamacpp-step-shape")
-    worker.start()
-    worker.join()
-    return StepShape(found[0])
+        worker = threading.Thread(target=measure, name="llamacpp-step-shape")
+        worker.start()
+        worker.join()
+        measured = _SHAPES[key] = found[0]
+    return StepShape(measured.empty, measured.at_span, measured.span)
+
+
+_SHAPES: dict[tuple[str, int, int, int, str, int], MeasuredShape] = {}
 
 
 def _lower_tiers(config: EngineConfig) -> KvTiers | None:

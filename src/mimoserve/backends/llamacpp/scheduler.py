@@ -196,7 +196,6 @@ class Scheduler:
         # Speculation: at most this many drafted tokens per sequence and step (0: off).
         self._max_draft = max_draft if step_shape is not None else 0
         self._shape = step_shape
-        self._span = 0  # cells in use as the step being built began
         self._shared = SharedHistory() if self._max_draft > 0 else None
         self._acceptance = AcceptanceTable()
         self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
@@ -483,9 +482,6 @@ class Scheduler:
         # Every decoding sequence and the oldest prompt must be able to move on.
         self._make_room(len(decoding) + (1 if prefilling else 0), protect=self._oldest())
         free = self.free_cells()
-        # The cells this step attends over (llama.cpp spans every cell in use, masked or
-        # not): what a guess's tokens cost beyond an empty context's (StepShape).
-        self._span = self._pool_cells - free
         share = self._prompt_share() if decoding else self._n_batch
         added: list[tuple[Running, list[int]]] = []
         for running in decoding:
@@ -546,8 +542,10 @@ class Scheduler:
         # Never past the request's context (llama.cpp refuses such positions) nor past
         # the tokens it may still write.
         room = min(room, self._seq_ctx - len(running.fed) - 1, running.output.remaining - 1)
+        # The cells its tokens attend over: its own (llama.cpp's flash attention skips
+        # the cells of other sequences), what a guess costs beyond an empty context's.
         guess = running.drafts.propose(self._shape, self._batch.size, yielded, room,
-                                       self._span + self._batch.size)  # fmt: skip
+                                       len(running.fed) - 1)  # fmt: skip
         if guess is None:
             return 0, 0.0
         running.guess = guess
@@ -610,8 +608,10 @@ class Scheduler:
             # One sequence's steps only: what the shape measured at start, and what a
             # guess is added to (a step of several sequences costs more for other
             # reasons, which would read as attention and price guesses out).
+            # The span: the cells the sequence held before the step.
             if self._shape is not None and len(added) == 1:
-                self._shape.learn(self._batch.size, self._span + self._batch.size, seconds)
+                span = len(added[0][0].fed) - self._batch.size
+                self._shape.learn(self._batch.size, span, seconds)
         if code == _NO_KV_SLOT:
             self._undo(added)
             return True

@@ -213,26 +213,50 @@ class AcceptanceTable:
 
 class StepShape:
     """The cost of a decode step of n tokens relative to a step of one, at the context in
-    use. At an empty context it is measured on this engine (`points`: sizes -> seconds),
-    interpolated linearly between sizes and extended beyond the largest along its last
-    segment. A context adds to every token of a step the attention over its span (the
-    cells llama.cpp attends to, masked or not), `per_token_cell` seconds per cell, learnt
-    from the steps the engine runs (`learn`). Measured here (Qwen2.5-Coder-0.5B, 2 cores):
-    a 16-token step costs 5.3 single-token steps at an empty context and 10.2 at 8,192
-    cells; each token adds about 2.1 ms per 1,000 cells."""
+    use (`span`: the cells llama.cpp attends over, masked or not).
 
-    def __init__(self, points: dict[int, float]) -> None:
+    Both parts are measured on this engine before serving (`points`: sizes -> seconds
+    at an empty context; `at_span`: the same sizes over `span` cells), interpolated
+    linearly between sizes and extended beyond the largest along its last segment. What
+    a context adds to each token of a step, per cell, depends on the step's size,
+    because llama.cpp picks its attention kernel by it. Measured here with flash
+    attention (llama.cpp's CPU default; Qwen2.5-Coder-0.5B, 2 cores, 3,000 cells): one
+    token takes a split-context path (22 ms), 2-63 tokens a row-by-row kernel (32
+    tokens: 329 ms, 63: 618 ms), and from 64 tokens a tiled one (64: 417 ms, 128:
+    771 ms): a step of 64 costs two thirds of a step of 63, so the sizes measured
+    include both sides of that edge (`STEP_SIZES`).
+
+    The steps the engine runs then scale the measured attention term (`learn`), so it
+    follows the machine's load and spans far beyond the measured one. Without an
+    at-span measurement, the term is one cost per token and cell, learnt alone."""
+
+    def __init__(self, points: dict[int, float], at_span: dict[int, float] | None = None,
+                 span: int = 0) -> None:  # fmt: skip
         self._sizes = sorted(points)
         self._seconds = [points[n] for n in self._sizes]
         self._known: dict[int, float] = {}  # asked every step for every length: kept
-        # The attention term's least-squares fit through the origin, decaying: the sums
-        # of residual x load and of load squared (load = tokens x span).
+        self._per_cell: dict[int, float] = {}
+        # Seconds per token and cell of context, by step size, from the measure at a
+        # span; 1.0 everywhere when there is none (the scale is then the cost itself).
+        self._cell_sizes, self._cell_seconds = [1], [1.0]
+        if at_span and span > 0:
+            sizes = sorted(n for n in at_span if n in points)
+            self._cell_sizes = sizes
+            self._cell_seconds = [max(0.0, (at_span[n] - points[n]) / (n * span)) for n in sizes]
+        # The measured term's scale, a decaying least-squares fit through the origin of
+        # what steps took beyond the empty measure against the measured term: the sums of
+        # residual x load and of load squared.
+        self.scale = 1.0 if at_span and span > 0 else 0.0
         self._fit = [0.0, 0.0]
-        self.per_token_cell = 0.0
+
+    @property
+    def per_token_cell(self) -> float:
+        """Seconds a cell of context adds to a one-token step."""
+        return self.scale * self._cell_cost(1)
 
     def cost(self, n: int, span: int = 0) -> float:
-        attention = self.per_token_cell * span
-        return (self._empty(n) + attention * n) / (self._empty(1) + attention)
+        one = self._empty(1) + self.scale * self._cell_cost(1) * span
+        return (self._empty(n) + self.scale * self._cell_cost(n) * n * span) / one
 
     def learn(self, tokens: int, span: int, seconds: float) -> None:
         """A step of `tokens` over `span` cells took `seconds`: what it took beyond the
@@ -240,28 +264,39 @@ class StepShape:
         measured sizes (prompt chunks) and short spans (noise) teach nothing."""
         if tokens > self._sizes[-1] or span < _LEARN_MIN_SPAN:
             return
-        load = tokens * span
+        load = self._cell_cost(tokens) * tokens * span
         residual = seconds - self._empty(tokens)
         fit = self._fit
         fit[0] = fit[0] * _LEARN_DECAY + residual * load
         fit[1] = fit[1] * _LEARN_DECAY + load * load
-        self.per_token_cell = max(0.0, fit[0] / fit[1])
+        self.scale = max(0.0, fit[0] / fit[1])
 
     def _empty(self, n: int) -> float:
         known = self._known.get(n)
         if known is None:
-            known = self._known[n] = self._interpolated(n)
+            known = self._known[n] = _interpolated(self._sizes, self._seconds, n)
         return known
 
-    def _interpolated(self, n: int) -> float:
-        sizes, costs = self._sizes, self._seconds
-        if n <= sizes[0]:
-            return costs[0] * n / sizes[0]
-        for i in range(1, len(sizes)):
-            if n <= sizes[i] or i == len(sizes) - 1:
-                span = (costs[i] - costs[i - 1]) / (sizes[i] - sizes[i - 1])
-                return costs[i - 1] + span * (n - sizes[i - 1])
-        raise AssertionError("unreachable")
+    def _cell_cost(self, n: int) -> float:
+        known = self._per_cell.get(n)
+        if known is None:
+            # Per token, so beyond the largest size it stays (no extrapolated slope).
+            sizes, costs = self._cell_sizes, self._cell_seconds
+            known = costs[-1] if n >= sizes[-1] else _interpolated(sizes, costs, n)
+            self._per_cell[n] = known = max(0.0, known)
+        return known
+
+
+def _interpolated(sizes: list[int], values: list[float], n: int) -> float:
+    """Linear between measured sizes; below the smallest, in proportion to it; beyond the
+    largest, along the last segment."""
+    if n <= sizes[0] or len(sizes) == 1:
+        return values[0] * n / sizes[0]
+    for i in range(1, len(sizes)):
+        if n <= sizes[i] or i == len(sizes) - 1:
+            slope = (values[i] - values[i - 1]) / (sizes[i] - sizes[i - 1])
+            return values[i - 1] + slope * (n - sizes[i - 1])
+    raise AssertionError("unreachable")
 
 
 # Spans shorter than this teach the attention term nothing (its share of a step is in the
