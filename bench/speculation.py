@@ -219,10 +219,45 @@ def mimoserve_command(gguf: Path, port: int, home: Path, draft: int | None) -> l
     return command + ([] if draft is None else ["--spec-max-draft", str(draft)])
 
 
-def llama_server_command(gguf: Path, port: int, spec: str) -> list[str]:
+def llama_server_command(gguf: Path, port: int, spec: str, *extra: str) -> list[str]:
     return [str(llama_server_binary()), "-m", str(gguf), "--host", "127.0.0.1",
             "--port", str(port), "--parallel", "8", "-c", str(8 * 16384), "--kv-unified",
-            "-t", THREADS, "--jinja", "--no-webui", "--spec-type", spec]  # fmt: skip
+            "-t", THREADS, "--jinja", "--no-webui", "--spec-type", spec, *extra]  # fmt: skip
+
+
+# llama-server's n-gram settings tried for the peer (`--peers`): each type at its
+# defaults (ngram-mod guesses 48-64 tokens), and ngram-mod held to 63 guessed tokens,
+# so its steps fill llama.cpp's 64-row attention tile as ours do.
+PEER_SETTINGS: dict[str, list[str]] = {
+    "ngram-mod": ["ngram-mod"],
+    "ngram-mod n-max 63": ["ngram-mod", "--spec-ngram-mod-n-max", "63"],
+    "ngram-mod n-min 16 n-max 63": ["ngram-mod", "--spec-ngram-mod-n-min", "16",
+                                    "--spec-ngram-mod-n-max", "63"],
+    "ngram-simple": ["ngram-simple"],
+    "ngram-map-k": ["ngram-map-k"],
+    "ngram-cache": ["ngram-cache"],
+}
+
+
+def peer_sweep(gguf: Path, runs: int) -> None:
+    """The code edit (greedy and t=0.7) on llama-server with each setting, a fresh server
+    per item, `runs` times in turn: which setting is the peer's best."""
+    names = {name for name, _, _ in items(ours=False)[1] if name.startswith("edit")}
+    found: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(runs):
+            for setting, args in PEER_SETTINGS.items():
+                for name in sorted(names):
+                    port = free_port()
+                    command = llama_server_command(gguf, port, *args)
+                    with started("llama-server", command, port, Path(tmp) / "peer.log") as server:
+                        [part] = asyncio.run(workload([server], {name}))
+                    found[setting][name].append(part[name]["tok_s"])
+                    print(json.dumps({setting: {name: part[name]}}), flush=True)
+    for setting, by_name in found.items():
+        for name, values in sorted(by_name.items()):
+            print(f"llama-server {setting} {name}: {statistics.median(values):.1f} "
+                  f"[{min(values):.1f}-{max(values):.1f}] tok/s")  # fmt: skip
 
 
 def one_run(gguf: Path, work: Path) -> dict[str, dict[str, dict[str, float]]]:
@@ -290,8 +325,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--peers", action="store_true",
+                        help="only the code edit on llama-server with each n-gram setting")
     args = parser.parse_args()
     gguf = WeightsStore(MODELS_DIR).resolve(args.model)
+    if args.peers:
+        peer_sweep(gguf, args.runs)
+        return
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):

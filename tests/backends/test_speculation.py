@@ -190,6 +190,18 @@ def test_the_engines_steps_scale_the_measured_attention_term() -> None:
     assert shape.cost(64, span=3000) < shape.cost(63, span=3000)  # the shape holds
 
 
+def test_a_size_measured_without_attention_cost_teaches_nothing() -> None:
+    """Noise can measure a size no slower over the span than on an empty context: its
+    attention term is 0, and a step of that size must not break the fit (it raised
+    ZeroDivisionError in the scheduler thread once, ending every request)."""
+    noisy = {**FA_AT_2000, 16: FA_EMPTY[16] * 0.99}
+    shape = StepShape(FA_EMPTY, noisy, span=2000)
+    shape.learn(16, 3000, 0.2)
+    assert shape.scale == 1.0
+    shape.learn(32, 3000, FA_EMPTY[32] + 1.5 * (FA_AT_2000[32] - FA_EMPTY[32]))
+    assert shape.scale == pytest.approx(1.0)
+
+
 def test_the_sizes_measured_reach_the_longest_step_the_limit_allows() -> None:
     assert step_sizes(64) == (1, 2, 4, 8, 16, 32, 48, 63, 64, 65)
     assert step_sizes(8) == (1, 2, 4, 8, 9)

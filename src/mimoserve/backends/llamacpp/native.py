@@ -164,12 +164,11 @@ def step_sizes(max_draft: int) -> tuple[int, ...]:
 def measure_step_shape(
     context: NativeContext, batch: Batch, sizes: tuple[int, ...], span: int = SHAPE_SPAN
 ) -> MeasuredShape:
-    """Seconds a step of n tokens of one sequence takes on this machine, on an empty
-    context (the better of two tries: the first of a size also builds its graph) and
-    after `span` cells of its own (cells it sees: llama.cpp's flash attention skips
-    masked ones), on a scratch context before serving. `batch` holds the span in one
-    step."""
-    empty = _step_seconds(context, batch, sizes, at=0, tries=2)
+    """Seconds a step of n tokens of one sequence takes on this machine (the better of
+    two tries), on an empty context and after `span` cells of its own (cells it sees:
+    llama.cpp's flash attention skips masked ones), on a scratch context before
+    serving. `batch` holds the span in one step."""
+    empty = _step_seconds(context, batch, sizes, at=0)
     filled = 0
     while filled < span:  # the span's cells, as a prompt is read
         batch.clear()
@@ -177,18 +176,18 @@ def measure_step_shape(
             batch.add(pos % 16, pos, 0, pos == span - 1)
         context.decode(batch)
         filled += batch.size
-    at_span = _step_seconds(context, batch, sizes, at=span, tries=1)
+    at_span = _step_seconds(context, batch, sizes, at=span)
     context.remove(0)
     batch.clear()
     return MeasuredShape(empty, at_span, span)
 
 
-def _step_seconds(context: NativeContext, batch: Batch, sizes: tuple[int, ...], at: int,
-                  tries: int) -> dict[int, float]:  # fmt: skip
+def _step_seconds(context: NativeContext, batch: Batch, sizes: tuple[int, ...], at: int
+                  ) -> dict[int, float]:  # fmt: skip
     seconds: dict[int, float] = {}
     for n in sizes:
         times = []
-        for _ in range(tries):
+        for _ in range(2):
             batch.clear()
             for pos in range(n):
                 batch.add(pos % 16, at + pos, 0, True)

@@ -265,6 +265,8 @@ class StepShape:
         if tokens > self._sizes[-1] or span < _LEARN_MIN_SPAN:
             return
         load = self._cell_cost(tokens) * tokens * span
+        if load <= 0:  # a size whose measure showed no attention cost (noise)
+            return
         residual = seconds - self._empty(tokens)
         fit = self._fit
         fit[0] = fit[0] * _LEARN_DECAY + residual * load
