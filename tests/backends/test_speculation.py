@@ -153,53 +153,61 @@ FA_AT_2000 = {1: 0.0190, 2: 0.0450, 16: 0.1340, 32: 0.2650, 48: 0.3700, 63: 0.49
 
 def test_the_step_shape_measured_at_a_span_keeps_the_tile_edge() -> None:
     shape = StepShape(FA_EMPTY, FA_AT_2000, span=2000)
-    for n, seconds in FA_AT_2000.items():
-        assert shape.cost(n, span=2000) == pytest.approx(seconds / FA_AT_2000[1], rel=1e-6)
-    assert shape.cost(64, span=2000) < shape.cost(63, span=2000)
-    # Twice the span: the attention part of each size doubles, the rest stays.
-    for n in (32, 64):
-        extra = FA_AT_2000[n] - FA_EMPTY[n]
-        expected = (FA_EMPTY[n] + 2 * extra) / (FA_EMPTY[1] + 2 * (FA_AT_2000[1] - FA_EMPTY[1]))
-        assert shape.cost(n, span=4000) == pytest.approx(expected, rel=1e-6)
+    for n, seconds in FA_AT_2000.items():  # pooled per kernel: close, not exact
+        assert shape.cost(n, span=2000) == pytest.approx(seconds / FA_AT_2000[1], rel=0.15)
+    for span in (2000, 8000):
+        assert shape.cost(64, span) < shape.cost(63, span)
+        assert shape.cost(32, span) < shape.cost(64, span) < 2 * shape.cost(32, span)
 
 
 def test_a_likely_copy_is_guessed_up_to_a_whole_tile() -> None:
-    """A long copy at 2,000 cells: one decoding token and 63 guessed fill the tile; the
-    shape learnt as one cost per cell (the same steps, the edge averaged away) stops
-    at about half of that, where the row-by-row kernel is still cheaper per step."""
+    """A long copy at 2,000 cells: one decoding token and 63 guessed fill the tile. A
+    shape that knows only the row-by-row kernel's cost (one cost per token and cell
+    for every size: the edge unseen) stops far short of it."""
     measured = StepShape(FA_EMPTY, FA_AT_2000, span=2000)
-    averaged = StepShape(FA_EMPTY)
+    row_by_row = StepShape(FA_EMPTY)
     for _ in range(3):
-        for n, seconds in FA_AT_2000.items():
-            averaged.learn(n, 2000, seconds)
-    tiled = draft_length(0.98, measured, tokens=1, yielded=1, limit=64, span=2000)
-    assert tiled.length == 63
-    assert draft_length(0.98, averaged, tokens=1, yielded=1, limit=64, span=2000).length < 48
+        for n in (16, 32, 48, 63):
+            row_by_row.learn(n, 2000, FA_AT_2000[n])
+    assert draft_length(0.99, measured, tokens=1, yielded=1, limit=64, span=2000).length == 63
+    assert draft_length(0.99, row_by_row, tokens=1, yielded=1, limit=64, span=2000).length < 48
     # Just past the tile the step costs more again: never 64 guessed of 64 allowed.
     assert draft_length(0.999, measured, tokens=1, yielded=1, limit=64, span=2000).length == 63
 
 
-def test_the_engines_steps_scale_the_measured_attention_term() -> None:
+def test_the_engines_steps_correct_their_kernels_term() -> None:
+    """The start-up measure is short and noisy: steps the engine runs over long contexts
+    soon outweigh it, each for its own kernel (here, row-by-row steps take twice
+    the attention measured; the one-token and tiled steps as measured)."""
     shape = StepShape(FA_EMPTY, FA_AT_2000, span=2000)
-    assert shape.scale == 1.0
-    # The machine got busier: every step's attention takes twice what was measured.
-    for _ in range(3):
+    before = {n: shape.cost(n, 8000) for n in (1, 16, 32, 64)}
+    extra = {n: (FA_AT_2000[n] - FA_EMPTY[n]) / 2000 for n in (1, 16, 32, 64)}
+    for _ in range(5):
         for n in (1, 16, 32, 64):
-            shape.learn(n, 3000, FA_EMPTY[n] + 2 * 1.5 * (FA_AT_2000[n] - FA_EMPTY[n]))
-    assert shape.scale == pytest.approx(2.0, rel=0.01)
-    assert shape.cost(64, span=3000) < shape.cost(63, span=3000)  # the shape holds
+            twice = 2 if n in (16, 32) else 1
+            shape.learn(n, 8000, FA_EMPTY[n] + twice * 8000 * extra[n])
+    assert shape.cost(64, 8000) == pytest.approx(before[64], rel=0.1)
+    for n in (16, 32):
+        grown = (FA_EMPTY[n] + 2 * 8000 * extra[n]) / (FA_EMPTY[1] + 8000 * extra[1])
+        assert shape.cost(n, 8000) == pytest.approx(grown, rel=0.15)
+        assert shape.cost(n, 8000) > 1.5 * before[n]
 
 
-def test_a_size_measured_without_attention_cost_teaches_nothing() -> None:
-    """Noise can measure a size no slower over the span than on an empty context: its
-    attention term is 0, and a step of that size must not break the fit (it raised
-    ZeroDivisionError in the scheduler thread once, ending every request)."""
-    noisy = {**FA_AT_2000, 16: FA_EMPTY[16] * 0.99}
-    shape = StepShape(FA_EMPTY, noisy, span=2000)
-    shape.learn(16, 3000, 0.2)
-    assert shape.scale == 1.0
-    shape.learn(32, 3000, FA_EMPTY[32] + 1.5 * (FA_AT_2000[32] - FA_EMPTY[32]))
-    assert shape.scale == pytest.approx(1.0)
+def test_a_kernel_nothing_has_shown_borrows_the_nearest() -> None:
+    # No measure at a span: what one-token steps teach prices the others until they run.
+    shape = StepShape(FA_EMPTY)
+    assert shape.cost(32, 8000) == pytest.approx(shape.cost(32))
+    shape.learn(1, 8000, 0.0335)
+    per_cell = (0.0335 - FA_EMPTY[1]) / 8000
+    assert shape.per_token_cell == pytest.approx(per_cell)
+    expected = (FA_EMPTY[32] + per_cell * 32 * 8000) / 0.0335
+    assert shape.cost(32, 8000) == pytest.approx(expected)
+    assert shape.cost(64, 8000) > shape.cost(64)
+    # Noise can make a measured size look no slower over the span (it made the scale
+    # fit divide by zero in the scheduler thread once): pooled, nothing breaks.
+    noisy = StepShape(FA_EMPTY, {**FA_AT_2000, 16: FA_EMPTY[16] * 0.99}, span=2000)
+    noisy.learn(16, 3000, 0.2)
+    assert noisy.cost(16, 3000) > noisy.cost(16)
 
 
 def test_the_sizes_measured_reach_the_longest_step_the_limit_allows() -> None:

@@ -213,65 +213,72 @@ class AcceptanceTable:
 
 class StepShape:
     """The cost of a decode step of n tokens relative to a step of one, at the context in
-    use (`span`: the cells llama.cpp attends over, masked or not).
+    use (`span`: the cells the step's sequence attends over).
 
-    Both parts are measured on this engine before serving (`points`: sizes -> seconds
-    at an empty context; `at_span`: the same sizes over `span` cells), interpolated
-    linearly between sizes and extended beyond the largest along its last segment. What
-    a context adds to each token of a step, per cell, depends on the step's size,
-    because llama.cpp picks its attention kernel by it. Measured here with flash
-    attention (llama.cpp's CPU default; Qwen2.5-Coder-0.5B, 2 cores, 3,000 cells): one
-    token takes a split-context path (22 ms), 2-63 tokens a row-by-row kernel (32
-    tokens: 329 ms, 63: 618 ms), and from 64 tokens a tiled one (64: 417 ms, 128:
-    771 ms): a step of 64 costs two thirds of a step of 63, so the sizes measured
-    include both sides of that edge (`STEP_SIZES`).
+    A step costs what it costs on an empty context (`points`, measured on this engine
+    before serving, interpolated linearly between sizes and extended beyond the largest
+    along its last segment) plus, for each of its tokens, a cost per cell of context
+    that depends on the attention kernel llama.cpp picks by the step's size
+    (`_KERNEL_EDGES`). Measured here with flash attention (llama.cpp's CPU default;
+    Qwen2.5-Coder-0.5B, 2 cores, 3,000 cells): one token goes split over the context
+    (22 ms), 2-63 tokens row by row (32 tokens: 329 ms, 63: 618 ms), 64 and more tiled
+    (64: 417 ms, 128: 771 ms): a step of 64 costs two thirds of a step of 63.
 
-    The steps the engine runs then scale the measured attention term (`learn`), so it
-    follows the machine's load and spans far beyond the measured one. Without an
-    at-span measurement, the term is one cost per token and cell, learnt alone."""
+    Each kernel's cost per token and cell starts from the measure over a short span at
+    start (`at_span`, pooled over that kernel's sizes: one size alone is too noisy
+    there) and is then fitted to the steps the engine runs (`learn`: a decaying
+    least-squares fit, the measure counting as a few steps), so it follows the
+    machine's load and spans far beyond the measured one. A kernel nothing has shown yet
+    borrows the nearest one's."""
 
     def __init__(self, points: dict[int, float], at_span: dict[int, float] | None = None,
                  span: int = 0) -> None:  # fmt: skip
         self._sizes = sorted(points)
         self._seconds = [points[n] for n in self._sizes]
         self._known: dict[int, float] = {}  # asked every step for every length: kept
-        self._per_cell: dict[int, float] = {}
-        # Seconds per token and cell of context, by step size, from the measure at a
-        # span; 1.0 everywhere when there is none (the scale is then the cost itself).
-        self._cell_sizes, self._cell_seconds = [1], [1.0]
-        if at_span and span > 0:
-            sizes = sorted(n for n in at_span if n in points)
-            self._cell_sizes = sizes
-            self._cell_seconds = [max(0.0, (at_span[n] - points[n]) / (n * span)) for n in sizes]
-        # The measured term's scale, a decaying least-squares fit through the origin of
-        # what steps took beyond the empty measure against the measured term: the sums of
-        # residual x load and of load squared.
-        self.scale = 1.0 if at_span and span > 0 else 0.0
-        self._fit = [0.0, 0.0]
+        # Per kernel: the sums of residual x load and of load squared (load = tokens x
+        # span; residual = seconds beyond the empty context's), and their ratio.
+        self._fits = [[0.0, 0.0] for _ in range(len(_KERNEL_EDGES) + 1)]
+        self._per_cell = [0.0] * len(self._fits)
+        for n, seconds in (at_span or {}).items():
+            if n in points and span > 0:
+                self._add(n, span, seconds - points[n], weight=_MEASURE_WEIGHT)
+        self._settle()
 
     @property
     def per_token_cell(self) -> float:
         """Seconds a cell of context adds to a one-token step."""
-        return self.scale * self._cell_cost(1)
+        return self._per_cell[0]
 
     def cost(self, n: int, span: int = 0) -> float:
-        one = self._empty(1) + self.scale * self._cell_cost(1) * span
-        return (self._empty(n) + self.scale * self._cell_cost(n) * n * span) / one
+        one = self._empty(1) + self._per_cell[0] * span
+        return (self._empty(n) + self._per_cell[_kernel(n)] * n * span) / one
 
     def learn(self, tokens: int, span: int, seconds: float) -> None:
         """A step of `tokens` over `span` cells took `seconds`: what it took beyond the
-        empty-context measure is the attention term's evidence. Steps larger than the
-        measured sizes (prompt chunks) and short spans (noise) teach nothing."""
+        empty-context measure is its kernel's evidence. Steps larger than the measured
+        sizes (prompt chunks) and short spans (noise) teach nothing."""
         if tokens > self._sizes[-1] or span < _LEARN_MIN_SPAN:
             return
-        load = self._cell_cost(tokens) * tokens * span
-        if load <= 0:  # a size whose measure showed no attention cost (noise)
-            return
-        residual = seconds - self._empty(tokens)
-        fit = self._fit
-        fit[0] = fit[0] * _LEARN_DECAY + residual * load
-        fit[1] = fit[1] * _LEARN_DECAY + load * load
-        self.scale = max(0.0, fit[0] / fit[1])
+        fit = self._fits[_kernel(tokens)]
+        fit[0] *= _LEARN_DECAY
+        fit[1] *= _LEARN_DECAY
+        self._add(tokens, span, seconds - self._empty(tokens))
+        self._settle()
+
+    def _add(self, tokens: int, span: int, residual: float, weight: float = 1.0) -> None:
+        load = tokens * span
+        fit = self._fits[_kernel(tokens)]
+        fit[0] += weight * residual * load
+        fit[1] += weight * load * load
+
+    def _settle(self) -> None:
+        known = [max(0.0, a / b) if b > 0 else None for a, b in self._fits]
+        for kernel in range(len(known)):
+            # Nothing shown for this kernel yet: the nearest one's (the one below first).
+            order = sorted(range(len(known)), key=lambda other: (abs(other - kernel), other))
+            found = next((known[k] for k in order if known[k] is not None), 0.0)
+            self._per_cell[kernel] = found or 0.0
 
     def _empty(self, n: int) -> float:
         known = self._known.get(n)
@@ -279,14 +286,17 @@ class StepShape:
             known = self._known[n] = _interpolated(self._sizes, self._seconds, n)
         return known
 
-    def _cell_cost(self, n: int) -> float:
-        known = self._per_cell.get(n)
-        if known is None:
-            # Per token, so beyond the largest size it stays (no extrapolated slope).
-            sizes, costs = self._cell_sizes, self._cell_seconds
-            known = costs[-1] if n >= sizes[-1] else _interpolated(sizes, costs, n)
-            self._per_cell[n] = known = max(0.0, known)
-        return known
+
+# llama.cpp's CPU flash attention by query rows in the step: one row is split over the
+# context, fewer than 64 (GGML_FA_TILE_Q) go row by row, 64 and more tiled.
+_KERNEL_EDGES = (2, 64)
+# What the start-up measure over a short span weighs in a kernel's fit, in steps of its
+# size and span: real steps over long contexts soon outweigh it.
+_MEASURE_WEIGHT = 4.0
+
+
+def _kernel(tokens: int) -> int:
+    return bisect.bisect_right(_KERNEL_EDGES, tokens)
 
 
 def _interpolated(sizes: list[int], values: list[float], n: int) -> float:
