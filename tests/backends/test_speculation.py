@@ -248,6 +248,33 @@ def test_a_guess_is_priced_at_the_cells_its_sequence_sees(
     assert spans[300] and min(spans[300]) >= 299  # the cells before its next token
 
 
+def test_only_steps_of_one_decoding_sequence_teach_the_shape() -> None:
+    """A prompt chunk computes logits for its last token alone (cheaper than as many
+    guessed tokens, which all need theirs): it must not teach the step shape."""
+    taught: list[tuple[int, int]] = []
+
+    class Recording(StepShape):
+        def learn(self, tokens: int, span: int, seconds: float) -> None:
+            taught.append((tokens, span))
+            super().learn(tokens, span, seconds)
+
+    shape = Recording(FA_EMPTY, FA_AT_2000, span=2000)
+    scheduler, _ = fake_engine.fake_scheduler(max_draft=8, step_shape=shape, pool_cells=2048,
+                                              seq_ctx=1024)  # fmt: skip
+    try:
+        out = Collected()
+        prompt = [1 + (i * 7 + i // 9) % 62 for i in range(700)]  # read in chunks of 64
+        job = DecodeJob(prompt=prompt, sampling=SamplingParams(temperature=0, max_tokens=12,
+                        seed=3), emit=out)  # fmt: skip
+        out.job = job
+        scheduler.submit(job)
+        out.wait()
+    finally:
+        scheduler.stop()
+    assert taught, "decode steps over the prompt teach"
+    assert all(span >= 700 for _, span in taught)  # none of the prompt's own chunks
+
+
 def test_the_table_learns_from_verifications() -> None:
     table = AcceptanceTable()
     before = table.rate("shared", 2)

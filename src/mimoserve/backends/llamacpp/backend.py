@@ -83,8 +83,8 @@ def _measured_shape(weights: NativeModel, config: EngineConfig) -> StepShape:
     the loading thread, every later decode ran 30 % slower (Qwen2.5-Coder-0.5B here):
     llama.cpp's OpenMP workers belong to the thread that decodes, and the loading
     thread's team stayed behind, competing with the scheduler's for the two cores.
-    Measured once per process for a model file, thread count and KV type (several
-    seconds for the default model)."""
+    Measured once per process for a model file, thread count, KV type and guess limit
+    (about 6 s for the default model, 3 s for SmolLM2)."""
     file = config.model_path.stat()
     key = (str(config.model_path), file.st_size, file.st_mtime_ns, config.threads,
            config.kv_type, config.spec_max_draft)  # fmt: skip

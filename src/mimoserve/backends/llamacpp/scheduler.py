@@ -605,11 +605,13 @@ class Scheduler:
         if code == 0:
             seconds = time.perf_counter() - began
             self._step_cost.add(self._batch.size, seconds)
-            # One sequence's steps only: what the shape measured at start, and what a
-            # guess is added to (a step of several sequences costs more for other
-            # reasons, which would read as attention and price guesses out).
-            # The span: the cells the sequence held before the step.
-            if self._shape is not None and len(added) == 1:
+            # Steps of one decoding sequence only (its next token and maybe a guess):
+            # what the shape measured at start, and what a guess is added to. A step of
+            # several sequences costs more for other reasons, which would read as
+            # attention and price guesses out; a prompt chunk computes logits for its
+            # last token alone, and costs less than as many guessed tokens.
+            if self._shape is not None and len(added) == 1 and len(added[0][1]) == 1:
+                # The span: the cells the sequence held before the step.
                 span = len(added[0][0].fed) - self._batch.size
                 self._shape.learn(self._batch.size, span, seconds)
         if code == _NO_KV_SLOT:
