@@ -18,11 +18,15 @@ from the first streamed token to the last, so prompt reading is left out):
   (aggregate tok/s).
 Servers: mimoserve with speculation (default flags) and with `--spec-max-draft 0`, both up
 together and given each request in turn (the order alternating), so the shared
-machine's slow spells fall on both; then llama-server with `--spec-type ngram-mod` and
-nothing else (its defaults otherwise; the issue measured ngram-mod best, and ngram-simple
-was slower in a trial here), alone. Each run starts every server
-afresh; prompts are read once per server before timing.
+machine's slow spells fall on both; then llama-server with `--spec-type ngram-mod` at
+its defaults (the issue's best) and with the best setting `--peers` found (ngram-mod
+guessing 16-63 tokens), alone. Each run starts every server afresh; prompts are read
+once per server before timing.
 Prints each run's table, then the medians and ranges over the runs.
+
+    .venv/bin/python bench/speculation.py --peers [--runs 3]
+
+times the code edit alone on llama-server with each n-gram setting in `PEER_SETTINGS`.
 """
 
 from __future__ import annotations
@@ -52,9 +56,11 @@ FILES = {"weights/store.py": ("WeightsError", "WeightsProblem")}
 FIXTURES = ROOT / "tests" / "api" / "fixtures"
 ESSAY = "Write a long essay about the history of the printing press in Europe."
 TIMEOUT = httpx.Timeout(1800)
-# The peer's speculation: the issue measured ngram-mod best; ngram-simple was slower here.
-PEER_SPEC = "ngram-mod"
-PEER = f"llama-server {PEER_SPEC}"
+# The peers: llama-server with ngram-mod at its defaults (the issue's best), and with the
+# best setting the sweep found (`--peers`; bench/speculation-peers-2026-12-06.txt).
+PEERS = {"llama-server ngram-mod": ["ngram-mod"],
+         "llama-server ngram-mod n-min 16 n-max 63": [
+             "ngram-mod", "--spec-ngram-mod-n-min", "16", "--spec-ngram-mod-n-max", "63"]}
 
 
 def edit_prompt(path: str) -> tuple[str, str]:
@@ -278,14 +284,15 @@ def one_run(gguf: Path, work: Path) -> dict[str, dict[str, dict[str, float]]]:
     groups = [{name} for name, _, _ in items(ours=False)[1]] + [{"8 streams"}]
     print(json.dumps({"mimoserve": table["mimoserve"],
                       "mimoserve no-spec": table["mimoserve no-spec"]}), flush=True)  # fmt: skip
-    figures: dict[str, dict[str, float]] = {}
-    for group in groups:
-        port = free_port()
-        command = llama_server_command(gguf, port, PEER_SPEC)
-        with started("llama-server", command, port, work / f"{PEER_SPEC}.log") as server:
-            [part] = asyncio.run(workload([server], group))
-        figures.update(part)
-    table[PEER] = figures
+    for peer, args in PEERS.items():
+        figures: dict[str, dict[str, float]] = {}
+        for group in groups:
+            port = free_port()
+            command = llama_server_command(gguf, port, *args)
+            with started("llama-server", command, port, work / "peer.log") as server:
+                [part] = asyncio.run(workload([server], group))
+            figures.update(part)
+        table[peer] = figures
     print(json.dumps(table), flush=True)
     return table
 
@@ -306,19 +313,22 @@ def report(runs: list[dict[str, dict[str, dict[str, float]]]]) -> None:
             f"{statistics.median(ours):.1f}",
             figure([o / p for o, p in zip(ours, plain, strict=True)]),
         ]
-        theirs = [r[PEER].get(plain_name, {}).get("tok_s", 0.0) for r in runs]
-        cells.append(
-            figure([o / t for o, t in zip(ours, theirs, strict=True)]) if all(theirs) else "-"
-        )
+        for peer in PEERS:
+            theirs = [r[peer].get(plain_name, {}).get("tok_s", 0.0) for r in runs]
+            cells.append(
+                figure([o / t for o, t in zip(ours, theirs, strict=True)]) if all(theirs) else "-"
+            )
         cells.append(f"{statistics.median(rate):.0%}" if rate else "-")
         rows[work] = cells
-    print(f"| workload | mimoserve tok/s | / no speculation | / {PEER} | guesses kept |")
-    print("|---|---|---|---|---|")
+    peers = " | ".join(f"/ {peer}" for peer in PEERS)
+    print(f"| workload | mimoserve tok/s | / no speculation | {peers} | guesses kept |")
+    print("|---|---|---|" + "---|" * len(PEERS) + "---|")
     for work, cells in rows.items():
         print(f"| {work} | " + " | ".join(cells) + " |")
-    for work in runs[0][PEER]:
-        values = [r[PEER][work]["tok_s"] for r in runs]
-        print(f"{PEER} {work}: {figure(values)} tok/s")
+    for peer in PEERS:
+        for work in runs[0][peer]:
+            values = [r[peer][work]["tok_s"] for r in runs]
+            print(f"{peer} {work}: {figure(values)} tok/s")
 
 
 def main() -> None:
