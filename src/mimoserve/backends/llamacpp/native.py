@@ -139,8 +139,9 @@ class NativeContext:
 # Step sizes whose cost speculation measures at start: up to past the longest step the
 # guess limit allows, and around llama.cpp's flash-attention tile (64 query rows: from
 # there its CPU kernel is tiled). Measured at 2,000 cells (Qwen2.5-Coder-0.5B, 2 cores):
-# 63 tokens 496 ms, 64 342 ms, 65-72 411 ms (a remainder past the tile), 96 532 ms.
-STEP_SIZES = (1, 2, 4, 8, 16, 32, 48, 63, 64, 65, 96)
+# 32 tokens 265 ms, 63 496 ms, 64 342 ms, 65-72 411 ms (a remainder past the tile), 96
+# 532 ms. Within a kernel the cost is near linear in the size: no more sizes needed.
+STEP_SIZES = (1, 2, 4, 8, 16, 32, 63, 64, 65, 96)
 # The context the step sizes are measured over a second time (what a cell adds to each
 # token of a step of that size): long enough to stand out of the noise (a 32-token
 # step of the default model takes a quarter longer), short to read (~1 s at start).
@@ -164,11 +165,14 @@ def step_sizes(max_draft: int) -> tuple[int, ...]:
 def measure_step_shape(
     context: NativeContext, batch: Batch, sizes: tuple[int, ...], span: int = SHAPE_SPAN
 ) -> MeasuredShape:
-    """Seconds a step of n tokens of one sequence takes on this machine (the better of
-    two tries), on an empty context and after `span` cells of its own (cells it sees:
+    """Seconds a step of n tokens of one sequence takes on this machine (the best of a
+    few tries), on an empty context and after `span` cells of its own (cells it sees:
     llama.cpp's flash attention skips masked ones), on a scratch context before
-    serving. `batch` holds the span in one step."""
-    empty = _step_seconds(context, batch, sizes, at=0)
+    serving. `batch` holds the span in one step. Small steps are short and noisy (over
+    512 cells a one-token step's attention is a few ms): they get more tries, for
+    about the time of two tries of 16 tokens; over the span, the larger steps get one
+    (StepShape pools them per attention kernel)."""
+    empty = _step_seconds(context, batch, sizes, at=0, least=2)
     filled = 0
     while filled < span:  # the span's cells, as a prompt is read
         batch.clear()
@@ -176,18 +180,18 @@ def measure_step_shape(
             batch.add(pos % 16, pos, 0, pos == span - 1)
         context.decode(batch)
         filled += batch.size
-    at_span = _step_seconds(context, batch, sizes, at=span)
+    at_span = _step_seconds(context, batch, sizes, at=span, least=1)
     context.remove(0)
     batch.clear()
     return MeasuredShape(empty, at_span, span)
 
 
-def _step_seconds(context: NativeContext, batch: Batch, sizes: tuple[int, ...], at: int
-                  ) -> dict[int, float]:  # fmt: skip
+def _step_seconds(context: NativeContext, batch: Batch, sizes: tuple[int, ...], at: int,
+                  least: int) -> dict[int, float]:  # fmt: skip
     seconds: dict[int, float] = {}
     for n in sizes:
         times = []
-        for _ in range(2):
+        for _ in range(max(least, 16 // n)):
             batch.clear()
             for pos in range(n):
                 batch.add(pos % 16, at + pos, 0, True)

@@ -35,6 +35,8 @@ likely; text with nothing to copy is not guessed at.
 from __future__ import annotations
 
 import bisect
+import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -226,9 +228,10 @@ class StepShape:
 
     Each kernel's cost per token and cell starts from the measure over a short span at
     start (`at_span`, pooled over that kernel's sizes: one size alone is too noisy
-    there) and is then fitted to the steps the engine runs (`learn`: a decaying
-    least-squares fit, the measure counting as a few steps), so it follows the
-    machine's load and spans far beyond the measured one. A kernel nothing has shown yet
+    there) and then follows the steps the engine runs (`learn`): the median of the
+    last steps' estimates, the measure counting as a few of them, so it follows the
+    machine's load and spans far beyond the measured one, and one slow step (threads
+    waking after idle, another process) moves nothing. A kernel nothing has shown yet
     borrows the nearest one's."""
 
     def __init__(self, points: dict[int, float], at_span: dict[int, float] | None = None,
@@ -236,13 +239,22 @@ class StepShape:
         self._sizes = sorted(points)
         self._seconds = [points[n] for n in self._sizes]
         self._known: dict[int, float] = {}  # asked every step for every length: kept
-        # Per kernel: the sums of residual x load and of load squared (load = tokens x
-        # span; residual = seconds beyond the empty context's), and their ratio.
-        self._fits = [[0.0, 0.0] for _ in range(len(_KERNEL_EDGES) + 1)]
-        self._per_cell = [0.0] * len(self._fits)
-        for n, seconds in (at_span or {}).items():
-            if n in points and span > 0:
-                self._add(n, span, seconds - points[n], weight=_MEASURE_WEIGHT)
+        # Per kernel: recent estimates of its cost per token and cell, and their median.
+        kernels = len(_KERNEL_EDGES) + 1
+        self._seen: list[deque[float]] = [deque(maxlen=_LEARN_WINDOW) for _ in range(kernels)]
+        self._per_cell = [0.0] * kernels
+        if at_span and span > 0:
+            # The measure, pooled per kernel (least squares through the origin: the
+            # larger sizes, least noisy, weigh most).
+            sums = [[0.0, 0.0] for _ in range(kernels)]
+            for n, seconds in at_span.items():
+                if n in points:
+                    load = n * span
+                    sums[_kernel(n)][0] += (seconds - points[n]) * load
+                    sums[_kernel(n)][1] += load * load
+            for kernel, (product, square) in enumerate(sums):
+                if square > 0:
+                    self._seen[kernel].extend([product / square] * _MEASURE_WEIGHT)
         self._settle()
 
     @property
@@ -256,29 +268,21 @@ class StepShape:
 
     def learn(self, tokens: int, span: int, seconds: float) -> None:
         """A step of `tokens` over `span` cells took `seconds`: what it took beyond the
-        empty-context measure is its kernel's evidence. Steps larger than the measured
-        sizes (prompt chunks) and short spans (noise) teach nothing."""
+        empty-context measure, per token and cell, is its kernel's evidence. Steps
+        larger than the measured sizes (prompt chunks) and short spans (noise) teach
+        nothing."""
         if tokens > self._sizes[-1] or span < _LEARN_MIN_SPAN:
             return
-        fit = self._fits[_kernel(tokens)]
-        fit[0] *= _LEARN_DECAY
-        fit[1] *= _LEARN_DECAY
-        self._add(tokens, span, seconds - self._empty(tokens))
+        self._seen[_kernel(tokens)].append((seconds - self._empty(tokens)) / (tokens * span))
         self._settle()
 
-    def _add(self, tokens: int, span: int, residual: float, weight: float = 1.0) -> None:
-        load = tokens * span
-        fit = self._fits[_kernel(tokens)]
-        fit[0] += weight * residual * load
-        fit[1] += weight * load * load
-
     def _settle(self) -> None:
-        known = [max(0.0, a / b) if b > 0 else None for a, b in self._fits]
+        known = [max(0.0, statistics.median(seen)) if seen else None for seen in self._seen]
         for kernel in range(len(known)):
             # Nothing shown for this kernel yet: the nearest one's (the one below first).
             order = sorted(range(len(known)), key=lambda other: (abs(other - kernel), other))
-            found = next((known[k] for k in order if known[k] is not None), 0.0)
-            self._per_cell[kernel] = found or 0.0
+            self._per_cell[kernel] = next((k for k in (known[o] for o in order) if k is not None),
+                                          0.0)  # fmt: skip
 
     def _empty(self, n: int) -> float:
         known = self._known.get(n)
@@ -290,9 +294,10 @@ class StepShape:
 # llama.cpp's CPU flash attention by query rows in the step: one row is split over the
 # context, fewer than 64 (GGML_FA_TILE_Q) go row by row, 64 and more tiled.
 _KERNEL_EDGES = (2, 64)
-# What the start-up measure over a short span weighs in a kernel's fit, in steps of its
-# size and span: real steps over long contexts soon outweigh it.
-_MEASURE_WEIGHT = 4.0
+# How many of a kernel's recent steps its estimate is the median of, and how many of
+# them the start-up measure over a short span counts as (real steps soon outvote it).
+_LEARN_WINDOW = 15
+_MEASURE_WEIGHT = 4
 
 
 def _kernel(tokens: int) -> int:
@@ -312,9 +317,8 @@ def _interpolated(sizes: list[int], values: list[float], n: int) -> float:
 
 
 # Spans shorter than this teach the attention term nothing (its share of a step is in the
-# noise); each step's evidence decays by this factor per later step (recent work counts).
+# noise).
 _LEARN_MIN_SPAN = 512
-_LEARN_DECAY = 0.98
 
 
 class DraftChoice(NamedTuple):
