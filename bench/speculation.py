@@ -266,13 +266,15 @@ def peer_sweep(gguf: Path, runs: int) -> None:
                   f"[{min(values):.1f}-{max(values):.1f}] tok/s")  # fmt: skip
 
 
-def one_run(gguf: Path, work: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """Both mimoserve configurations up together (only one decodes at a time), then
-    llama-server, a fresh one per item."""
+def one_run(gguf: Path, work: Path, draft: int | None = None, peers: bool = True
+            ) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+    """Both mimoserve configurations up together (only one decodes at a time; `draft`:
+    the speculating one's guess limit, its default when None), then llama-server, a
+    fresh one per item (unless `peers` is off)."""
     table: dict[str, dict[str, dict[str, float]]] = {}
     spec_port, plain_port = free_port(), free_port()
     with (
-        started("mimoserve", mimoserve_command(gguf, spec_port, work / "spec", None), spec_port,
+        started("mimoserve", mimoserve_command(gguf, spec_port, work / "spec", draft), spec_port,
                 work / "spec.log", key_from_log=True) as spec,
         started("mimoserve", mimoserve_command(gguf, plain_port, work / "plain", 0), plain_port,
                 work / "plain.log", key_from_log=True) as plain,
@@ -284,7 +286,7 @@ def one_run(gguf: Path, work: Path) -> dict[str, dict[str, dict[str, float]]]:
     groups = [{name} for name, _, _ in items(ours=False)[1]] + [{"8 streams"}]
     print(json.dumps({"mimoserve": table["mimoserve"],
                       "mimoserve no-spec": table["mimoserve no-spec"]}), flush=True)  # fmt: skip
-    for peer, args in PEERS.items():
+    for peer, args in PEERS.items() if peers else ():
         figures: dict[str, dict[str, float]] = {}
         for group in groups:
             port = free_port()
@@ -314,7 +316,7 @@ def report(runs: list[dict[str, dict[str, dict[str, float]]]]) -> None:
             figure([o / p for o, p in zip(ours, plain, strict=True)]),
         ]
         for peer in PEERS:
-            theirs = [r[peer].get(plain_name, {}).get("tok_s", 0.0) for r in runs]
+            theirs = [r.get(peer, {}).get(plain_name, {}).get("tok_s", 0.0) for r in runs]
             cells.append(
                 figure([o / t for o, t in zip(ours, theirs, strict=True)]) if all(theirs) else "-"
             )
@@ -326,7 +328,7 @@ def report(runs: list[dict[str, dict[str, dict[str, float]]]]) -> None:
     for work, cells in rows.items():
         print(f"| {work} | " + " | ".join(cells) + " |")
     for peer in PEERS:
-        for work in runs[0][peer]:
+        for work in runs[0].get(peer, {}):
             values = [r[peer][work]["tok_s"] for r in runs]
             print(f"{peer} {work}: {figure(values)} tok/s")
 
@@ -337,6 +339,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--peers", action="store_true",
                         help="only the code edit on llama-server with each n-gram setting")
+    parser.add_argument("--draft", type=int, default=None,
+                        help="the speculating server's --spec-max-draft (its default if unset); "
+                        "llama-server is then left out")
     args = parser.parse_args()
     gguf = WeightsStore(MODELS_DIR).resolve(args.model)
     if args.peers:
@@ -347,7 +352,7 @@ def main() -> None:
         for run in range(args.runs):
             work = Path(tmp) / f"run{run}"  # fresh homes: a new server prints a new key
             work.mkdir()
-            runs.append(one_run(gguf, work))
+            runs.append(one_run(gguf, work, args.draft, peers=args.draft is None))
             Path("bench-speculation-runs.json").write_text(json.dumps(runs))
     report(runs)
 
