@@ -14,6 +14,8 @@ from mimoserve.backends.llamacpp.native import step_sizes
 from mimoserve.backends.llamacpp.scheduler import MAX_GUESSING_STREAMS
 from mimoserve.backends.llamacpp.sequence import DecodeJob, Generated
 from mimoserve.backends.llamacpp.speculation import (
+    MAX_RUN,
+    PROBE,
     AcceptanceTable,
     NgramIndex,
     SequenceDrafts,
@@ -509,3 +511,44 @@ def test_steps_with_more_than_two_decoding_streams_carry_no_guesses() -> None:
     _, three = run(prompt, max_draft=8, seed=2, temperature=0, n=MAX_GUESSING_STREAMS + 1)
     crowded = [s for s in positions_per_sequence(three) if len(s) > MAX_GUESSING_STREAMS]
     assert crowded and all(max(step.values()) == 1 for step in crowded)
+
+
+# A step costs about the same whatever its size: the guess is as long as its source.
+FLAT_SHAPE = StepShape({1: 1.0, 128: 1.1})
+
+
+def test_a_sequence_probes_before_its_text_has_shown_that_it_copies() -> None:
+    """Other requests taught that a short agreement is kept (a file copied back), but
+    this answer agrees only through the chat template's tail: its first guess is a
+    probe of `PROBE` tokens, however likely the table says it is; once a guessed token
+    is accepted, guesses are as long as the table and the step allow."""
+    table = AcceptanceTable()
+    for _ in range(20):
+        table.record("context", 3, accepted=64, rejected=False)
+    prompt = [*range(100, 180), 1, 2, 3, *range(200, 260), 1, 2]
+    drafts = SequenceDrafts.start(prompt, [], None, table, max_draft=64)
+    drafts.follow(3)  # the answer's first token: [1, 2, 3] matched, mostly prompt
+    first = drafts.propose(FLAT_SHAPE, tokens=1, yielded=1, room=64)
+    assert first is not None and first.tokens == list(range(200, 200 + PROBE))
+    drafts.verified(first, accepted=PROBE)
+    for token in first.tokens:
+        drafts.follow(token)
+    second = drafts.propose(FLAT_SHAPE, tokens=1, yielded=1, room=64)
+    assert second is not None and len(second.tokens) > PROBE
+
+
+def test_a_prediction_or_a_long_agreement_needs_no_probe() -> None:
+    table = AcceptanceTable()
+    for _ in range(20):
+        table.record("context", MAX_RUN, accepted=64, rejected=False)
+    predicted = SequenceDrafts.start([7, 8, 9], list(range(300, 364)), None, table, 64)
+    guess = predicted.propose(FLAT_SHAPE, tokens=1, yielded=1, room=64)
+    assert guess is not None and guess.kind == "prediction" and len(guess.tokens) > PROBE
+    # An output that has followed the prompt for MAX_RUN tokens, its guesses unused (a
+    # step without room for them).
+    copied = SequenceDrafts.start([*range(400, 480)], [], None, table, 64)
+    for token in range(400, 400 + MAX_RUN + 4):
+        copied.propose(FLAT_SHAPE, tokens=1, yielded=1, room=64)
+        copied.follow(token)
+    guess = copied.propose(FLAT_SHAPE, tokens=1, yielded=1, room=64)
+    assert guess is not None and guess.kind == "context" and len(guess.tokens) > PROBE

@@ -59,6 +59,15 @@ MIN_GAIN = 0.15
 _OWN_PRIOR = 4.0
 _OWN_DECAY = 0.8
 _OWN_FADE = 0.97  # per step: about 30 steps without guessing and the table speaks again
+# The most tokens a sequence guesses from the engine's own sources before its text has
+# shown that it copies (a guessed token accepted, or MAX_RUN tokens of its output
+# agreeing with the source). At the start of an answer the agreement is with the chat
+# template's tail, which every answer shares, while the table's rate was taught by other
+# requests: a file copy teaches 0.98 for such a start, and an agent's next answer then
+# got a 63-token guess at its 8,600-token context that missed at once (0.7 s, sixteen
+# one-token steps). A probe that misses costs two or three steps; one that hits makes
+# the next guess long. The client's prediction is exempt: the client vouches for it.
+PROBE = 4
 # How fast the table forgets (per verification), so it follows what the engine serves.
 _DECAY = 0.995
 
@@ -421,10 +430,14 @@ class SequenceDrafts:
         # has agreed with for a while).
         best: Drafted | None = None
         best_value = 0.0
+        shown = len(self.context.tokens) - self.prompt_length  # output tokens so far
         for follower in self.followers:
-            guess = follower.guess(tail, limit)
+            guess = follower.guess(tail, limit)  # (finding its place sets its run)
             if not guess:
                 continue
+            if (follower.kind != "prediction" and self.accepted == 0
+                    and min(follower.run, shown) < MAX_RUN):  # fmt: skip
+                guess = guess[:PROBE]
             choice = draft_length(self._rate(follower), shape, tokens, yielded, len(guess), span)
             if choice.length == 0 or choice.value <= best_value:
                 continue
