@@ -28,6 +28,10 @@ Prints each run's table, then the medians and ranges over the runs.
     .venv/bin/python bench/speculation.py --peers [--runs 3]
 
 times the code edit alone on llama-server with each n-gram setting in `PEER_SETTINGS`.
+
+    .venv/bin/python bench/speculation.py --agents [--runs 3]
+
+times the recorded agent requests alone, Claude Code's first request too (mimoserve only).
 """
 
 from __future__ import annotations
@@ -134,6 +138,11 @@ async def timed(client: httpx.AsyncClient, server: Server, path: str, body: dict
     return {"tokens": tokens, "tok_s": rate, "drafted": drafted, "accepted": accepted}
 
 
+def _prompt_of(body: dict[str, Any]) -> str:
+    """What a request's prompt is read from (chat and Messages: messages; Responses: input)."""
+    return json.dumps([body.get("system"), body.get("messages"), body.get("input")])
+
+
 def _carries_output(event: dict[str, Any]) -> bool:
     kind = event.get("type", "")
     if "delta" in kind:  # Anthropic and Responses doors
@@ -153,8 +162,9 @@ def _output_tokens(event: dict[str, Any]) -> int:
 Item = tuple[str, str, dict[str, Any]]  # name, path, body
 
 
-def items(ours: bool) -> tuple[list[Item], list[Item]]:
-    """(requests that read prompts once, timed requests), in order."""
+def items(ours: bool, claude: bool = False) -> tuple[list[Item], list[Item]]:
+    """(requests that read prompts once, timed requests), in order; `claude`: Claude
+    Code's recorded first request too."""
     reads: list[Item] = []
     timed_items: list[Item] = []
     for path in FILES:
@@ -168,9 +178,12 @@ def items(ours: bool) -> tuple[list[Item], list[Item]]:
                 body = chat_body(prompt, 1400, temperature, prediction=prediction)
                 timed_items.append((f"{name} +prediction", "/v1/chat/completions", body))
     if ours:
-        # Codex's first request only: Claude Code's is 18,700 tokens for this tokenizer,
-        # about 7 minutes to read on this machine, per server and run.
-        for door, fixture in (("/v1/responses", "codex_request.json"),):
+        # Claude Code's first request only with `--agents`: 18,700 tokens for this
+        # tokenizer, about 3 minutes to read on this machine, per server and run.
+        agents = [("/v1/responses", "codex_request.json")]
+        if claude:
+            agents.append(("/v1/messages", "claude_code_request.json"))
+        for door, fixture in agents:
             body = json.loads((FIXTURES / fixture).read_text())
             cap = "max_tokens" if door == "/v1/messages" else "max_output_tokens"
             body.update({cap: 400, "temperature": 0, "stream": True})
@@ -197,17 +210,17 @@ async def eight_streams(client: httpx.AsyncClient, server: Server) -> dict[str, 
 
 
 async def workload(
-    servers: list[Server], only: set[str] | None = None
+    servers: list[Server], only: set[str] | None = None, claude: bool = False
 ) -> list[dict[str, dict[str, float]]]:
     """Every item on each server in turn (the order alternating from item to item), so a
     slow spell of the shared machine falls on both sides of a comparison. `only`: the
     items to run (names), prompts read for those alone."""
-    reads, timed_items = items(ours=bool(servers[0].headers))
+    reads, timed_items = items(ours=bool(servers[0].headers), claude=claude)
     timed_items = [*timed_items, ("8 streams", "", {})]
     if only is not None:
         timed_items = [item for item in timed_items if item[0] in only]
-        wanted = {json.dumps(body["messages"]) for _, _, body in timed_items if "messages" in body}
-        reads = [r for r in reads if json.dumps(r[2].get("messages")) in wanted]
+        wanted = {_prompt_of(body) for _, _, body in timed_items if body}
+        reads = [r for r in reads if _prompt_of(r[2]) in wanted]
     results: list[dict[str, dict[str, float]]] = [{} for _ in servers]
     async with httpx.AsyncClient(timeout=TIMEOUT) as client:
         for server in servers:
@@ -227,10 +240,11 @@ async def workload(
     return results
 
 
-def mimoserve_command(gguf: Path, port: int, home: Path, draft: int | None) -> list[str]:
+def mimoserve_command(gguf: Path, port: int, home: Path, draft: int | None,
+                      n_ctx: int = 16384) -> list[str]:  # fmt: skip
     command = [sys.executable, "-m", "mimoserve.cli", "--home", str(home), "serve",
                "--weights", str(gguf), "--port", str(port), "--n-threads", THREADS,
-               "--n-parallel", "8", "--n-ctx", "16384"]  # fmt: skip
+               "--n-parallel", "8", "--n-ctx", str(n_ctx)]  # fmt: skip
     return command + ([] if draft is None else ["--spec-max-draft", str(draft)])
 
 
@@ -277,20 +291,28 @@ def peer_sweep(gguf: Path, runs: int) -> None:
                   f"[{min(values):.1f}-{max(values):.1f}] tok/s")  # fmt: skip
 
 
-def one_run(gguf: Path, work: Path, draft: int | None = None, peers: bool = True
-            ) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+def one_run(gguf: Path, work: Path, draft: int | None = None, peers: bool = True,
+            agents: bool = False) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
     """Both mimoserve configurations up together (only one decodes at a time; `draft`:
     the speculating one's guess limit, its default when None), then llama-server, a
-    fresh one per item (unless `peers` is off)."""
+    fresh one per item (unless `peers` is off). `agents`: the recorded agent requests
+    alone (Codex's and Claude Code's), mimoserve alone."""
+    only = None
+    if agents:
+        only = {name for name, _, _ in items(ours=True, claude=True)[1] if name.startswith("agent")}
+        peers = False
     table: dict[str, dict[str, dict[str, float]]] = {}
     spec_port, plain_port = free_port(), free_port()
+    n_ctx = 32768 if agents else 16384  # Claude Code's request is 18,700 tokens
     with (
-        started("mimoserve", mimoserve_command(gguf, spec_port, work / "spec", draft), spec_port,
-                work / "spec.log", key_from_log=True) as spec,
-        started("mimoserve", mimoserve_command(gguf, plain_port, work / "plain", 0), plain_port,
-                work / "plain.log", key_from_log=True) as plain,
+        started("mimoserve", mimoserve_command(gguf, spec_port, work / "spec", draft, n_ctx),
+                spec_port, work / "spec.log", key_from_log=True) as spec,
+        started("mimoserve", mimoserve_command(gguf, plain_port, work / "plain", 0, n_ctx),
+                plain_port, work / "plain.log", key_from_log=True) as plain,
     ):  # fmt: skip
-        table["mimoserve"], table["mimoserve no-spec"] = asyncio.run(workload([spec, plain]))
+        table["mimoserve"], table["mimoserve no-spec"] = asyncio.run(
+            workload([spec, plain], only, claude=agents)
+        )
     # llama-server (pinned build) with n-gram speculation exits without a word on some
     # request that follows another (seen after a different prompt, and after a short
     # one): every item gets a fresh server.
@@ -375,6 +397,9 @@ def main() -> None:
     parser.add_argument("--draft", type=int, default=None,
                         help="the speculating server's --spec-max-draft (its default if unset); "
                         "llama-server is then left out")
+    parser.add_argument("--agents", action="store_true",
+                        help="only the recorded agent requests, Claude Code's first one too "
+                        "(18,700 tokens: ~3 minutes to read per server and run)")
     args = parser.parse_args()
     gguf = WeightsStore(MODELS_DIR).resolve(args.model)
     if args.peers:
@@ -385,7 +410,8 @@ def main() -> None:
         for run in range(args.runs):
             work = Path(tmp) / f"run{run}"  # fresh homes: a new server prints a new key
             work.mkdir()
-            runs.append(one_run(gguf, work, args.draft, peers=args.draft is None))
+            runs.append(one_run(gguf, work, args.draft, peers=args.draft is None,
+                                agents=args.agents))  # fmt: skip
             Path("bench-speculation-runs.json").write_text(json.dumps(runs))
     report(runs)
 

@@ -321,7 +321,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--n-batch", type=int, help="tokens decoded per step (default 512)")
     serve.add_argument("--max-queue", type=int, help="waiting requests before 503 (default 16)")
     serve.add_argument("--spec-max-draft", type=int, help="speculative decoding: most tokens "
-                       "guessed per sequence and step (default 64; 0 turns it off)")  # fmt: skip
+                       "guessed per sequence and step (default and most 127; 0: off)")  # fmt: skip
     serve.add_argument("--stream-write-timeout-s", type=float, help="end a stream whose client "
                        "reads nothing for this long (default 60)")  # fmt: skip
     serve.add_argument("--access-log", action="store_true", default=None,

@@ -520,21 +520,31 @@ FLAT_SHAPE = StepShape({1: 1.0, 128: 1.1})
 def test_a_sequence_probes_before_its_text_has_shown_that_it_copies() -> None:
     """Other requests taught that a short agreement is kept (a file copied back), but
     this answer agrees only through the chat template's tail: its first guess is a
-    probe of `PROBE` tokens, however likely the table says it is; once a guessed token
-    is accepted, guesses are as long as the table and the step allow."""
+    probe of `PROBE` tokens, however likely the table says it is; then it guesses no
+    further than the output has followed the source, until that is MAX_RUN tokens;
+    from there a divergence (an edit in the copy) does not bring the probes back."""
     table = AcceptanceTable()
-    for _ in range(20):
-        table.record("context", 3, accepted=64, rejected=False)
-    prompt = [*range(100, 180), 1, 2, 3, *range(200, 260), 1, 2]
+    for run in range(MAX_RUN + 1):
+        for _ in range(20):
+            table.record("context", run, accepted=64, rejected=False)
+    prompt = [1, 2, 3, *range(200, 300), 1, 2]
     drafts = SequenceDrafts.start(prompt, [], None, table, max_draft=64)
     drafts.follow(3)  # the answer's first token: [1, 2, 3] matched, mostly prompt
-    first = drafts.propose(FLAT_SHAPE, tokens=1, yielded=1, room=64)
-    assert first is not None and first.tokens == list(range(200, 200 + PROBE))
-    drafts.verified(first, accepted=PROBE)
-    for token in first.tokens:
+    lengths = []
+    while len(lengths) < 4:
+        guess = drafts.propose(FLAT_SHAPE, tokens=1, yielded=1, room=64)
+        assert guess is not None and guess.kind == "context"
+        lengths.append(len(guess.tokens))
+        drafts.verified(guess, accepted=len(guess.tokens))
+        for token in guess.tokens:
+            drafts.follow(token)
+    # 1 output token agreed: a probe; then 5, 10 agreed; then 20 >= MAX_RUN: whole.
+    assert lengths[:3] == [PROBE, 5, 10] and lengths[3] > MAX_RUN
+    drafts.follow(7)  # the output leaves the copy ...
+    for token in [203, 204, 205]:  # ... and comes back to it
         drafts.follow(token)
-    second = drafts.propose(FLAT_SHAPE, tokens=1, yielded=1, room=64)
-    assert second is not None and len(second.tokens) > PROBE
+    guess = drafts.propose(FLAT_SHAPE, tokens=1, yielded=1, room=64)
+    assert guess is not None and len(guess.tokens) > MAX_RUN
 
 
 def test_a_prediction_or_a_long_agreement_needs_no_probe() -> None:

@@ -59,14 +59,15 @@ MIN_GAIN = 0.15
 _OWN_PRIOR = 4.0
 _OWN_DECAY = 0.8
 _OWN_FADE = 0.97  # per step: about 30 steps without guessing and the table speaks again
-# The most tokens a sequence guesses from the engine's own sources before its text has
-# shown that it copies (a guessed token accepted, or MAX_RUN tokens of its output
-# agreeing with the source). At the start of an answer the agreement is with the chat
-# template's tail, which every answer shares, while the table's rate was taught by other
-# requests: a file copy teaches 0.98 for such a start, and an agent's next answer then
-# got a 63-token guess at its 8,600-token context that missed at once (0.7 s, sixteen
-# one-token steps). A probe that misses costs two or three steps; one that hits makes
-# the next guess long. The client's prediction is exempt: the client vouches for it.
+# Until a sequence's output has followed one of the engine's own sources for MAX_RUN
+# tokens, that source's guesses go no further than the output has followed it, and at
+# least PROBE tokens. At the start of an answer the agreement is with the chat template's
+# tail, which every answer shares, and in an agent's prompt a tool call's first tokens
+# agree with earlier calls, while the table's rate was taught by other requests: a file
+# copy teaches 0.98 there, and an agent's next answer got 63-token guesses at its
+# 8,600-token context that missed at once (0.7 s each, sixteen one-token steps). A copy
+# pays two or three short steps for it once; a divergence later (an edit in the copy)
+# costs nothing more. The client's prediction is exempt: the client vouches for it.
 PROBE = 4
 # How fast the table forgets (per verification), so it follows what the engine serves.
 _DECAY = 0.995
@@ -166,6 +167,7 @@ class Follower:
     cursor: int | None = None  # absolute position in the source's tokens
     aligned: bool = False  # the sequence agrees with the source up to the cursor
     run: int = 0
+    trusted: bool = False  # the output has followed it for MAX_RUN tokens (see PROBE)
     # Prediction: resync at the first occurrence after the cursor, not the latest (the
     # answer moves through the prediction in order).
     forward: bool = False
@@ -435,9 +437,10 @@ class SequenceDrafts:
             guess = follower.guess(tail, limit)  # (finding its place sets its run)
             if not guess:
                 continue
-            if (follower.kind != "prediction" and self.accepted == 0
-                    and min(follower.run, shown) < MAX_RUN):  # fmt: skip
-                guess = guess[:PROBE]
+            agreed = min(follower.run, shown)
+            follower.trusted = follower.trusted or agreed >= MAX_RUN
+            if follower.kind != "prediction" and not follower.trusted:
+                guess = guess[: max(PROBE, agreed)]
             choice = draft_length(self._rate(follower), shape, tokens, yielded, len(guess), span)
             if choice.length == 0 or choice.value <= best_value:
                 continue
