@@ -530,7 +530,7 @@ def test_a_sequence_probes_before_its_text_has_shown_that_it_copies() -> None:
     prompt = [1, 2, 3, *range(200, 300), 1, 2]
     drafts = SequenceDrafts.start(prompt, [], None, table, max_draft=64)
     drafts.follow(3)  # the answer's first token: [1, 2, 3] matched, mostly prompt
-    lengths = []
+    lengths: list[int] = []
     while len(lengths) < 4:
         guess = drafts.propose(FLAT_SHAPE, tokens=1, yielded=1, room=64)
         assert guess is not None and guess.kind == "context"
