@@ -65,15 +65,29 @@ FILES = {"weights/store.py": ("WeightsError", "WeightsProblem"),
 FIXTURES = ROOT / "tests" / "api" / "fixtures"
 ESSAY = "Write a long essay about the history of the printing press in Europe."
 TIMEOUT = httpx.Timeout(1800)
+# llama-server's n-gram settings tried for the peer (`--peers`): ngram-mod at its
+# defaults (48-64 guessed tokens), held to 63 guessed tokens so its steps fill
+# llama.cpp's 64-row attention tile as ours do, and with a lower minimum too; and
+# ngram-simple. (One run each of ngram-map-k and ngram-cache, 2026-12-06: 99.2 and
+# 57.5 tok/s greedy against ngram-mod's 103.4; left out of the sweep.)
+PEER_SETTINGS: dict[str, list[str]] = {
+    "ngram-mod": ["ngram-mod"],
+    "ngram-mod n-max 63": ["ngram-mod", "--spec-ngram-mod-n-max", "63"],
+    "ngram-mod n-min 16 n-max 63": ["ngram-mod", "--spec-ngram-mod-n-min", "16",
+                                    "--spec-ngram-mod-n-max", "63"],
+    "ngram-mod n-min 16 n-max 127": ["ngram-mod", "--spec-ngram-mod-n-min", "16",
+                                     "--spec-ngram-mod-n-max", "127"],
+    "ngram-simple": ["ngram-simple"],
+}
+
+
 # The peers: llama-server with ngram-mod at its defaults (the issue's best), and with the
 # best settings the sweeps found (`--peers`; bench/speculation-peers-2026-12-06.txt):
 # guessing 16-63 tokens (its steps fill llama.cpp's 64-row attention tile), and 16-127
 # (two tiles, as ours since the limit went to 127).
-PEERS = {"llama-server ngram-mod": ["ngram-mod"],
-         "llama-server ngram-mod 16-63": [
-             "ngram-mod", "--spec-ngram-mod-n-min", "16", "--spec-ngram-mod-n-max", "63"],
-         "llama-server ngram-mod 16-127": [
-             "ngram-mod", "--spec-ngram-mod-n-min", "16", "--spec-ngram-mod-n-max", "127"]}  # fmt: skip
+PEERS = {"llama-server ngram-mod": PEER_SETTINGS["ngram-mod"],
+         "llama-server ngram-mod 16-63": PEER_SETTINGS["ngram-mod n-min 16 n-max 63"],
+         "llama-server ngram-mod 16-127": PEER_SETTINGS["ngram-mod n-min 16 n-max 127"]}  # fmt: skip
 
 
 def edit_prompt(path: str) -> tuple[str, str]:
@@ -254,22 +268,6 @@ def llama_server_command(gguf: Path, port: int, spec: str, *extra: str) -> list[
             "-t", THREADS, "--jinja", "--no-webui", "--spec-type", spec, *extra]  # fmt: skip
 
 
-# llama-server's n-gram settings tried for the peer (`--peers`): ngram-mod at its
-# defaults (48-64 guessed tokens), held to 63 guessed tokens so its steps fill
-# llama.cpp's 64-row attention tile as ours do, and with a lower minimum too; and
-# ngram-simple. (One run each of ngram-map-k and ngram-cache, 2026-12-06: 99.2 and
-# 57.5 tok/s greedy against ngram-mod's 103.4; left out of the sweep.)
-PEER_SETTINGS: dict[str, list[str]] = {
-    "ngram-mod": ["ngram-mod"],
-    "ngram-mod n-max 63": ["ngram-mod", "--spec-ngram-mod-n-max", "63"],
-    "ngram-mod n-min 16 n-max 63": ["ngram-mod", "--spec-ngram-mod-n-min", "16",
-                                    "--spec-ngram-mod-n-max", "63"],
-    "ngram-mod n-min 16 n-max 127": ["ngram-mod", "--spec-ngram-mod-n-min", "16",
-                                     "--spec-ngram-mod-n-max", "127"],
-    "ngram-simple": ["ngram-simple"],
-}
-
-
 def peer_sweep(gguf: Path, runs: int) -> None:
     """The code edit (greedy and t=0.7) on llama-server with each setting, a fresh server
     per item, `runs` times in turn: which setting is the peer's best."""
@@ -353,7 +351,7 @@ def pooled_edits(side: dict[str, dict[str, float]]) -> dict[str, dict[str, float
 
 
 def report(runs: list[dict[str, dict[str, dict[str, float]]]]) -> None:
-    runs = [{side: pooled_edits(items) for side, items in run.items()} for run in runs]
+    runs = [{side: pooled_edits(figures) for side, figures in run.items()} for run in runs]
 
     def figure(values: list[float]) -> str:
         return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
