@@ -562,3 +562,50 @@ def test_a_prediction_or_a_long_agreement_needs_no_probe() -> None:
         copied.follow(token)
     guess = copied.propose(FLAT_SHAPE, tokens=1, yielded=1, room=64)
     assert guess is not None and guess.kind == "context" and len(guess.tokens) > PROBE
+
+
+def _copying(prompt: list[int], written: list[int]) -> SequenceDrafts:
+    """Drafts for an answer that has written `written` so far."""
+    drafts = SequenceDrafts.start(prompt, [], None, AcceptanceTable(), max_draft=64)
+    for token in written:
+        drafts.propose(FLAT_SHAPE, tokens=1, yielded=1, room=64)  # (guessing moves no place)
+        drafts.follow(token)
+    return drafts
+
+
+def test_after_an_edit_the_copy_goes_on_where_it_left_the_source() -> None:
+    """The n-gram the output comes back by ([7, 8]) is also earlier in the file, and
+    latest in the copy written so far, whose continuation is already passed."""
+    source = [*range(100, 110), 7, 8, *range(110, 120), 50, 7, 8, *range(120, 130)]
+    drafts = _copying(source, [*range(100, 110), 7, 8, *range(110, 120), 60, 7, 8])
+    own = drafts.followers[0]
+    assert own.guess(drafts.context.tokens[-4:], 5) == [120, 121, 122, 123, 124]
+
+
+def test_an_edit_the_answer_made_is_made_again_in_later_guesses_until_it_is_not() -> None:
+    """A name (50) renamed to two tokens (60, 61) where the copy first meets it: the
+    guesses rename it further on; where the answer keeps the old name, they stop."""
+    file = [*range(100, 120), 50, *range(120, 130), 50, *range(130, 140), 50,
+            *range(140, 150), 50, *range(150, 160), 50, *range(160, 170)]  # fmt: skip
+    drafts = _copying(file, [*range(100, 120), 60, 61, 120, 121])
+    own = drafts.followers[0]
+    guess = own.guess(drafts.context.tokens[-4:], 22)
+    assert guess == [*range(122, 130), 60, 61, *range(130, 140), 60, 61]
+    for token in guess:  # the answer writes what was guessed: one agreement throughout
+        drafts.follow(token)
+    assert own.aligned and own.run == 2 + len(guess)  # (found by the 2-gram [120, 121])
+    for token in [*range(140, 150), 50]:  # here the answer keeps the name
+        drafts.follow(token)
+    assert own.aligned
+    assert own.guess(drafts.context.tokens[-4:], 13) == [*range(150, 160), 50, 160, 161]
+
+
+def test_a_dropped_span_is_dropped_again_and_a_long_change_is_not_learnt() -> None:
+    file = [*range(100, 120), 5, 6, *range(120, 130), 5, 6, *range(130, 140)]
+    drafts = _copying(file, [*range(100, 120), 120, 121, 122])
+    own = drafts.followers[0]
+    assert own.guess(drafts.context.tokens[-4:], 12) == [*range(123, 130), *range(130, 135)]
+    rewritten = [*range(100, 120), *range(300, 300 + 20), 120, 121]
+    drafts = _copying(file, rewritten)
+    own = drafts.followers[0]
+    assert own.guess(drafts.context.tokens[-4:], 12) == [*range(122, 130), 5, 6, 130, 131]

@@ -18,7 +18,12 @@ Where guesses come from (each is asked; the guess worth most to the step is veri
 Each source follows the sequence: while the output keeps agreeing with the place its
 last guess came from, the next guess continues from there; otherwise it looks for the
 longest of the sequence's last n-grams (`ORDERS`) and continues after its latest
-occurrence.
+occurrence, or, when the output left a copy it had followed, after its first occurrence
+in the text that came next (`REJOIN_WINDOW`): an edit moves on through what it copies.
+Where the output came back within a few tokens, what it wrote instead is an edit
+(`Rewrite`: a name renamed, a word dropped) that the answer probably repeats, so later
+guesses make the same change wherever the source holds the replaced tokens again; an
+edit the output then does not repeat is forgotten.
 
 How much to guess (`draft_length`): the chance that a guessed token is accepted, given
 the ones before it were, is learnt per source and per how long the sequence has agreed
@@ -38,7 +43,7 @@ import bisect
 import statistics
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 # n-gram lengths a source looks up, longest first.
@@ -71,6 +76,17 @@ _OWN_FADE = 0.97  # per step: about 30 steps without guessing and the table spea
 PROBE = 4
 # How fast the table forgets (per verification), so it follows what the engine serves.
 _DECAY = 0.995
+# After the output leaves a source it had followed for `EDIT_RUN` tokens, the place it
+# comes back to is looked for first within this many tokens after the place it left,
+# for as long as it has written no more than that: the latest occurrence of a short
+# n-gram in a file being copied is usually the copy itself, a place already passed,
+# whose continuation misses again.
+REJOIN_WINDOW = 256
+EDIT_RUN = 8
+# An edit is learnt as a rewrite when it replaces at most this many tokens with at most
+# as many; a sequence keeps its latest `MAX_REWRITES`.
+REWRITE_SPAN = 16
+MAX_REWRITES = 8
 
 
 class NgramIndex:
@@ -104,6 +120,19 @@ class NgramIndex:
     def token_at(self, position: int) -> int | None:
         index = position - self.offset
         return self.tokens[index] if 0 <= index < len(self.tokens) else None
+
+    def find_within(self, tail: Sequence[int], start: int, stop: int) -> tuple[int, int] | None:
+        """Like `find`, for the first continuation between `start` and `stop` (both
+        included): the longest n-gram ending `tail` that has one there."""
+        for n in self.orders:
+            if len(tail) < n:
+                continue
+            places = self._after.get(tuple(tail[-n:]))
+            if places:
+                first = bisect.bisect_left(places, start)
+                if first < len(places) and places[first] <= stop:
+                    return places[first], n
+        return None
 
     def slice(self, start: int, count: int) -> list[int]:
         begin = max(0, start - self.offset)
@@ -156,6 +185,14 @@ class SharedHistory:
 Kind = Literal["prediction", "context", "shared"]
 
 
+@dataclass(frozen=True)
+class Rewrite:
+    """An edit the output made to text it was copying: `old` (never empty) became `new`."""
+
+    old: tuple[int, ...]
+    new: tuple[int, ...]
+
+
 @dataclass
 class Follower:
     """One sequence's place in one draft source: the position its next guess starts at,
@@ -171,26 +208,127 @@ class Follower:
     # Prediction: resync at the first occurrence after the cursor, not the latest (the
     # answer moves through the prediction in order).
     forward: bool = False
+    # The sequence's edits (shared by its followers: an edit is the answer's, whichever
+    # source showed it), and the rest of one the output is writing now, before the
+    # source goes on at the cursor.
+    rewrites: list[Rewrite] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    # Where the output left the source after a long agreement, and what it wrote since.
+    left_at: int | None = None
+    since: list[int] = field(default_factory=list)
 
     def follow(self, token: int) -> None:
+        if self.left_at is not None:
+            self.since.append(token)
+            if len(self.since) > REJOIN_WINDOW:
+                self.left_at, self.since = None, []
         if not self.aligned:
             return
         assert self.cursor is not None
-        if self.index.token_at(self.cursor) == token:
-            self.cursor += 1
+        if self._agrees(token):
             self.run += 1
+            return
+        if self.run >= EDIT_RUN and not self.pending:
+            self.left_at, self.since = self.cursor, [token]
+        self.aligned, self.run, self.pending = False, 0, []
+
+    def _agrees(self, token: int) -> bool:
+        """Moves past `token` when it is the next one of the source (or of the edit being
+        written), or the first of an edit known at the cursor."""
+        assert self.cursor is not None
+        if self.pending:
+            if self.pending[0] != token:
+                return False
+            del self.pending[0]
+            return True
+        rewrite = self._rewrite_at(self.cursor)
+        if self.index.token_at(self.cursor) == token:
+            if rewrite is not None:  # kept here: not an edit the answer always makes
+                self.rewrites.remove(rewrite)
+            self.cursor += 1
+            return True
+        if rewrite is None:
+            return False
+        after = self.index.token_at(self.cursor + len(rewrite.old))
+        written = [*rewrite.new, after] if after is not None else list(rewrite.new)
+        if not written or written[0] != token:
+            return False
+        self.cursor += len(rewrite.old)
+        if rewrite.new:
+            self.pending = list(rewrite.new[1:])
         else:
-            self.aligned, self.run = False, 0
+            self.cursor += 1
+        return True
 
     def guess(self, tail: Sequence[int], count: int) -> list[int]:
-        if not self.aligned or self.cursor is None or self.index.token_at(self.cursor) is None:
-            found = self.index.find(tail, self.cursor if self.forward else None)
+        if not self.aligned or self.cursor is None or (
+            not self.pending and self.index.token_at(self.cursor) is None
+        ):
+            found = self._rejoin(tail)
             if found is None:
                 self.aligned = False
                 return []
             self.cursor, self.run = found
-            self.aligned = True
-        return self.index.slice(self.cursor, count)
+            self.aligned, self.pending = True, []
+        if not self.rewrites:
+            return self.index.slice(self.cursor, count)
+        guess = self.pending[:count]
+        position = self.cursor
+        while len(guess) < count:
+            rewrite = self._rewrite_at(position)
+            if rewrite is not None:
+                guess.extend(rewrite.new)
+                position += len(rewrite.old)
+                continue
+            token = self.index.token_at(position)
+            if token is None or token == _SEPARATOR:
+                break
+            guess.append(token)
+            position += 1
+        return guess[:count]
+
+    def _rejoin(self, tail: Sequence[int]) -> tuple[int, int] | None:
+        """Where the source goes on after `tail`: near where the output left it when it
+        did, learning what it wrote instead; otherwise anywhere (see `NgramIndex.find`)."""
+        if self.left_at is not None:
+            found = self.index.find_within(tail, self.left_at, self.left_at + REJOIN_WINDOW)
+            if found is not None:
+                old = self.index.slice(self.left_at, found[0] - self.left_at)
+                if len(old) == found[0] - self.left_at:  # (no document boundary between)
+                    self._learn(old)
+                self.left_at, self.since = None, []
+                return found
+        return self.index.find(tail, self.cursor if self.forward else None)
+
+    def _learn(self, old: list[int]) -> None:
+        """The output wrote `since` where the source held `old`: both end in the n-gram it
+        came back by; what differs before it is the edit."""
+        new = self.since
+        same = 0
+        while same < min(len(old), len(new)) and old[-1 - same] == new[-1 - same]:
+            same += 1
+        old, new = old[: len(old) - same], new[: len(new) - same]
+        lead = 0
+        while lead < min(len(old), len(new)) and old[lead] == new[lead]:
+            lead += 1
+        old, new = old[lead:], new[lead:]
+        if not old or len(old) > REWRITE_SPAN or len(new) > REWRITE_SPAN:
+            return  # an insertion has no anchor; a long change is not a repeated edit
+        edit = Rewrite(tuple(old), tuple(new))
+        for known in [r for r in self.rewrites if r.old == edit.old]:
+            self.rewrites.remove(known)
+        self.rewrites.insert(0, edit)
+        del self.rewrites[MAX_REWRITES:]
+
+    def _rewrite_at(self, position: int) -> Rewrite | None:
+        first = self.index.token_at(position)
+        for rewrite in self.rewrites:
+            if rewrite.old[0] == first and all(
+                self.index.token_at(position + i) == token
+                for i, token in enumerate(rewrite.old[1:], 1)
+            ):
+                return rewrite
+        return None
 
 
 class AcceptanceTable:
@@ -396,14 +534,16 @@ class SequenceDrafts:
         context = NgramIndex()
         context.extend(prompt)
         followers = []
+        rewrites: list[Rewrite] = []
         if prediction:
             index = NgramIndex()
             index.extend(prediction)
             # The answer is expected to start where the prediction starts.
-            followers.append(Follower("prediction", index, cursor=0, aligned=True, forward=True))
-        followers.append(Follower("context", context))
+            followers.append(Follower("prediction", index, cursor=0, aligned=True,
+                                      forward=True, rewrites=rewrites))  # fmt: skip
+        followers.append(Follower("context", context, rewrites=rewrites))
         if shared is not None:
-            followers.append(Follower("shared", shared.index))
+            followers.append(Follower("shared", shared.index, rewrites=rewrites))
         return cls(context, followers, table, len(prompt), max_draft)
 
     def follow(self, token: int) -> None:
