@@ -15,6 +15,7 @@ from mimoserve.backends.llamacpp.scheduler import MAX_GUESSING_STREAMS
 from mimoserve.backends.llamacpp.sequence import DecodeJob, Generated
 from mimoserve.backends.llamacpp.speculation import (
     MAX_RUN,
+    OWN_RUN,
     PROBE,
     AcceptanceTable,
     NgramIndex,
@@ -481,17 +482,39 @@ def test_the_thinking_budget_closes_the_block_at_the_same_token_with_guesses() -
 
 def test_a_sequence_whose_guesses_miss_stops_guessing_whatever_the_table_says() -> None:
     table = AcceptanceTable()
-    for _ in range(50):  # other requests taught that long agreements are kept
-        table.record("context", 16, accepted=16, rejected=False)
-    drafts = SequenceDrafts.start([1, 2, 3, 4, 5, 6, 7, 8] * 4, [], None, table, max_draft=32)
-    drafts.propose(CPU_SHAPE, tokens=1, yielded=1, room=32)  # finds its place in the prompt
-    for token in [1, 2, 3, 4, 5, 6, 7, 8] * 3:  # and the text keeps agreeing with it
+    for run in range(MAX_RUN + 1):  # other requests taught that agreements are kept
+        for _ in range(50):
+            table.record("context", run, accepted=16, rejected=False)
+    prompt = [*range(100, 200)]
+    drafts = SequenceDrafts.start(prompt, [], None, table, max_draft=32)
+    guessed = []
+    for start in range(100, 190, 10):  # this text agrees for a few tokens, then leaves
+        for token in range(start, start + 3):
+            drafts.follow(token)
+        guess = drafts.propose(CPU_SHAPE, tokens=1, yielded=1, room=32)
+        guessed.append(guess is not None)
+        if guess is not None:
+            drafts.verified(guess, accepted=0)
+        drafts.follow(7)
+    assert guessed[0] and not any(guessed[-3:])
+
+
+def test_a_long_agreement_is_guessed_after_the_sequences_misses() -> None:
+    """The first guess of a prediction missed (the answer's code fence tokenised another
+    way); the answer then follows the prediction: after `OWN_RUN` tokens the miss no
+    longer holds the guesses back."""
+    prediction = [*range(300, 400)]
+    drafts = SequenceDrafts.start([1, 2, 3], prediction, None, AcceptanceTable(), 64)
+    first = drafts.propose(CPU_SHAPE, tokens=1, yielded=1, room=64)
+    assert first is not None and first.kind == "prediction"
+    drafts.verified(first, accepted=0)
+    drafts.follow(299)  # not the prediction's first token
+    lengths = []
+    for token in range(300, 300 + OWN_RUN):
         drafts.follow(token)
-    first = drafts.propose(CPU_SHAPE, tokens=1, yielded=1, room=32)
-    assert first is not None and len(first.tokens) >= 8
-    for _ in range(6):  # ... but this sequence's guesses keep missing at once
-        drafts.verified(first, accepted=0)
-    assert drafts.propose(CPU_SHAPE, tokens=1, yielded=1, room=32) is None
+        guess = drafts.propose(CPU_SHAPE, tokens=1, yielded=1, room=64)
+        lengths.append(len(guess.tokens) if guess is not None else 0)
+    assert lengths[0] == 0 and lengths[-1] > 0
 
 
 def test_steps_with_more_than_two_decoding_streams_carry_no_guesses() -> None:
