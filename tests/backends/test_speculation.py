@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from mimoserve.backends.base import SamplingParams
+from mimoserve.backends.llamacpp import speculation
 from mimoserve.backends.llamacpp.native import step_sizes
 from mimoserve.backends.llamacpp.scheduler import MAX_GUESSING_STREAMS
 from mimoserve.backends.llamacpp.sequence import DecodeJob, Generated
@@ -18,6 +19,8 @@ from mimoserve.backends.llamacpp.speculation import (
     OWN_RUN,
     PROBE,
     AcceptanceTable,
+    Drafted,
+    Kind,
     NgramIndex,
     SequenceDrafts,
     SharedHistory,
@@ -499,22 +502,29 @@ def test_a_sequence_whose_guesses_miss_stops_guessing_whatever_the_table_says() 
     assert guessed[0] and not any(guessed[-3:])
 
 
-def test_a_long_agreement_is_guessed_after_the_sequences_misses() -> None:
+def test_a_prediction_followed_after_a_miss_is_guessed_again() -> None:
     """The first guess of a prediction missed (the answer's code fence tokenised another
     way); the answer then follows the prediction: after `OWN_RUN` tokens the miss no
-    longer holds the guesses back."""
-    prediction = [*range(300, 400)]
-    drafts = SequenceDrafts.start([1, 2, 3], prediction, None, AcceptanceTable(), 64)
-    first = drafts.propose(CPU_SHAPE, tokens=1, yielded=1, room=64)
-    assert first is not None and first.kind == "prediction"
-    drafts.verified(first, accepted=0)
-    drafts.follow(299)  # not the prediction's first token
-    lengths = []
-    for token in range(300, 300 + OWN_RUN):
-        drafts.follow(token)
-        guess = drafts.propose(CPU_SHAPE, tokens=1, yielded=1, room=64)
-        lengths.append(len(guess.tokens) if guess is not None else 0)
-    assert lengths[0] == 0 and lengths[-1] > 0
+    longer holds its guesses back. The same text copied from the prompt stays held
+    back: the engine's own sources have no client vouching for them."""
+
+    def lengths(prompt: list[int], prediction: list[int]) -> list[int]:
+        drafts = SequenceDrafts.start(prompt, prediction, None, AcceptanceTable(), 64)
+        kind: Kind = "prediction" if prediction else "context"
+        drafts.follow(299)
+        drafts.follow(300)
+        drafts.verified(Drafted([301, 302], kind, 2, expected=1.5), accepted=0)
+        drafts.follow(7)  # not the guess
+        found = []
+        for token in range(301, 301 + OWN_RUN + 2):
+            drafts.follow(token)
+            guess = drafts.propose(CPU_SHAPE, tokens=1, yielded=1, room=64)
+            found.append(len(guess.tokens) if guess is not None else 0)
+        return found
+
+    predicted = lengths([1, 2, 3], [299, 300, *range(301, 400)])
+    assert predicted[0] == 0 and predicted[-1] > 0
+    assert lengths([299, 300, *range(301, 400), 1, 2, 3], []) == [0] * (OWN_RUN + 2)
 
 
 def test_steps_with_more_than_two_decoding_streams_carry_no_guesses() -> None:
@@ -632,3 +642,57 @@ def test_a_dropped_span_is_dropped_again_and_a_long_change_is_not_learnt() -> No
     drafts = _copying(file, rewritten)
     own = drafts.followers[0]
     assert own.guess(drafts.context.tokens[-4:], 12) == [*range(122, 130), 5, 6, 130, 131]
+
+
+class CopyingSampler:
+    """Writes `answer` (then the end): the token sampled after output position i is
+    answer[i + 1], whatever was guessed."""
+
+    constrained = False
+
+    def __init__(self, prompt_length: int, answer: list[int]) -> None:
+        self._prompt_length, self._answer = prompt_length, answer
+
+    def sample(self, context: Any, batch_index: int) -> int:
+        assert isinstance(context, FakeContext)
+        _, position, _ = context.context_of(batch_index)
+        written = position + 1 - self._prompt_length  # output tokens before this one
+        return self._answer[written] if written < len(self._answer) else END
+
+    def sample_constrained(self, context: Any, batch_index: int, banned: list[int]) -> int | None:
+        return self.sample(context, batch_index)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_repeated_rename_is_guessed_and_the_answer_stays_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file whose name (50) the answer renames to two tokens (55, 56) at each of its
+    four places: with rewrites the later places are guessed, in fewer steps than
+    without (`REWRITE_SPAN` 0 learns nothing), and the answer is the same."""
+    file = [*range(1, 11), 50, *range(11, 21), 50, *range(21, 31), 50, *range(31, 41), 50,
+            *range(41, 46)]  # fmt: skip
+    answer = [t for token in file for t in ((55, 56) if token == 50 else (token,))]
+    prompt = [*file, 60, 61]
+
+    def steps_and_text() -> tuple[int, str]:
+        monkeypatch.setattr(fake_engine, "new_sampler",
+                            lambda sampling, seed, grammar: CopyingSampler(len(prompt), answer))  # fmt: skip
+        scheduler, context = fake_engine.fake_scheduler(max_draft=32, step_shape=FLAT_SHAPE)
+        try:
+            out = Collected()
+            out.job = DecodeJob(prompt=prompt, emit=out,
+                                sampling=SamplingParams(temperature=0, max_tokens=100))  # fmt: skip
+            scheduler.submit(out.job)
+            out.wait()
+            return len(context.batches), out.text
+        finally:
+            scheduler.stop()
+
+    steps, text = steps_and_text()
+    assert text == "".join(f"<{t}>" for t in answer)
+    monkeypatch.setattr(speculation, "REWRITE_SPAN", 0)
+    steps_without, text_without = steps_and_text()
+    assert text_without == text and steps < steps_without

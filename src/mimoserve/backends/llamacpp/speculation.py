@@ -64,9 +64,11 @@ MIN_GAIN = 0.15
 _OWN_PRIOR = 4.0
 _OWN_DECAY = 0.8
 _OWN_FADE = 0.97  # per step: about 30 steps without guessing and the table speaks again
-# ... and a source the output has followed this long since is rated by the table alone:
-# a prediction whose first guess missed at the answer's start (the code fence tokenised
-# another way) was then followed for 40 tokens without one guess.
+# ... except for a prediction the output has followed this long since: the client vouches
+# for it, and one whose first guess missed at the answer's start (the code fence
+# tokenised another way) was then followed for 40 tokens without a guess. (Not for the
+# engine's own sources: an essay that loops followed itself for 17 tokens, and a
+# 105-token guess missed after 5.)
 OWN_RUN = 8
 # Until a sequence's output has followed one of the engine's own sources for MAX_RUN
 # tokens, that source's guesses go no further than the output has followed it, and at
@@ -598,7 +600,7 @@ class SequenceDrafts:
         recent record (the table's rate counts as `_OWN_PRIOR` verifications): what all
         requests taught, corrected by what this text does."""
         rate = self.table.rate(follower.kind, follower.run)
-        if follower.run >= OWN_RUN:
+        if follower.kind == "prediction" and follower.run >= OWN_RUN:
             return rate
         accepted, total = self.own_accepted, self.own_accepted + self.own_rejections
         return (accepted + _OWN_PRIOR * rate) / (total + _OWN_PRIOR)
