@@ -42,7 +42,7 @@ from __future__ import annotations
 import bisect
 import statistics
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -127,19 +127,6 @@ class NgramIndex:
         index = position - self.offset
         return self.tokens[index] if 0 <= index < len(self.tokens) else None
 
-    def find_within(self, tail: Sequence[int], start: int, stop: int) -> tuple[int, int] | None:
-        """Like `find`, for the first continuation between `start` and `stop` (both
-        included): the longest n-gram ending `tail` that has one there."""
-        for n in self.orders:
-            if len(tail) < n:
-                continue
-            places = self._after.get(tuple(tail[-n:]))
-            if places:
-                first = bisect.bisect_left(places, start)
-                if first < len(places) and places[first] <= stop:
-                    return places[first], n
-        return None
-
     def slice(self, start: int, count: int) -> list[int]:
         begin = max(0, start - self.offset)
         out = self.tokens[begin : begin + count]
@@ -151,18 +138,31 @@ class NgramIndex:
         """Where the continuation of the longest indexed n-gram ending `tail` starts (its
         first occurrence at or after `after` when given and there is one, else its
         latest), and that n-gram's length."""
-        for n in self.orders:
-            if len(tail) < n:
-                continue
-            places = self._after.get(tuple(tail[-n:]))
-            if not places:
-                continue
+        for n, places in self._places_after(tail):
             if after is not None:
                 first = bisect.bisect_left(places, after)
                 if first < len(places):
                     return places[first], n
             return places[-1], n
         return None
+
+    def find_within(self, tail: Sequence[int], start: int, stop: int) -> tuple[int, int] | None:
+        """Like `find`, for the first continuation between `start` and `stop` (both
+        included): the longest n-gram ending `tail` that has one there."""
+        for n, places in self._places_after(tail):
+            first = bisect.bisect_left(places, start)
+            if first < len(places) and places[first] <= stop:
+                return places[first], n
+        return None
+
+    def _places_after(self, tail: Sequence[int]) -> Iterator[tuple[int, list[int]]]:
+        """For each indexed n-gram ending `tail`, longest first: its length and where its
+        continuations start."""
+        for n in self.orders:
+            if len(tail) >= n:
+                places = self._after.get(tuple(tail[-n:]))
+                if places:
+                    yield n, places
 
     def drop_oldest(self, keep: int) -> None:
         """Keeps the last `keep` tokens (re-indexed: positions stay absolute)."""
@@ -255,9 +255,9 @@ class Follower:
             return True
         if rewrite is None:
             return False
+        # Its first token or, for a dropped span, the source's token after the span.
         after = self.index.token_at(self.cursor + len(rewrite.old))
-        written = [*rewrite.new, after] if after is not None else list(rewrite.new)
-        if not written or written[0] != token:
+        if (rewrite.new[0] if rewrite.new else after) != token:
             return False
         self.cursor += len(rewrite.old)
         if rewrite.new:
