@@ -18,6 +18,7 @@ from mimoserve.backends.llamacpp.speculation import (
     MAX_RUN,
     OWN_RUN,
     PROBE,
+    REWRITE_SPAN,
     AcceptanceTable,
     Drafted,
     Kind,
@@ -626,11 +627,74 @@ def test_an_edit_the_answer_made_is_made_again_in_later_guesses_until_it_is_not(
     assert guess == [*range(122, 130), 60, 61, *range(130, 140), 60, 61]
     for token in guess:  # the answer writes what was guessed: one agreement throughout
         drafts.follow(token)
-    assert own.aligned and own.run == 2 + len(guess)  # (found by the 2-gram [120, 121])
+    # One agreement throughout, which goes on from the 20 tokens before the edit.
+    assert own.aligned and own.run == 20 + len(guess)
     for token in [*range(140, 150), 50]:  # here the answer keeps the name
         drafts.follow(token)
     assert own.aligned
     assert own.guess(drafts.context.tokens[-4:], 13) == [*range(150, 160), 50, 160, 161]
+
+
+def test_after_a_small_edit_the_copy_is_guessed_as_far_as_before_it() -> None:
+    """Other requests taught that a copy followed for long is kept and a two-token
+    agreement is not. After a one-token rename 40 tokens into a copy, the copy comes back
+    by a 2-gram: the agreement before the edit is the evidence, so the next guess is a
+    long one. After a change longer than `REWRITE_SPAN` the output has not shown that
+    it goes on copying: the 2-gram alone speaks, and nothing is guessed."""
+    table = AcceptanceTable()
+    for _ in range(50):
+        table.record("context", 2, accepted=0, rejected=True)
+        table.record("context", MAX_RUN, accepted=64, rejected=False)
+    file = [*range(100, 140), 50, *range(140, 240)]
+
+    def next_guess(written: list[int]) -> int:
+        drafts = SequenceDrafts.start(file, [], None, table, max_draft=64)
+        for token in written:
+            drafts.propose(CPU_SHAPE, tokens=1, yielded=1, room=64)
+            drafts.follow(token)
+        guess = drafts.propose(CPU_SHAPE, tokens=1, yielded=1, room=64)
+        return len(guess.tokens) if guess is not None else 0
+
+    assert next_guess([*range(100, 140), 60, 140, 141]) >= 32
+    long_change = [*range(300, 300 + REWRITE_SPAN + 1)]
+    assert next_guess([*range(100, 140), *long_change, 140, 141]) == 0
+
+
+def _guess_lengths(file: list[int], answer: list[int]) -> list[tuple[int, int]]:
+    """(guessed, kept) per step of a greedy engine writing `answer` with `file` in its
+    prompt, on a fresh table."""
+    drafts = SequenceDrafts.start(file, [], None, AcceptanceTable(), max_draft=64)
+    drafts.follow(answer[0])
+    written, steps = 1, []
+    while written < len(answer):
+        room = min(64, len(answer) - written - 1)
+        guess = drafts.propose(CPU_SHAPE, tokens=1, yielded=1, room=room,
+                               span=len(file) + written)  # fmt: skip
+        kept = 0
+        if guess is not None:
+            while kept < len(guess.tokens) and guess.tokens[kept] == answer[written + kept]:
+                kept += 1
+            drafts.verified(guess, kept)
+        steps.append((len(guess.tokens) if guess is not None else 0, kept))
+        for token in answer[written : written + kept + 1]:
+            drafts.follow(token)
+        written += kept + 1
+    return steps
+
+
+def test_a_miss_at_a_small_edit_does_not_hold_the_copy_back() -> None:
+    """A 400-token file with one name (50) renamed to two tokens: the guess that meets
+    the name misses, and once the copy is found again after it, the next guesses are
+    as long as before the edit (the miss was the edit, which the table's rate at a long
+    agreement allows for), not a fresh start (traced before: 15-token guesses for the
+    rest of the file, the sequence's own record holding the miss against it)."""
+    file = [*range(100, 300), 50, *range(300, 500)]
+    answer = [t for token in file for t in ((55, 56) if token == 50 else (token,))]
+    steps = _guess_lengths(file, answer)
+    missed = next(i for i, (guessed, kept) in enumerate(steps) if kept < guessed)
+    before = steps[missed - 1][0]
+    after = next(guessed for guessed, _ in steps[missed + 1 :] if guessed)
+    assert before >= 32 and after >= 32
 
 
 def test_a_dropped_span_is_dropped_again_and_a_long_change_is_not_learnt() -> None:

@@ -23,7 +23,9 @@ in the text that came next (`REJOIN_WINDOW`): an edit moves on through what it c
 Where the output came back within a few tokens, what it wrote instead is an edit
 (`Rewrite`: a name renamed, a word dropped) that the answer probably repeats, so later
 guesses make the same change wherever the source holds the replaced tokens again; an
-edit the output then does not repeat is forgotten.
+edit the output then does not repeat is forgotten. After a small edit the copy is
+guessed as far as before it: the agreement before the edit still counts, and the miss
+it caused is not held against the sequence.
 
 How much to guess (`draft_length`): the chance that a guessed token is accepted, given
 the ones before it were, is learnt per source and per how long the sequence has agreed
@@ -219,9 +221,13 @@ class Follower:
     # source goes on at the cursor.
     rewrites: list[Rewrite] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)
-    # Where the output left the source after a long agreement, and what it wrote since.
+    # Where the output left the source after a long agreement, what it wrote since, and
+    # how long it had agreed.
     left_at: int | None = None
     since: list[int] = field(default_factory=list)
+    left_run: int = 0
+    # Set when the output came back after a small edit (read and cleared by its sequence).
+    resumed: bool = False
 
     def follow(self, token: int) -> None:
         if self.left_at is not None:
@@ -235,7 +241,7 @@ class Follower:
             self.run += 1
             return
         if self.run >= EDIT_RUN and not self.pending:
-            self.left_at, self.since = self.cursor, [token]
+            self.left_at, self.since, self.left_run = self.cursor, [token], self.run
         self.aligned, self.run, self.pending = False, 0, []
 
     def _agrees(self, token: int) -> bool:
@@ -299,16 +305,24 @@ class Follower:
         if self.left_at is not None:
             found = self.index.find_within(tail, self.left_at, self.left_at + REJOIN_WINDOW)
             if found is not None:
-                old = self.index.slice(self.left_at, found[0] - self.left_at)
-                if len(old) == found[0] - self.left_at:  # (no document boundary between)
-                    self._learn(old)
+                place, run = found
+                old = self.index.slice(self.left_at, place - self.left_at)
+                # (A document boundary between: not the copy the output left.)
+                if len(old) == place - self.left_at and self._learn(old):
+                    # A small edit in a copy the output goes on with: the agreement before
+                    # it is the evidence for the next guess, not the n-gram it came back
+                    # by (traced: each rename's first place cost four or five short steps
+                    # of guesses growing from a 2-token agreement).
+                    run = max(run, self.left_run)
+                    self.resumed = True
                 self.left_at, self.since = None, []
-                return found
+                return place, run
         return self.index.find(tail, self.cursor if self.forward else None)
 
-    def _learn(self, old: list[int]) -> None:
+    def _learn(self, old: list[int]) -> bool:
         """The output wrote `since` where the source held `old`: both end in the n-gram it
-        came back by; what differs before it is the edit."""
+        came back by; what differs before it is the edit. Whether it was small (at most
+        `REWRITE_SPAN` tokens each way): a replacement is then learnt as a rewrite."""
         new = self.since
         same = 0
         while same < min(len(old), len(new)) and old[-1 - same] == new[-1 - same]:
@@ -318,13 +332,16 @@ class Follower:
         while lead < min(len(old), len(new)) and old[lead] == new[lead]:
             lead += 1
         old, new = old[lead:], new[lead:]
-        if not old or len(old) > REWRITE_SPAN or len(new) > REWRITE_SPAN:
-            return  # an insertion has no anchor; a long change is not a repeated edit
+        if len(old) > REWRITE_SPAN or len(new) > REWRITE_SPAN:
+            return False  # a long change is not a repeated edit
+        if not old:
+            return True  # an insertion: nothing in the source marks where to repeat it
         edit = Rewrite(tuple(old), tuple(new))
         for known in [r for r in self.rewrites if r.old == edit.old]:
             self.rewrites.remove(known)
         self.rewrites.insert(0, edit)
         del self.rewrites[MAX_REWRITES:]
+        return True
 
     def _rewrite_at(self, position: int) -> Rewrite | None:
         first = self.index.token_at(position)
@@ -522,6 +539,9 @@ class SequenceDrafts:
     # This sequence's own recent record (decaying): what it adds to the table's rate.
     own_accepted: float = 0.0
     own_rejections: float = 0.0
+    # The latest rejection's share of `own_rejections` (faded alike): taken back when it
+    # turns out to have been an edit.
+    last_miss: float = 0.0
     # Totals for the usage record and the prediction fields of the usage.
     drafted: int = 0
     accepted: int = 0
@@ -570,6 +590,7 @@ class SequenceDrafts:
         # comes back to what the table says (or it would never guess again).
         self.own_accepted *= _OWN_FADE
         self.own_rejections *= _OWN_FADE
+        self.last_miss *= _OWN_FADE
         if limit <= 0:
             return None
         tail = self.context.tokens[-max(ORDERS) :]
@@ -581,6 +602,13 @@ class SequenceDrafts:
         shown = len(self.context.tokens) - self.prompt_length  # output tokens so far
         for follower in self.followers:
             guess = follower.guess(tail, limit)  # (finding its place sets its run)
+            if follower.resumed:
+                # The last miss was an edit in a copy the output goes on with: the table's
+                # rate at a long agreement counts such edits already; held against the
+                # sequence too, it kept the guesses short for the rest of the copy.
+                follower.resumed = False
+                self.own_rejections = max(0.0, self.own_rejections - self.last_miss)
+                self.last_miss = 0.0
             if not guess:
                 continue
             agreed = min(follower.run, shown)
@@ -610,6 +638,7 @@ class SequenceDrafts:
         self.table.record(drafted.kind, drafted.run, accepted, rejected > 0)
         self.own_accepted = self.own_accepted * _OWN_DECAY + accepted
         self.own_rejections = self.own_rejections * _OWN_DECAY + (1 if rejected else 0)
+        self.last_miss = 1.0 if rejected else self.last_miss * _OWN_DECAY
         self.drafted += len(drafted.tokens)
         self.accepted += accepted
         if drafted.kind == "prediction":
