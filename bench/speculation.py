@@ -11,6 +11,9 @@ from the first streamed token to the last, so prompt reading is left out):
   all decode time);
 - the same with `prediction` set to the original file (mimoserve only: llama-server has
   no such field; its figure stays the one without);
+- the ceiling: the same with `prediction` set to the greedy answer itself, as this server
+  just wrote it (mimoserve only): every guess is right, so the steps are as long as the
+  guess limit allows and the figure is what any guessing could reach on this engine;
 - agent replay: the recorded Codex (Responses) first request, the answer capped at 400
   tokens, timed from sending to the last event with the prompt already cached
   (mimoserve only: llama-server does not speak that door; Claude Code's first request,
@@ -63,6 +66,8 @@ FILES = {"weights/store.py": ("WeightsError", "WeightsProblem"),
          "billing/budgets.py": ("Scope", "BudgetScope"),
          "limits/limiter.py": ("RateLimitedError", "RateLimitExceeded")}  # fmt: skip
 FIXTURES = ROOT / "tests" / "api" / "fixtures"
+# The ceiling's items: the prediction is the answer itself.
+ANSWERED = "+answer"
 ESSAY = "Write a long essay about the history of the printing press in Europe."
 TIMEOUT = httpx.Timeout(1800)
 # llama-server's n-gram settings tried for the peer (`--peers`): ngram-mod at its
@@ -117,10 +122,11 @@ async def _spec_counts(client: httpx.AsyncClient, server: Server) -> tuple[float
     return drafted, accepted
 
 
-async def timed(client: httpx.AsyncClient, server: Server, path: str, body: dict[str, Any]
-                ) -> dict[str, float]:  # fmt: skip
+async def timed(client: httpx.AsyncClient, server: Server, path: str, body: dict[str, Any],
+                text: list[str] | None = None) -> dict[str, float]:  # fmt: skip
     """Streams one request: completion tokens, decode tok/s, and drafted/accepted counts
-    (llama-server's timings; mimoserve's counters around the request)."""
+    (llama-server's timings; mimoserve's counters around the request). `text`: gets the
+    answer's content deltas (chat completions)."""
     ours = bool(server.headers)
     before = await _spec_counts(client, server) if ours else (0.0, 0.0)
     sent = time.perf_counter()
@@ -134,6 +140,9 @@ async def timed(client: httpx.AsyncClient, server: Server, path: str, body: dict
                 continue
             event = json.loads(line[6:])
             now = time.perf_counter()
+            if text is not None:
+                text.extend((c.get("delta") or {}).get("content") or ""
+                            for c in event.get("choices") or [])  # fmt: skip
             if _carries_output(event):
                 first = first or now
                 last = now
@@ -191,6 +200,9 @@ def items(ours: bool, claude: bool = False) -> tuple[list[Item], list[Item]]:
                 prediction = {"type": "content", "content": original}
                 body = chat_body(prompt, 1400, temperature, prediction=prediction)
                 timed_items.append((f"{name} +prediction", "/v1/chat/completions", body))
+                # (`workload` sets the prediction: the answer the server gave to `name`.)
+                body = chat_body(prompt, 1400, temperature)
+                timed_items.append((f"{name} {ANSWERED}", "/v1/chat/completions", body))
     if ours:
         # Claude Code's first request only with `--agents`: 18,700 tokens for this
         # tokenizer, about 3 minutes to read on this machine, per server and run.
@@ -236,6 +248,7 @@ async def workload(
         wanted = {_prompt_of(body) for _, _, body in timed_items if body}
         reads = [r for r in reads if _prompt_of(r[2]) in wanted]
     results: list[dict[str, dict[str, float]]] = [{} for _ in servers]
+    answers: dict[tuple[int, str], list[str]] = defaultdict(list)  # (server, item): text
     async with httpx.AsyncClient(timeout=TIMEOUT) as client:
         for server in servers:
             # (Not for llama-server: a speculating slot given a request after a short one
@@ -249,8 +262,16 @@ async def workload(
             for index, server in order:
                 if name == "8 streams":
                     results[index][name] = await eight_streams(client, server)
+                elif name.endswith(ANSWERED):
+                    base = name.removesuffix(f" {ANSWERED}")
+                    answer = "".join(answers[index, base])
+                    assert answer, f"{name} needs {base} run before it"
+                    prediction = {"type": "content", "content": answer}
+                    results[index][name] = await timed(client, server, path,
+                                                       {**body, "prediction": prediction})  # fmt: skip
                 else:
-                    results[index][name] = await timed(client, server, path, body)
+                    results[index][name] = await timed(client, server, path, body,
+                                                       answers[index, name])  # fmt: skip
     return results
 
 
@@ -360,7 +381,7 @@ def report(runs: list[dict[str, dict[str, dict[str, float]]]]) -> None:
     base = "mimoserve no-spec"
     for work in runs[0]["mimoserve"]:
         ours = [r["mimoserve"][work]["tok_s"] for r in runs]
-        plain_name = work.replace(" +prediction", "")
+        plain_name = work.split(" +")[0]  # (prediction and answer: against the plain edit)
         plain = [r[base][plain_name]["tok_s"] for r in runs]
         kept = [r["mimoserve"][work] for r in runs]
         rate = [k["accepted"] / k["drafted"] for k in kept if k.get("drafted")]
