@@ -170,3 +170,28 @@ def test_budget_left_in_the_cli_counts_what_requests_in_flight_reserved(
     assert "600 tokens" in capsys.readouterr().out
     assert main([*home, "budgets", "list"]) == 0
     assert re.search(r"\b1000\s+0\s+600\b", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--kv-type", "q8_0", "--flash-attn", "off"], "kv_type q8_0 needs flash_attn on"),
+        (["--n-parallel", "32", "--n-batch", "16"], "n_batch (16) must be at least n_parallel"),
+        (["--n-batch", "4"], "n_batch: Input should be greater than or equal to 16"),
+    ],
+)
+def test_serve_flags_that_contradict_each_other_are_refused_in_a_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], said: str
+) -> None:
+    assert main(["--home", str(tmp_path), "serve", *flags]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+    assert not (tmp_path / "mimoserve.db").exists()  # refused before anything started
+
+
+def test_flash_attention_is_on_unless_turned_off(tmp_path: Path) -> None:
+    from mimoserve.cli import _parser, _settings
+
+    assert _settings(_parser().parse_args(["serve"])).flash_attn == "on"
+    off = _settings(_parser().parse_args(["serve", "--flash-attn", "off"]))
+    assert off.flash_attn == "off" and off.kv_type == "f16"

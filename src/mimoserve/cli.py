@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from mimoserve.administration import Administration, NewKey
 from mimoserve.api.request_id import configure_logging
 from mimoserve.auth.admin import AdminCredential
@@ -311,6 +313,9 @@ def _parser() -> argparse.ArgumentParser:
                        "(default: max(n-ctx, 16384))")  # fmt: skip
     serve.add_argument("--kv-type", choices=["f16", "q8_0"],
                        help="KV cache precision (default f16; q8_0 halves its memory)")  # fmt: skip
+    serve.add_argument("--flash-attn", choices=["on", "off"],
+                       help="llama.cpp's flash attention (default on; off: cheaper "
+                       "speculation at long contexts, slower prompts; f16 KV only)")  # fmt: skip
     serve.add_argument("--kv-disk-bytes", type=int, help="cap on prompts' KV cells kept on "
                        "disk under <home>/kv-cache, reloaded instead of recomputed, across "
                        "restarts too (default 8 GiB; 0: no disk or host tier)")  # fmt: skip
@@ -420,7 +425,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = args.handler
-    return int(handler(args))
+    try:
+        return int(handler(args))
+    except ValidationError as exc:
+        # Flags that contradict each other (or the environment's MIMOSERVE_*): one line
+        # each, as argparse says what it rejects, not a traceback.
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            print(f"mimoserve: {where + ': ' if where else ''}{error['msg']}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def build_backends(settings: Settings, registry: ModelRegistry) -> dict[str, Bac
                 n_parallel=settings.n_parallel,
                 kv_cells=settings.kv_cells,
                 kv_type=settings.kv_type,
+                flash_attn=settings.flash_attn == "on",
                 n_threads=settings.n_threads,
                 n_batch=settings.n_batch,
                 max_queue=settings.max_queue,

@@ -91,6 +91,26 @@ def test_torn_truncated_foreign_and_corrupt_files_are_removed_never_loaded(
     again.close()
 
 
+def test_cells_written_without_flash_attention_are_never_loaded_with_it(tmp_path: Path) -> None:
+    # Without flash attention llama.cpp keeps V transposed: the same weights' cells are
+    # another layout, kept apart and refused even when copied across by hand.
+    transposed = StoreIdentity(IDENTITY.weights_sha256, "f16", flash_attn=False)
+    assert transposed.folder_name != IDENTITY.folder_name
+    assert IDENTITY.folder_name == f"{'ab' * 8}-f16"  # the name stores had before the choice
+    other = KvStore(tmp_path, transposed, disk_bytes=1 << 30)
+    written(other, tokens(300), b"t" * 1000)
+    other.close()
+    again = KvStore(tmp_path, transposed, disk_bytes=1 << 30)
+    assert again.best(tokens(300))[0] is not None  # its own kind it finds after a restart
+    again.close()
+    stray = next((tmp_path / transposed.folder_name).glob("*.kv"))
+    (tmp_path / IDENTITY.folder_name).mkdir()
+    os.replace(stray, tmp_path / IDENTITY.folder_name / stray.name)
+    store = open_store(tmp_path)
+    assert store.entries == 0 and store.best(tokens(300))[0] is None
+    store.close()
+
+
 def test_the_disk_tier_keeps_to_its_cap_dropping_the_least_recently_used(
     tmp_path: Path,
 ) -> None:

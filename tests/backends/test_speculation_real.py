@@ -119,9 +119,11 @@ def weights(request: pytest.FixtureRequest) -> Iterator[Path]:
     yield pull_test_weights(request.param)
 
 
-def answers(weights: Path, draft: int, requests: list[GenerationRequest]) -> list[Answer]:
+def answers(weights: Path, draft: int, requests: list[GenerationRequest],
+            flash_attn: bool = True) -> list[Answer]:  # fmt: skip
     """All requests at once on a fresh engine (so two of them decode side by side)."""
-    config = EngineConfig(weights, n_threads=2, n_ctx=4096, spec_max_draft=draft)
+    config = EngineConfig(weights, n_threads=2, n_ctx=4096, spec_max_draft=draft,
+                          flash_attn=flash_attn)  # fmt: skip
     backend = LlamaCppBackend(config, weights.stem)
 
     async def one(req: GenerationRequest) -> Answer:
@@ -147,8 +149,8 @@ def answers(weights: Path, draft: int, requests: list[GenerationRequest]) -> lis
     return asyncio.run(run())
 
 
-def test_greedy_answers_are_the_same_with_guesses(weights: Path, trace: Trace) -> None:
-    cases = [
+def greedy_cases() -> list[GenerationRequest]:
+    return [
         request(COPY, max_tokens=160),
         request(f"Copy this list: {ITEMS}", stop=("4",)),
         request(f"Copy this list, please: {ITEMS}", max_tokens=60, logprobs=2),
@@ -158,10 +160,25 @@ def test_greedy_answers_are_the_same_with_guesses(weights: Path, trace: Trace) -
             constraint=OutputConstraint(LIST_SCHEMA),
         ),
     ]
-    plain = answers(weights, 0, cases)
+
+
+def test_greedy_answers_are_the_same_with_guesses(weights: Path, trace: Trace) -> None:
+    assert_guesses_change_nothing(weights, trace, flash_attn=True)
+
+
+def test_greedy_answers_are_the_same_with_guesses_without_flash_attention(trace: Trace) -> None:
+    # `--flash-attn off`: another attention kernel for every step size (and V kept
+    # transposed); one model is enough to show the guesses still change nothing.
+    assert_guesses_change_nothing(pull_test_weights("smollm2-135m-instruct"), trace,
+                                  flash_attn=False)  # fmt: skip
+
+
+def assert_guesses_change_nothing(weights: Path, trace: Trace, flash_attn: bool) -> None:
+    cases = greedy_cases()
+    plain = answers(weights, 0, cases, flash_attn)
     reference = dict(trace)
     trace.clear()
-    guessed = answers(weights, DRAFT, cases)
+    guessed = answers(weights, DRAFT, cases, flash_attn)
     assert_same_logits(reference, trace)
     identical = 0
     for case, (a, b) in enumerate(zip(plain, guessed, strict=True)):

@@ -1,7 +1,7 @@
 """The tiers under the KV pool on the real engine: a prompt loaded from disk after a
 restart is computed on exactly the cells the first engine computed (SmolLM2 and the
-default model, f16 and q8_0: the first answer token's logits bit-identical to a pool
-hit's, the greedy answer identical up to a near-tie flip as test_kv_pool.py allows), and
+default model, f16 and q8_0, and without flash attention: the first answer token's
+logits bit-identical to a pool hit's (within rounding without flash attention), the greedy answer identical up to a near-tie flip as test_kv_pool.py allows), and
 a server killed with SIGKILL serves its prompts from disk when it is started again,
 skipping a half-written and a truncated file."""
 
@@ -21,7 +21,7 @@ from mimoserve.backends.llamacpp.backend import LlamaCppBackend
 from mimoserve.backends.llamacpp.model import EngineConfig
 from mimoserve.backends.llamacpp.native import NativeContext
 from mimoserve.backends.llamacpp.scheduler import Running, Scheduler
-from tests.backends.test_kv_pool import answer, assert_same_computation
+from tests.backends.test_kv_pool import TOLERANCE, answer, assert_same_computation
 from tests.e2e.server import pull_test_weights, running_server
 from tests.waiting import until_sync
 
@@ -80,23 +80,24 @@ async def answers(config: EngineConfig, questions: list[str]) -> list[tuple[str,
 
 
 @pytest.mark.parametrize(
-    ("weights", "kv_type"),
+    ("weights", "kv_type", "flash_attn"),
     [
-        ("smollm2-135m-instruct", "f16"),
-        ("smollm2-135m-instruct", "q8_0"),
-        ("qwen2.5-coder-0.5b-instruct", "f16"),
-        ("qwen2.5-coder-0.5b-instruct", "q8_0"),
+        ("smollm2-135m-instruct", "f16", True),
+        ("smollm2-135m-instruct", "q8_0", True),
+        ("smollm2-135m-instruct", "f16", False),  # `--flash-attn off`: V kept transposed
+        ("qwen2.5-coder-0.5b-instruct", "f16", True),
+        ("qwen2.5-coder-0.5b-instruct", "q8_0", True),
     ],
 )
 def test_answers_from_prompts_loaded_from_disk_equal_fresh_ones(
-    weights: str, kv_type: str, tmp_path: Path, trace: list[list[np.ndarray]]
+    weights: str, kv_type: str, flash_attn: bool, tmp_path: Path, trace: list[list[np.ndarray]]
 ) -> None:
     path = pull_test_weights(weights)
 
     def config(home: Path, host_bytes: int = 1 << 30) -> EngineConfig:
         return EngineConfig(model_path=path, n_ctx=2048, kv_cells=4096, kv_type=kv_type,
-                            n_parallel=2, kv_store_dir=home, kv_disk_bytes=1 << 30,
-                            kv_host_bytes=host_bytes)  # fmt: skip
+                            flash_attn=flash_attn, n_parallel=2, kv_store_dir=home,
+                            kv_disk_bytes=1 << 30, kv_host_bytes=host_bytes)  # fmt: skip
 
     for index, question in enumerate(QUESTIONS):
         # A folder each: a prompt within a few tokens of one held already is not kept
@@ -114,8 +115,14 @@ def test_answers_from_prompts_loaded_from_disk_equal_fresh_ones(
         [(loaded, _, from_disk)] = asyncio.run(answers(config(home, host_bytes=0), [question]))
         assert from_disk == prompt - 1
         # The cells put back are the ones computed, bit for bit: the first token's
-        # logits (decoded over them) are identical...
-        assert np.array_equal(trace[0][0], reference[0]), question
+        # logits (decoded over them) are identical... (Without flash attention llama.cpp
+        # multiplies over every pool cell in use, other sequences' as zeros, so where
+        # other cells sit moves its sums' rounding: there, equal within rounding, which
+        # a wrong or stale cell exceeds many times over.)
+        if flash_attn:
+            assert np.array_equal(trace[0][0], reference[0]), question
+        else:
+            assert np.max(np.abs(trace[0][0] - reference[0])) <= TOLERANCE, question
         # ...and so is every later step, but for llama.cpp's sums over cells that sit
         # elsewhere in the pool (the answer's cells: after the prompt here, after the
         # first answer in the reference), which can flip a near-tie (test_kv_pool.py).

@@ -83,11 +83,12 @@ def _measured_shape(weights: NativeModel, config: EngineConfig) -> StepShape:
     the loading thread, every later decode ran 30 % slower (Qwen2.5-Coder-0.5B here):
     llama.cpp's OpenMP workers belong to the thread that decodes, and the loading
     thread's team stayed behind, competing with the scheduler's for the two cores.
-    Measured once per process for a model file, thread count, KV type and guess limit
+    Measured once per process for a model file, thread count, KV type, attention kernel
+    and guess limit
     (about 6 s for the default model, 3 s for SmolLM2)."""
     file = config.model_path.stat()
     key = (str(config.model_path), file.st_size, file.st_mtime_ns, config.threads,
-           config.kv_type, config.spec_max_draft)  # fmt: skip
+           config.kv_type, config.flash_attn, config.spec_max_draft)  # fmt: skip
     measured = _SHAPES.get(key)
     if measured is None:
         found: list[MeasuredShape] = []
@@ -97,7 +98,8 @@ def _measured_shape(weights: NativeModel, config: EngineConfig) -> StepShape:
             fill = max(SHAPE_SPAN, max(sizes))  # the span in one step
             scratch = NativeContext(weights, n_ctx=SHAPE_SPAN + 2 * max(sizes), n_seq=1,
                                     n_batch=fill, n_threads=config.threads,
-                                    kv_type=config.kv_type)  # fmt: skip
+                                    kv_type=config.kv_type,
+                                    flash_attn=config.flash_attn)  # fmt: skip
             batch = Batch(fill)
             try:
                 found.append(measure_step_shape(scratch, batch, sizes))
@@ -112,7 +114,7 @@ def _measured_shape(weights: NativeModel, config: EngineConfig) -> StepShape:
     return StepShape(measured.empty, measured.at_span, measured.span)
 
 
-_SHAPES: dict[tuple[str, int, int, int, str, int], MeasuredShape] = {}
+_SHAPES: dict[tuple[str, int, int, int, str, bool, int], MeasuredShape] = {}
 
 
 def _lower_tiers(config: EngineConfig) -> KvTiers | None:
@@ -122,6 +124,7 @@ def _lower_tiers(config: EngineConfig) -> KvTiers | None:
     identity = StoreIdentity(
         weights_sha256(config.model_path, config.weights_sha256, config.kv_store_dir),
         config.kv_type,
+        config.flash_attn,
     )
     store = KvStore(config.kv_store_dir, identity, disk_bytes=config.kv_disk_bytes,
                     host_bytes=config.kv_host_bytes)  # fmt: skip
@@ -148,6 +151,7 @@ class LlamaCppBackend:
             n_batch=config.n_batch,
             n_threads=config.threads,
             kv_type=config.kv_type,
+            flash_attn=config.flash_attn,
         )
         weights = self._model.weights
         # Speculation weighs a guess's cost by how a step's cost grows with its size here.

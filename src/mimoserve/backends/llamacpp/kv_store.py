@@ -45,14 +45,18 @@ SUFFIX = ".kv"
 
 @dataclass(frozen=True)
 class StoreIdentity:
-    """What a file's cells are valid for: the exact weights (their sha256) and KV type."""
+    """What a file's cells are valid for: the exact weights (their sha256), KV type, and
+    whether flash attention wrote them (without it llama.cpp keeps V transposed)."""
 
     weights_sha256: str
     kv_type: str
+    flash_attn: bool = True
 
     @property
     def folder_name(self) -> str:
-        return f"{self.weights_sha256[:16]}-{self.kv_type}"
+        # Flash attention on keeps the name stores were written under before the choice.
+        layout = "" if self.flash_attn else "-vt"
+        return f"{self.weights_sha256[:16]}-{self.kv_type}{layout}"
 
 
 @dataclass(eq=False)
@@ -162,6 +166,8 @@ class KvStore:
         if (
             header.get("weights_sha256") != self.identity.weights_sha256
             or header.get("kv_type") != self.identity.kv_type
+            # (Files from before the choice have no key: flash attention wrote them.)
+            or header.get("flash_attn", True) != self.identity.flash_attn
             or tokens.shape[0] != n
             or size != expected
         ):
@@ -307,6 +313,7 @@ class KvStore:
         header = json.dumps({
             "weights_sha256": self.identity.weights_sha256,
             "kv_type": self.identity.kv_type,
+            "flash_attn": self.identity.flash_attn,
             "n_tokens": entry.n_tokens,
             "payload_bytes": len(payload),
             "checksum": checksum,

@@ -27,6 +27,7 @@ class EngineConfig:
     # KV pool shared by all sequences, in tokens; see `pool_cells`.
     kv_cells: int | None = None
     kv_type: str = "f16"
+    flash_attn: bool = True  # off: the V cache is laid out transposed (f16 only)
     spec_max_draft: int = 0  # speculative decoding: most guessed tokens per step (0: off)
     # The tiers under the pool (kv_store.py): where, how much, and whose weights (sha256).
     kv_store_dir: Path | None = None

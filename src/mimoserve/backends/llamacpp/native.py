@@ -70,6 +70,7 @@ class NativeContext:
         n_batch: int,
         n_threads: int,
         kv_type: str = "f16",
+        flash_attn: bool = True,
     ) -> None:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -80,9 +81,12 @@ class NativeContext:
         params.n_threads_batch = n_threads
         params.kv_unified = True
         params.type_k = params.type_v = KV_TYPES[kv_type]
-        if kv_type != "f16":
-            # llama.cpp reads a quantized V cache only through flash attention.
-            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if kv_type != "f16" and not flash_attn:
+            raise ValueError("llama.cpp reads a quantized V cache only through flash attention")
+        # Said, not left to llama.cpp's "auto": the choice fixes the V cache's layout
+        # (transposed without it), which stored cells must match.
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)  # fmt: skip
         self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not self.ptr:
             raise RuntimeError("llama.cpp could not create a context")
