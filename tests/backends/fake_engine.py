@@ -187,13 +187,14 @@ def fake_scheduler(
     max_draft: int = 0,
     step_shape: StepShape | None = None,
     tiers: KvTiers | None = None,
+    attends_pool: bool = False,
 ) -> tuple[Scheduler, FakeContext]:
     context = FakeContext(pool_cells, n_seq_max=lanes + 8)
     scheduler = Scheduler(
         new_sampler, context, lanes=lanes, pool_cells=pool_cells, seq_ctx=seq_ctx,
         n_batch=n_batch, token_bytes=lambda t: f"<{t}>".encode(), is_end=lambda t: t == END,
         end_tokens=[END], forced_close=[VOCAB - 1], new_batch=FakeBatch, max_draft=max_draft,
-        step_shape=step_shape, tiers=tiers,
+        step_shape=step_shape, tiers=tiers, attends_pool=attends_pool,
     )  # fmt: skip
     return scheduler, context
 

@@ -236,11 +236,13 @@ def test_the_sizes_measured_reach_the_longest_step_the_limit_allows() -> None:
     assert step_sizes(100)[-3:] == (65, 96, 101)
 
 
+@pytest.mark.parametrize("flash_attn", [True, False])
 def test_a_guess_is_priced_at_the_cells_its_sequence_sees(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, flash_attn: bool
 ) -> None:
     """llama.cpp's flash attention skips other sequences' cells: a short sequence beside
-    a long one is priced at its own length, not at the pool's cells in use."""
+    a long one is priced at its own length, not at the pool's cells in use. Without it
+    (`--flash-attn off`) every cell in use is multiplied: priced at those."""
     spans: dict[int, list[int]] = {}
     original = SequenceDrafts.propose
 
@@ -250,7 +252,8 @@ def test_a_guess_is_priced_at_the_cells_its_sequence_sees(
 
     monkeypatch.setattr(SequenceDrafts, "propose", propose)
     scheduler, _ = fake_engine.fake_scheduler(max_draft=8, step_shape=CPU_SHAPE,
-                                              pool_cells=1024, seq_ctx=512)  # fmt: skip
+                                              pool_cells=1024, seq_ctx=512,
+                                              attends_pool=not flash_attn)  # fmt: skip
     try:
         outs = []
         for prompt in ([1 + i % 8 for i in range(300)], [1, 2, 3, 4, 5, 6, 7, 8, 1, 2]):
@@ -264,8 +267,11 @@ def test_a_guess_is_priced_at_the_cells_its_sequence_sees(
             out.wait()
     finally:
         scheduler.stop()
-    assert spans[10] and max(spans[10]) < 10 + 40
     assert spans[300] and min(spans[300]) >= 299  # the cells before its next token
+    if flash_attn:
+        assert spans[10] and max(spans[10]) < 10 + 40
+    else:  # the long one's cells stay in the pool (cached) however the two interleave
+        assert spans[10] and min(spans[10]) >= 300
 
 
 def test_only_steps_of_one_decoding_sequence_teach_the_shape() -> None:

@@ -171,6 +171,7 @@ class LlamaCppBackend:
             max_draft=config.spec_max_draft,
             step_shape=shape,
             tiers=tiers,
+            attends_pool=not config.flash_attn,
         )
         self._mailbox: Mailbox | None = None
         # Admitted requests (running or waiting): `n_parallel` run, `max_queue` may wait.

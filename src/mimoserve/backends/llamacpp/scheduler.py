@@ -165,6 +165,7 @@ class Scheduler:
         max_draft: int = 0,
         step_shape: StepShape | None = None,
         tiers: KvTiers | None = None,
+        attends_pool: bool = False,
     ) -> None:
         self._new_sampler = new_sampler
         self._ctx = context
@@ -196,6 +197,10 @@ class Scheduler:
         # Speculation: at most this many drafted tokens per sequence and step (0: off).
         self._max_draft = max_draft if step_shape is not None else 0
         self._shape = step_shape
+        # Without flash attention llama.cpp multiplies every query row by every pool cell
+        # in use (other sequences' masked): a step's attention grows with the pool's
+        # cells, not the sequence's own.
+        self._attends_pool = attends_pool
         self._shared = SharedHistory() if self._max_draft > 0 else None
         self._acceptance = AcceptanceTable()
         self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
@@ -542,10 +547,9 @@ class Scheduler:
         # Never past the request's context (llama.cpp refuses such positions) nor past
         # the tokens it may still write.
         room = min(room, self._seq_ctx - len(running.fed) - 1, running.output.remaining - 1)
-        # The cells its tokens attend over: its own (llama.cpp's flash attention skips
-        # the cells of other sequences), what a guess costs beyond an empty context's.
+        # The cells its tokens attend over: what a guess costs beyond an empty context's.
         guess = running.drafts.propose(self._shape, self._batch.size, yielded, room,
-                                       len(running.fed) - 1)  # fmt: skip
+                                       self._attended_cells(running) - 1)  # fmt: skip
         if guess is None:
             return 0, 0.0
         running.guess = guess
@@ -555,6 +559,13 @@ class Scheduler:
             )
             running.fed.append(token)
         return len(guess.tokens), guess.expected
+
+    def _attended_cells(self, running: Running) -> int:
+        """The cells a step of this sequence attends over: its own with flash attention
+        (llama.cpp's kernel skips other sequences' cells), else every cell in use."""
+        if self._attends_pool:
+            return max(len(running.fed), self._pool_cells - self.free_cells())
+        return len(running.fed)
 
     def _drop_guess(self, running: Running) -> None:
         """Takes an unverified guess out of the lane (its cells and `fed`)."""
@@ -611,8 +622,8 @@ class Scheduler:
             # attention and price guesses out; a prompt chunk computes logits for its
             # last token alone, and costs less than as many guessed tokens.
             if self._shape is not None and len(added) == 1 and len(added[0][1]) == 1:
-                # The span: the cells the sequence held before the step.
-                span = len(added[0][0].fed) - self._batch.size
+                # The span: the cells attended over before the step.
+                span = self._attended_cells(added[0][0]) - self._batch.size
                 self._shape.learn(self._batch.size, span, seconds)
         if code == _NO_KV_SLOT:
             self._undo(added)
