@@ -45,7 +45,8 @@ STEP_SIZES = (1, 8, 16, 32, 64, 128)
 
 def step_costs(gguf: Path, flash_attn: bool) -> dict[int, dict[int, float]]:
     """Seconds of a step of each size at each span (median of a few), on one context
-    filled step by step; run on a thread of its own as the engine does."""
+    filled step by step, and (size 0) the seconds the fill took up to that span: prompt
+    reading; run on a thread of its own as the engine does."""
     found: dict[int, dict[int, float]] = {}
 
     def measure() -> None:
@@ -55,15 +56,17 @@ def step_costs(gguf: Path, flash_attn: bool) -> dict[int, dict[int, float]]:
                             flash_attn=flash_attn)  # fmt: skip
         batch = Batch(512)
         try:
-            filled = 0
+            filled, reading = 0, 0.0
             for span in SPANS:
+                began = time.perf_counter()
                 while filled < span:
                     batch.clear()
                     for i in range(min(512, span - filled)):
                         batch.add(100 + (filled + i) % 5000, filled + i, 0, False)
                     assert ctx.decode(batch) == 0
                     filled += min(512, span - filled)
-                found[span] = {}
+                reading += time.perf_counter() - began
+                found[span] = {0: reading}
                 for n in STEP_SIZES:
                     times = []
                     for _ in range(5 if n == 1 else 3):
@@ -125,9 +128,11 @@ def main() -> None:
     for setting in SETTINGS:
         costs = step_costs(gguf, flash_attn=setting == "on")
         for span, by_size in costs.items():
-            ratios = " ".join(f"{n}:{seconds / by_size[1]:.1f}" for n, seconds in by_size.items())
-            print(f"steps flash-attn {setting} span {span}: one token {by_size[1] * 1000:.0f} ms;"
-                  f" n tokens cost x one: {ratios}", flush=True)  # fmt: skip
+            ratios = " ".join(f"{n}:{seconds / by_size[1]:.1f}" for n, seconds in by_size.items()
+                              if n)  # fmt: skip
+            print(f"steps flash-attn {setting} span {span}: prompt read to here {by_size[0]:.0f} s;"
+                  f" one token {by_size[1] * 1000:.0f} ms; n tokens cost x one: {ratios}",
+                  flush=True)  # fmt: skip
     if args.steps_only:
         return
     runs: list[dict[str, Figures]] = []
@@ -148,8 +153,9 @@ def main() -> None:
                 spec, plain = found[setting]["spec"][item], found[setting]["plain"][item]
                 ratio[f"{item} flash-attn {setting}: speculation / none"].append(
                     spec["tok_s"] / plain["tok_s"])
-                ratio[f"{item} flash-attn {setting}: guesses kept"].append(
-                    spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0)
+                if spec["drafted"]:  # (no figure for a run that guessed nothing)
+                    ratio[f"{item} flash-attn {setting}: guesses kept"].append(
+                        spec["accepted"] / spec["drafted"])
                 ratio[f"{item} flash-attn {setting}: speculation tok/s"].append(spec["tok_s"])
             off, on = (found[s]["plain"][item]["tok_s"] for s in ("off", "on"))
             ratio[f"{item} no speculation: flash-attn off / on"].append(off / on)
