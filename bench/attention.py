@@ -1,6 +1,6 @@
 """Flash attention on or off (`serve --flash-attn`) for speculation at agents' context sizes.
 
-    .venv/bin/python bench/attention.py [--runs 3] [--claude] [--steps-only]
+    .venv/bin/python bench/attention.py [--runs 3] [--claude] [--steps-only | --agents-only]
 
 Two parts, default model, 2 threads:
 - steps: what a decode step of n tokens costs against a step of one, at several context
@@ -123,9 +123,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--claude", action="store_true", help="Claude Code's request too")
     parser.add_argument("--steps-only", action="store_true")
+    parser.add_argument("--agents-only", action="store_true")
     args = parser.parse_args()
     gguf = WeightsStore(MODELS_DIR).resolve(args.model)
-    for setting in SETTINGS:
+    for setting in SETTINGS if not args.agents_only else ():
         costs = step_costs(gguf, flash_attn=setting == "on")
         for span, by_size in costs.items():
             ratios = " ".join(f"{n}:{seconds / by_size[1]:.1f}" for n, seconds in by_size.items()
