@@ -183,7 +183,9 @@ def test_budget_left_in_the_cli_counts_what_requests_in_flight_reserved(
 def test_serve_flags_that_contradict_each_other_are_refused_in_a_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], said: str
 ) -> None:
-    assert main(["--home", str(tmp_path), "serve", *flags]) == 2
+    with pytest.raises(SystemExit) as exited:  # as argparse exits for a flag it rejects
+        main(["--home", str(tmp_path), "serve", *flags])
+    assert exited.value.code == 2
     err = capsys.readouterr().err
     assert said in err and "Traceback" not in err
     assert not (tmp_path / "mimoserve.db").exists()  # refused before anything started

@@ -40,7 +40,15 @@ def _settings(args: argparse.Namespace) -> Settings:
         value = getattr(args, field, None)
         if value is not None:
             overrides[field] = value
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        # Flags that contradict each other (or the environment's MIMOSERVE_*): one line
+        # each and exit 2, as argparse does for a flag it rejects, not a traceback.
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            print(f"mimoserve: {where + ': ' if where else ''}{error['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _announce_key(issued: IssuedKey) -> None:
@@ -425,15 +433,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = args.handler
-    try:
-        return int(handler(args))
-    except ValidationError as exc:
-        # Flags that contradict each other (or the environment's MIMOSERVE_*): one line
-        # each, as argparse says what it rejects, not a traceback.
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"])
-            print(f"mimoserve: {where + ': ' if where else ''}{error['msg']}", file=sys.stderr)
-        return 2
+    return int(handler(args))
 
 
 if __name__ == "__main__":
