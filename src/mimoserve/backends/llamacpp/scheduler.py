@@ -564,7 +564,7 @@ class Scheduler:
         """The cells a step of this sequence attends over: its own with flash attention
         (llama.cpp's kernel skips other sequences' cells), else every cell in use."""
         if self._attends_pool:
-            return max(len(running.fed), self._pool_cells - self.free_cells())
+            return max(len(running.fed), self._cache.cells + self._private_cells())
         return len(running.fed)
 
     def _drop_guess(self, running: Running) -> None:
