@@ -197,3 +197,27 @@ def test_flash_attention_is_on_unless_turned_off(tmp_path: Path) -> None:
     assert _settings(_parser().parse_args(["serve"])).flash_attn == "on"
     off = _settings(_parser().parse_args(["serve", "--flash-attn", "off"]))
     assert off.flash_attn == "off" and off.kv_type == "f16"
+
+
+def test_serve_takes_the_start_up_heap_out_of_the_collectors_walks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What start-up built lives as long as the process; every full collection walked it
+    (50 ms with the engine's thread stalled, traced on an agent's request). By the time
+    the server listens, it is frozen."""
+    import gc
+
+    import uvicorn
+
+    import mimoserve.server
+
+    frozen_when_serving: list[int] = []
+    monkeypatch.setattr(mimoserve.server, "build_server_app", lambda *args: object())
+    monkeypatch.setattr(
+        uvicorn, "run", lambda *a, **k: frozen_when_serving.append(gc.get_freeze_count())
+    )
+    try:
+        assert main(["--home", str(tmp_path), "serve"]) == 0
+    finally:
+        gc.unfreeze()
+    assert frozen_when_serving and frozen_when_serving[0] > 10_000

@@ -4,6 +4,7 @@ usage."""
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from collections.abc import Sequence
@@ -85,12 +86,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except WeightsError as exc:
         print(f"mimoserve: {exc}", file=sys.stderr)
         return 1
+    _freeze_startup_heap()
     print(f"mimoserve listening on http://{settings.host}:{settings.port}/v1", flush=True)
     # No access log by default: the usage ledger already records every request, and a
     # log line per request cost ~5 % of a relay's CPU (measured with py-spy).
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
                 access_log=settings.access_log, log_config=None)  # fmt: skip
     return 0
+
+
+def _freeze_startup_heap() -> None:
+    """Moves what start-up built (modules, the app, the engines: ~100,000 objects) out of
+    the cyclic collector's reach. It lives as long as the process, yet every full
+    collection walked all of it: 50 ms with the engine's thread stalled, measured on an
+    agent's first request after its prompt was read (a 31-token answer 4 % slower)."""
+    gc.collect()
+    gc.freeze()
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

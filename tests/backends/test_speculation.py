@@ -208,9 +208,29 @@ def test_one_slow_step_moves_nothing() -> None:
     usual = FA_EMPTY[1] + 8600 * measured
     shape.learn(1, 8600, 2 * usual)
     assert shape.per_token_cell == pytest.approx(measured)
-    for _ in range(10):  # ... while the steps that follow are heard
+    for _ in range(12):  # ... while the steps that follow are heard
         shape.learn(1, 8600, FA_EMPTY[1] + 8600 * 2 * measured)
     assert shape.per_token_cell == pytest.approx(2 * measured)
+
+
+def test_slow_one_token_steps_do_not_make_guesses_cheap() -> None:
+    """Traced on a fresh server at Codex's 8,575 cells (steps' seconds as recorded): the
+    start-up measure put a one-token step's attention 50 % above what the steps then
+    took, and the first steps after the prompt was read, and after idle, were slower
+    still. Priced from the median of those, 2- and 3-token probes looked worth 1.45x
+    and 2.0x a one-token step; they took 2.05x and 2.9x, and the answer came 6 % later."""
+    empty = {1: 0.0197, 2: 0.0356, 4: 0.0476, 8: 0.0804, 16: 0.1284, 32: 0.2161,
+             63: 0.4245, 64: 0.3963}  # fmt: skip
+    at_512 = {n: seconds + n * 512 * (5.1e-6 if n == 1 else 3.3e-6)
+              for n, seconds in empty.items()}  # fmt: skip
+    shape = StepShape(empty, at_512, span=512)
+    for seconds in (0.0891, 0.2501, 0.0496, 0.0486, 0.0487, 0.0486, 0.0528, 0.0769):
+        shape.learn(1, 8575, seconds)
+    assert shape.cost(2, 8575) == pytest.approx(0.1007 / 0.0486, rel=0.15)
+    assert shape.cost(3, 8575) == pytest.approx(0.1408 / 0.0486, rel=0.15)
+    # A probe the fresh table rates as likely as its 2-token agreement says: not worth it.
+    rate = AcceptanceTable().rate("shared", 2)
+    assert draft_length(rate, shape, tokens=1, yielded=1, limit=4, span=8575).length == 0
 
 
 def test_a_kernel_nothing_has_shown_borrows_the_nearest() -> None:
