@@ -233,6 +233,29 @@ def test_slow_one_token_steps_do_not_make_guesses_cheap() -> None:
     assert draft_length(rate, shape, tokens=1, yielded=1, limit=4, span=8575).length == 0
 
 
+def test_with_flash_attention_a_guessed_row_attends_like_a_one_token_step() -> None:
+    """Traced on a fresh server at Codex's 8,575 cells: the start-up measure over 512
+    cells put the row-by-row kernel's cost per cell at 2.6e-6 (3.3e-6 on another
+    start; 3.55e-6 learnt later), and 3-token probes priced from it took 2.7-2.9x a
+    one-token step. With flash attention each row costs what a one-token step's
+    attention costs (within 5 % at 8,600 and 18,700 cells): no cheaper than that."""
+    empty = {1: 0.0197, 2: 0.0356, 4: 0.0476, 8: 0.0804, 16: 0.1284, 32: 0.2161,
+             63: 0.4245, 64: 0.3963}  # fmt: skip
+    at_512 = {n: seconds + n * 512 * (3.4e-6 if n == 1 else 2.6e-6)
+              for n, seconds in empty.items()}  # fmt: skip
+    flash, plain = (StepShape(empty, at_512, span=512, rows_alone=on) for on in (True, False))
+    for shape in (flash, plain):
+        for _ in range(8):
+            shape.learn(1, 8575, 0.0486)
+    assert flash.cost(3, 8575) == pytest.approx(0.1408 / 0.0486, rel=0.1)
+    rate = AcceptanceTable().rate("shared", 5)
+    assert draft_length(rate, flash, tokens=1, yielded=1, limit=4, span=8575).length == 0
+    # Without flash attention rows are multiplied together (cheaper each): as measured.
+    assert plain.cost(3, 8575) < 0.85 * flash.cost(3, 8575)
+    # The tiled kernel keeps its own cost either way.
+    assert flash.cost(64, 8575) == pytest.approx(plain.cost(64, 8575))
+
+
 def test_a_kernel_nothing_has_shown_borrows_the_nearest() -> None:
     # No measure at a span: what one-token steps teach prices the others until they run.
     shape = StepShape(FA_EMPTY)

@@ -111,7 +111,7 @@ def _measured_shape(weights: NativeModel, config: EngineConfig) -> StepShape:
         worker.start()
         worker.join()
         measured = _SHAPES[key] = found[0]
-    return StepShape(measured.empty, measured.at_span, measured.span)
+    return StepShape(measured.empty, measured.at_span, measured.span, rows_alone=config.flash_attn)
 
 
 _SHAPES: dict[tuple[str, int, int, int, str, bool, int], MeasuredShape] = {}
