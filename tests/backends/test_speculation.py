@@ -208,7 +208,7 @@ def test_one_slow_step_moves_nothing() -> None:
     usual = FA_EMPTY[1] + 8600 * measured
     shape.learn(1, 8600, 2 * usual)
     assert shape.per_token_cell == pytest.approx(measured)
-    for _ in range(12):  # ... while the steps that follow are heard
+    for _ in range(10):  # ... while the steps that follow are heard
         shape.learn(1, 8600, FA_EMPTY[1] + 8600 * 2 * measured)
     assert shape.per_token_cell == pytest.approx(2 * measured)
 

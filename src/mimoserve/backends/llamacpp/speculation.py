@@ -401,10 +401,11 @@ class StepShape:
     Each kernel's cost per token and cell starts from the measure over a short span at
     start (`at_span`, pooled over that kernel's sizes: one size alone is too noisy
     there) and then follows the steps the engine runs (`learn`): the median of the
-    last steps' estimates, the measure counting as a few of them, so it follows the
-    machine's load and spans far beyond the measured one, and one slow step (threads
-    waking after idle, another process) moves nothing. A kernel nothing has shown yet
-    borrows the nearest one's.
+    last steps' estimates, the measure counting as a few of them (for the one-token
+    kernel only until it has a few steps of its own), so it follows the machine's load
+    and spans far beyond the measured one, and one slow step (threads waking after
+    idle, another process) moves nothing. A kernel nothing has shown yet borrows the
+    nearest one's.
 
     `rows_alone` (flash attention on): the row-by-row kernel's attention per row costs
     at least what a one-token step's does. Measured at 8,600 and 18,700 cells: within
@@ -424,6 +425,7 @@ class StepShape:
         kernels = len(_KERNEL_EDGES) + 1
         self._seen: list[deque[float]] = [deque(maxlen=_LEARN_WINDOW) for _ in range(kernels)]
         self._per_cell = [0.0] * kernels
+        self._measure_in = [0] * kernels  # the start-up measure's copies still in `_seen`
         if at_span and span > 0:
             # The measure, pooled per kernel (least squares through the origin: the
             # larger sizes, least noisy, weigh most).
@@ -436,6 +438,7 @@ class StepShape:
             for kernel, (product, square) in enumerate(sums):
                 if square > 0:
                     self._seen[kernel].extend([product / square] * _MEASURE_WEIGHT)
+                    self._measure_in[kernel] = _MEASURE_WEIGHT
         self._settle()
 
     @property
@@ -454,12 +457,25 @@ class StepShape:
         nothing."""
         if tokens > self._sizes[-1] or span < _LEARN_MIN_SPAN:
             return
-        self._seen[_kernel(tokens)].append((seconds - self._empty(tokens)) / (tokens * span))
+        kernel = _kernel(tokens)
+        seen = self._seen[kernel]
+        if len(seen) == seen.maxlen and self._measure_in[kernel]:
+            self._measure_in[kernel] -= 1  # the oldest, a copy of the measure, goes
+        seen.append((seconds - self._empty(tokens)) / (tokens * span))
+        if kernel == 0 and self._measure_in[0] and len(seen) - self._measure_in[0] >= _OWN_STEPS:
+            # The one-token step is every guess's yardstick, and its own steps come every
+            # step: the measure (over 512 cells, where attention is a tenth of a step)
+            # goes once a few are in. Traced at 8,575 cells: it was 50 % high and,
+            # counted as four steps, outvoted the real ones together with the slow steps
+            # after the prompt's read: 2- and 3-token probes priced at 1.45x and 2.0x a
+            # one-token step took 2.05x and 2.9x, the answer 6 % slower.
+            for _ in range(self._measure_in[0]):
+                seen.popleft()
+            self._measure_in[0] = 0
         self._settle()
 
     def _settle(self) -> None:
-        known = [max(0.0, _typical(kernel, seen)) if seen else None
-                 for kernel, seen in enumerate(self._seen)]  # fmt: skip
+        known = [max(0.0, statistics.median(seen)) if seen else None for seen in self._seen]
         for kernel in range(len(known)):
             # Nothing shown for this kernel yet: the nearest one's (the one below first).
             order = sorted(range(len(known)), key=lambda other: (abs(other - kernel), other))
@@ -482,18 +498,8 @@ _KERNEL_EDGES = (2, 64)
 # them the start-up measure over a short span counts as (real steps soon outvote it).
 _LEARN_WINDOW = 15
 _MEASURE_WEIGHT = 4
-
-
-def _typical(kernel: int, seen: deque[float]) -> float:
-    """A kernel's cost per token and cell from its recent estimates. Slow steps (threads
-    waking after idle, the first steps after a prompt was read: 1.5-5x) only ever err
-    high. For the one-token kernel, every guess's yardstick, erring high makes every
-    guess look cheap (traced at an agent's 8,600 cells: 2- and 3-token probes took 2.0x
-    and 2.9x a one-token step, priced at 1.45x and 2.0x, the answer 6 % slower): its
-    lower quartile. For the others erring high only makes guesses look dear: the median."""
-    if kernel == 0:
-        return sorted(seen)[len(seen) // 4]
-    return statistics.median(seen)
+# One-token steps of its own after which the one-token kernel drops the measure.
+_OWN_STEPS = 3
 
 
 def _kernel(tokens: int) -> int:
