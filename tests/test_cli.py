@@ -209,9 +209,11 @@ def test_serve_takes_the_start_up_heap_out_of_the_collectors_walks(
 
     import uvicorn
 
+    import mimoserve.cli
     import mimoserve.server
 
     frozen_when_serving: list[int] = []
+    monkeypatch.setattr(mimoserve.cli, "configure_logging", lambda fmt: None)  # the root's
     monkeypatch.setattr(mimoserve.server, "build_server_app", lambda *args: object())
     monkeypatch.setattr(
         uvicorn, "run", lambda *a, **k: frozen_when_serving.append(gc.get_freeze_count())
