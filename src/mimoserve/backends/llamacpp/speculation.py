@@ -421,11 +421,12 @@ class StepShape:
         self._sizes = sorted(points)
         self._seconds = [points[n] for n in self._sizes]
         self._known: dict[int, float] = {}  # asked every step for every length: kept
-        # Per kernel: recent estimates of its cost per token and cell, and their median.
+        # Per kernel: the start-up measure of its cost per token and cell, the estimates
+        # of its recent steps, and what the two make (see `_evidence`).
         kernels = len(_KERNEL_EDGES) + 1
+        self._measured: list[float | None] = [None] * kernels
         self._seen: list[deque[float]] = [deque(maxlen=_LEARN_WINDOW) for _ in range(kernels)]
         self._per_cell = [0.0] * kernels
-        self._measure_in = [0] * kernels  # the start-up measure's copies still in `_seen`
         if at_span and span > 0:
             # The measure, pooled per kernel (least squares through the origin: the
             # larger sizes, least noisy, weigh most).
@@ -437,8 +438,7 @@ class StepShape:
                     sums[_kernel(n)][1] += load * load
             for kernel, (product, square) in enumerate(sums):
                 if square > 0:
-                    self._seen[kernel].extend([product / square] * _MEASURE_WEIGHT)
-                    self._measure_in[kernel] = _MEASURE_WEIGHT
+                    self._measured[kernel] = product / square
         self._settle()
 
     @property
@@ -457,32 +457,34 @@ class StepShape:
         nothing."""
         if tokens > self._sizes[-1] or span < _LEARN_MIN_SPAN:
             return
-        kernel = _kernel(tokens)
-        seen = self._seen[kernel]
-        if len(seen) == seen.maxlen and self._measure_in[kernel]:
-            self._measure_in[kernel] -= 1  # the oldest, a copy of the measure, goes
-        seen.append((seconds - self._empty(tokens)) / (tokens * span))
-        if kernel == 0 and self._measure_in[0] and len(seen) - self._measure_in[0] >= _OWN_STEPS:
+        self._seen[_kernel(tokens)].append((seconds - self._empty(tokens)) / (tokens * span))
+        self._settle()
+
+    def _evidence(self, kernel: int) -> list[float]:
+        """A kernel's recent steps and the measure as `_MEASURE_WEIGHT` more, while the
+        window (`_LEARN_WINDOW`) has room for them: real steps soon outvote it."""
+        seen, measured = self._seen[kernel], self._measured[kernel]
+        if measured is None or (kernel == 0 and len(seen) >= _OWN_STEPS):
             # The one-token step is every guess's yardstick, and its own steps come every
             # step: the measure (over 512 cells, where attention is a tenth of a step)
             # goes once a few are in. Traced at 8,575 cells: it was 50 % high and,
             # counted as four steps, outvoted the real ones together with the slow steps
             # after the prompt's read: 2- and 3-token probes priced at 1.45x and 2.0x a
             # one-token step took 2.05x and 2.9x, the answer 6 % slower.
-            for _ in range(self._measure_in[0]):
-                seen.popleft()
-            self._measure_in[0] = 0
-        self._settle()
+            return list(seen)
+        return [*seen, *[measured] * min(_MEASURE_WEIGHT, _LEARN_WINDOW - len(seen))]
 
     def _settle(self) -> None:
-        known = [max(0.0, statistics.median(seen)) if seen else None for seen in self._seen]
+        evidence = [self._evidence(kernel) for kernel in range(len(self._seen))]
+        known = [max(0.0, statistics.median(found)) if found else None for found in evidence]
         for kernel in range(len(known)):
             # Nothing shown for this kernel yet: the nearest one's (the one below first).
             order = sorted(range(len(known)), key=lambda other: (abs(other - kernel), other))
             self._per_cell[kernel] = next((k for k in (known[o] for o in order) if k is not None),
                                           0.0)  # fmt: skip
         if self._rows_alone:
-            self._per_cell[1] = max(self._per_cell[1], self._per_cell[0])
+            one, rows = _kernel(1), _kernel(2)
+            self._per_cell[rows] = max(self._per_cell[rows], self._per_cell[one])
 
     def _empty(self, n: int) -> float:
         known = self._known.get(n)
